@@ -1,0 +1,147 @@
+"""Pre-train the toy world's base model: a tiny pixel-space WanTransformer3DModel with flow matching.
+
+Reproduces the weights shipped under assets/toy (diffusers folder layout, loaded by
+`common.load_model("toy")` through the ordinary `from_pretrained`). Videos are rendered on the fly
+by toy_world.render from the TRAIN prompts only; 10% of captions are dropped for classifier-free
+guidance. The text encoder (a tiny UMT5 over a word-level tokenizer) is trained jointly here and
+frozen afterwards, like a real T5.
+
+    python pretrain_toy.py                      # ~45 min on 2 CPU cores, writes assets/toy
+    python pretrain_toy.py --steps 200 --out /tmp/toy   # a quick smoke run
+Resumes from <out>/../toy_pretrain_ckpt.pt when it exists (`--resume`).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import torch
+from tqdm import tqdm
+
+import toy_world
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--out", default="assets/toy", help="where the diffusers-layout folder is written")
+p.add_argument("--steps", type=int, default=4000, help="optimisation steps")
+p.add_argument("--batch-size", type=int, default=32, help="videos per step")
+p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (cosine decay, 200 warm-up steps)")
+p.add_argument("--ema", type=float, default=0.998, help="EMA decay of the shipped weights")
+p.add_argument("--num-frames", type=int, default=8, help="frames per video")
+p.add_argument("--size", type=int, default=32, help="height = width in pixels")
+p.add_argument("--cfg-dropout", type=float, default=0.1, help="fraction of captions replaced by the empty prompt")
+p.add_argument("--seed", type=int, default=0, help="seed of weights, data and noise")
+p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+p.add_argument("--save-every", type=int, default=250, help="checkpoint interval (steps)")
+
+
+def build_components(seed):
+    """Fresh tokenizer, text encoder, denoiser and scheduler of the toy model (random weights)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(toy_world.VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>", model_max_length=16)
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                               num_heads=4, relative_attention_num_buckets=8,
+                                               relative_attention_max_distance=16, dropout_rate=0.0,
+                                               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    denoiser = WanTransformer3DModel(patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=16,
+                                     in_channels=3, out_channels=3, text_dim=32, freq_dim=64, ffn_dim=128,
+                                     num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                     rope_max_seq_len=64)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    return tokenizer, text_encoder, denoiser, scheduler
+
+
+def encode(tokenizer, text_encoder, prompts, max_len=16):
+    """Wan's prompt encoding (WanPipeline._get_t5_prompt_embeds): embeddings past the text are zeroed."""
+    t = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+    emb = text_encoder(t.input_ids, t.attention_mask).last_hidden_state
+    return emb * t.attention_mask[..., None]
+
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    tokenizer, text_encoder, denoiser, scheduler = build_components(args.seed)
+    params = list(denoiser.parameters()) + list(text_encoder.parameters())
+    print(f"denoiser {sum(p.numel() for p in denoiser.parameters()) / 1e6:.3f} M params, "
+          f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.3f} M")
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))
+    ema = [p.detach().clone() for p in params]
+    ckpt_path = os.path.join(os.path.dirname(os.path.abspath(args.out)), "toy_pretrain_ckpt.pt")
+    start, losses = 0, []
+    if args.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, weights_only=False)
+        for p_, v in zip(params, ck["params"]):
+            p_.data.copy_(v)
+        for e, v in zip(ema, ck["ema"]):
+            e.copy_(v)
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        start, losses = ck["step"], ck["losses"]
+        print(f"resumed at step {start}")
+    t0 = time.time()
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain toy")
+    for step in bar:
+        rng = random.Random(args.seed * 1_000_003 + step)  # data, dropout and noise are a function of the step
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        prompts = [rng.choice(toy_world.TRAIN_PROMPTS) for _ in range(args.batch_size)]
+        x0 = toy_world.render(prompts, args.num_frames, args.size, args.size, seed=rng.randrange(2**31))
+        x0 = x0.permute(0, 2, 1, 3, 4) * 2 - 1  # [B, C, F, H, W] in [-1, 1]
+        captions = ["" if rng.random() < args.cfg_dropout else p for p in prompts]
+        sigma = torch.sigmoid(torch.randn(args.batch_size, generator=g))  # logit-normal t (SD3)
+        eps = torch.randn(x0.shape, generator=g)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * eps  # flow matching: x_t = (1 - s) x0 + s eps, target eps - x0
+        pred = denoiser(xt, timestep=sigma * 1000, encoder_hidden_states=encode(tokenizer, text_encoder, captions),
+                        return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred, eps - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for e, p_ in zip(ema, params):
+                e.lerp_(p_.detach(), 1 - args.ema)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            ck = {"params": [p_.detach() for p_ in params], "ema": ema, "opt": opt.state_dict(),
+                  "sched": sched.state_dict(), "step": step + 1, "losses": losses}
+            torch.save(ck, ckpt_path + ".tmp")
+            os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
+    # ship the EMA weights in the ordinary diffusers / transformers folder layout
+    with torch.no_grad():
+        for p_, e in zip(params, ema):
+            p_.copy_(e)
+    os.makedirs(args.out, exist_ok=True)
+    tokenizer.save_pretrained(os.path.join(args.out, "tokenizer"))
+    text_encoder.save_pretrained(os.path.join(args.out, "text_encoder"))
+    denoiser.save_pretrained(os.path.join(args.out, "transformer"))
+    scheduler.save_pretrained(os.path.join(args.out, "scheduler"))
+    with open(os.path.join(args.out, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "WanPipeline", "_diffusers_version": "0.42.1", "cleanvideoalign_toy": True,
+                   "pixel_space": True, "num_frames": args.num_frames, "height": args.size, "width": args.size,
+                   "max_sequence_length": 16, "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+                   "text_encoder": ["transformers", "UMT5EncoderModel"], "transformer": ["diffusers", "WanTransformer3DModel"],
+                   "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": [None, None]}, f, indent=2)
+    with open(os.path.join(args.out, "pretrain_log.json"), "w") as f:
+        json.dump({"args": vars(args), "final_loss_avg50": sum(losses[-50:]) / len(losses[-50:]),
+                   "loss_every_100": losses[::100], "seconds_this_session": time.time() - t0}, f)
+    print(f"saved {args.out}; final loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
+
+
+if __name__ == "__main__":
+    main(p.parse_args())
