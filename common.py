@@ -1,0 +1,668 @@
+"""What the four algorithms share: loading a text-to-video model, prompt encoding, one batched CFG
+sampler for every family, training noise/targets, LoRA, distributed set-up, and run-folder IO.
+
+Plain functions and one bundle class, no framework. Supported families (diffusers layouts):
+  toy        our pixel-space WanTransformer3DModel (assets/toy), flow matching, [B, C, F, H, W]
+  wan        Wan 2.1 / 2.2 (WanTransformer3DModel + AutoencoderKLWan), flow matching, [B, C, F, H, W]
+  cogvideox  CogVideoX 1.0 / 1.5 (DDIM or DPM, v-prediction), [B, F, C, H, W]
+  ltx        LTX-Video (flow matching, tokens packed inside the denoiser call), [B, C, F, H, W] outside
+  modelscope ModelScope UNet3DConditionModel (eps-prediction, 2D VAE per frame), [B, C, F, H, W]
+Latents stay in the family's own layout everywhere; `denoise` is the one place that knows the
+family's call convention. Videos handed to rewards are always [B, F, C, H, W] floats in [0, 1].
+"""
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+
+import torch
+import torch.distributed as dist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOY_PATH = os.path.join(HERE, "assets", "toy")
+MODEL_ALIASES = {  # short names for the public checkpoints (hub ids; pass a local folder on offline machines)
+    "toy": TOY_PATH,
+    "wan2.1-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    "wan2.1-14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+    "wan2.2-5b": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+    "cogvideox-2b": "THUDM/CogVideoX-2b",
+    "cogvideox-5b": "THUDM/CogVideoX-5b",
+    "cogvideox1.5-5b": "THUDM/CogVideoX1.5-5B",
+    "ltx-video": "Lightricks/LTX-Video",
+    "modelscope-1.7b": "ali-vilab/text-to-video-ms-1.7b",
+}
+PIPELINE_FAMILY = {"WanPipeline": "wan", "CogVideoXPipeline": "cogvideox", "LTXPipeline": "ltx",
+                   "TextToVideoSDPipeline": "modelscope"}
+DENOISER_FOLDER = {"toy": "transformer", "wan": "transformer", "cogvideox": "transformer", "ltx": "transformer",
+                   "modelscope": "unet"}
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections, same names in every family
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolving and loading a model
+# ----------------------------------------------------------------------------------------------
+def resolve_model(name_or_path):
+    """(folder, family) from an alias, a local folder or a hub id, reading only model_index.json:
+    cheap, so scripts call it before anything heavy loads and fail early with a useful message."""
+    path = MODEL_ALIASES.get(name_or_path, name_or_path)
+    if not os.path.isdir(path):
+        looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+        if not looks_like_hub_id:
+            raise FileNotFoundError(f"model folder {path!r} does not exist: pass a local diffusers folder, "
+                                    f"a hub id, or one of {sorted(MODEL_ALIASES)}")
+        try:  # a hub id: users with network access get it downloaded; offline machines get a clear error
+            from huggingface_hub import snapshot_download
+            path = snapshot_download(path)
+        except Exception as e:
+            raise FileNotFoundError(f"could not fetch {name_or_path!r} ({type(e).__name__}). This machine cannot "
+                                    f"download weights: pass a local folder with the model (diffusers layout) "
+                                    f"to --model, or use --model toy") from None
+    index_file = os.path.join(path, "model_index.json")
+    if not os.path.exists(index_file):
+        raise FileNotFoundError(f"{path!r} has no model_index.json: --model wants a diffusers pipeline folder "
+                                f"(tokenizer/, text_encoder/, transformer/ or unet/, scheduler/, vae/)")
+    with open(index_file) as f:
+        index = json.load(f)
+    if index.get("cleanvideoalign_toy"):
+        family = "toy"
+    elif index.get("_class_name") in PIPELINE_FAMILY:
+        family = PIPELINE_FAMILY[index["_class_name"]]
+    else:
+        raise ValueError(f"unsupported model family {index.get('_class_name')!r} in {path}: supported are "
+                         f"the toy model and {sorted(PIPELINE_FAMILY)} (Wan, CogVideoX, LTX-Video, ModelScope)")
+    folder = os.path.join(path, DENOISER_FOLDER[family])
+    if not os.path.isdir(folder) or not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(folder)):
+        raise FileNotFoundError(f"no weights in {folder}: the model folder is incomplete (download it fully, "
+                                f"or run `python pretrain_toy.py` to rebuild the toy model)")
+    return path, family
+
+
+def check_video_size(family, num_frames, height, width):
+    """Raise early for a frame count / resolution the family's VAE and patching cannot take."""
+    rules = {  # (frame rule, its text, spatial multiple)
+        "toy": (lambda f: f >= 2, "at least 2", 4),
+        "wan": (lambda f: (f - 1) % 4 == 0, "4k+1 (e.g. 17, 33, 81)", 16),
+        "cogvideox": (lambda f: (f - 1) % 4 == 0, "4k+1 (e.g. 13, 49)", 16),
+        "ltx": (lambda f: (f - 1) % 8 == 0, "8k+1 (e.g. 9, 17, 161)", 32),
+        "modelscope": (lambda f: f >= 1, "at least 1", 8),
+    }
+    ok, text, mult = rules[family]
+    if not ok(num_frames):
+        raise ValueError(f"--num-frames {num_frames} is not valid for {family}: it must be {text}")
+    if height % mult or width % mult:
+        raise ValueError(f"--height/--width {height}x{width} must be multiples of {mult} for {family}")
+
+
+@dataclasses.dataclass
+class VideoModel:
+    """Everything a loop needs about one text-to-video model."""
+    path: str
+    family: str
+    prediction: str  # "flow", "v" or "eps": what the denoiser predicts
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    denoiser: torch.nn.Module
+    vae: object  # None in pixel space (the toy model)
+    scheduler: object
+    max_sequence_length: int
+    defaults: dict  # num_frames, height, width, sample_steps, guidance that suit the model
+    expand_timesteps: bool = False  # Wan 2.2 TI2V gives the timestep per token
+    prompt_cache: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def device(self):
+        return next(self.denoiser.parameters()).device
+
+
+def load_model(name_or_path, device="cpu", dtype=torch.float32, denoiser_dtype=torch.float32):
+    """Load tokenizer, text encoder, denoiser, VAE and scheduler through the ordinary from_pretrained.
+    Frozen parts are cast to `dtype`, the trainable denoiser to `denoiser_dtype`."""
+    import diffusers
+    import transformers
+
+    path, family = resolve_model(name_or_path)
+    with open(os.path.join(path, "model_index.json")) as f:
+        index = json.load(f)
+
+    def component(name):
+        library, cls = index[name]
+        module = transformers if library == "transformers" else diffusers
+        return getattr(module, cls).from_pretrained(os.path.join(path, name))
+
+    tokenizer = component("tokenizer")
+    text_encoder = component("text_encoder").to(device, dtype).eval().requires_grad_(False)
+    denoiser = component(DENOISER_FOLDER[family]).to(device, denoiser_dtype)
+    scheduler = component("scheduler")
+    vae = None
+    if index.get("vae", [None])[0] is not None:
+        vae = component("vae").to(device, dtype).eval().requires_grad_(False)
+    cls = type(scheduler).__name__
+    prediction = "flow" if ("FlowMatch" in cls or scheduler.config.get("use_flow_sigmas")) else \
+        ("v" if scheduler.config.get("prediction_type") == "v_prediction" else "eps")
+    max_len = {"toy": index.get("max_sequence_length", 16), "wan": 512, "cogvideox": 226, "ltx": 128,
+               "modelscope": tokenizer.model_max_length}[family]
+    defaults = {"toy": dict(num_frames=index.get("num_frames", 8), height=index.get("height", 32),
+                            width=index.get("width", 32), sample_steps=20, guidance=3.0),
+                "wan": dict(num_frames=33, height=480, width=832, sample_steps=30, guidance=5.0),
+                "cogvideox": dict(num_frames=49, height=480, width=720, sample_steps=30, guidance=6.0),
+                "ltx": dict(num_frames=65, height=480, width=704, sample_steps=30, guidance=3.0),
+                "modelscope": dict(num_frames=16, height=256, width=256, sample_steps=25, guidance=9.0)}[family]
+    return VideoModel(path, family, prediction, tokenizer, text_encoder, denoiser, vae, scheduler, max_len,
+                      defaults, expand_timesteps=bool(index.get("expand_timesteps", False)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------
+def load_prompts(spec):
+    """A built-in list name (toy_train, toy_heldout, toy_dynamics_train, toy_dynamics_heldout) or a
+    text file with one prompt per line."""
+    import toy_world
+    if spec in toy_world.PROMPT_LISTS:
+        return list(toy_world.PROMPT_LISTS[spec])
+    try:
+        with open(spec) as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read prompt file {spec!r} ({e.strerror}): pass a text file with one "
+                                f"prompt per line, or one of {sorted(toy_world.PROMPT_LISTS)}") from None
+    if not prompts:
+        raise ValueError(f"prompt file {spec!r} is empty")
+    return prompts
+
+
+@torch.no_grad()
+def encode_prompts(model, prompts):
+    """(embeddings [B, L, D], attention mask [B, L] or None) exactly as the family's pipeline builds them.
+    Repeated prompts (the empty negative prompt, candidates of one prompt) are encoded once."""
+    missing = [p for p in dict.fromkeys(prompts) if p not in model.prompt_cache]
+    if missing:
+        dev = model.text_encoder.device
+        t = model.tokenizer(missing, padding="max_length", max_length=model.max_sequence_length, truncation=True,
+                            add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        ids, mask = t.input_ids.to(dev), t.attention_mask.to(dev)
+        if model.family in ("toy", "wan"):  # Wan: encode with the mask, zero everything past the text
+            emb = model.text_encoder(ids, mask).last_hidden_state * mask[..., None]
+        elif model.family == "modelscope" and getattr(model.text_encoder.config, "use_attention_mask", False):
+            emb = model.text_encoder(ids, attention_mask=mask)[0]
+        else:  # CogVideoX, LTX and CLIP encode the padded ids without a mask
+            emb = model.text_encoder(ids)[0]
+        for p, e, m in zip(missing, emb, mask):
+            model.prompt_cache[p] = (e, m.bool())
+    emb = torch.stack([model.prompt_cache[p][0] for p in prompts])
+    mask = torch.stack([model.prompt_cache[p][1] for p in prompts])
+    return emb, (mask if model.family == "ltx" else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent geometry, the denoiser call, decoding
+# ----------------------------------------------------------------------------------------------
+def latent_shape(model, num_frames, height, width):
+    """Per-video latent shape in the family's layout."""
+    if model.vae is None:
+        return (model.denoiser.config.in_channels, num_frames, height, width)
+    if model.family == "wan":
+        st, ss = model.vae.config.scale_factor_temporal, model.vae.config.scale_factor_spatial
+        return (model.denoiser.config.in_channels, (num_frames - 1) // st + 1, height // ss, width // ss)
+    if model.family == "cogvideox":
+        ss = 2 ** (len(model.vae.config.block_out_channels) - 1)
+        frames = (num_frames - 1) // model.vae.config.temporal_compression_ratio + 1
+        pt = model.denoiser.config.patch_size_t
+        if pt is not None and frames % pt:
+            raise ValueError(f"CogVideoX 1.5 needs latent frames divisible by {pt}: choose --num-frames so that "
+                             f"(num_frames - 1) / 4 + 1 is a multiple of {pt}")
+        return (frames, model.denoiser.config.in_channels, height // ss, width // ss)
+    if model.family == "ltx":
+        st, ss = model.vae.temporal_compression_ratio, model.vae.spatial_compression_ratio
+        return (model.denoiser.config.in_channels, (num_frames - 1) // st + 1, height // ss, width // ss)
+    ss = 2 ** (len(model.vae.config.block_out_channels) - 1)  # modelscope: 2D VAE, one latent per frame
+    return (model.denoiser.config.in_channels, num_frames, height // ss, width // ss)
+
+
+def _cogvideox_rotary(model, latents):
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+    cfg = model.denoiser.config
+    if not cfg.use_rotary_positional_embeddings:
+        return None
+    gh, gw = latents.shape[3] // cfg.patch_size, latents.shape[4] // cfg.patch_size
+    bw, bh = cfg.sample_width // cfg.patch_size, cfg.sample_height // cfg.patch_size
+    if cfg.patch_size_t is None:
+        crops = get_resize_crop_region_for_grid((gh, gw), bw, bh)
+        return get_3d_rotary_pos_embed(cfg.attention_head_dim, crops, (gh, gw), latents.shape[1], device=latents.device)
+    frames = (latents.shape[1] + cfg.patch_size_t - 1) // cfg.patch_size_t
+    return get_3d_rotary_pos_embed(cfg.attention_head_dim, None, (gh, gw), frames, grid_type="slice",
+                                   max_size=(bh, bw), device=latents.device)
+
+
+def denoise(model, latents, timestep, embeds, mask=None):
+    """f_theta(x_t, t, c) in the latent layout; `timestep` is [B] in the scheduler's units."""
+    den, fam = model.denoiser, model.family
+    x = latents.to(den.dtype)
+    if fam in ("toy", "wan"):
+        if model.expand_timesteps:  # Wan 2.2 TI2V: one timestep per (latent-frame, 2x2) token
+            p = den.config.patch_size
+            n = (x.shape[2] // p[0]) * (x.shape[3] // p[1]) * (x.shape[4] // p[2])
+            timestep = timestep[:, None].expand(-1, n)
+        return den(x, timestep=timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+    if fam == "cogvideox":
+        return den(hidden_states=x, encoder_hidden_states=embeds, timestep=timestep,
+                   image_rotary_emb=_cogvideox_rotary(model, x), return_dict=False)[0]
+    if fam == "ltx":  # pack [B, C, F, H, W] -> tokens [B, F*H*W, C] (LTX patch sizes are 1), then back
+        B, C, F, H, W = x.shape
+        tokens = x.permute(0, 2, 3, 4, 1).reshape(B, F * H * W, C)
+        st, ss = model.vae.temporal_compression_ratio, model.vae.spatial_compression_ratio
+        out = den(hidden_states=tokens, encoder_hidden_states=embeds, timestep=timestep, encoder_attention_mask=mask,
+                  num_frames=F, height=H, width=W, rope_interpolation_scale=(st / 25, ss, ss), return_dict=False)[0]
+        return out.reshape(B, F, H, W, -1).permute(0, 4, 1, 2, 3)
+    return den(x, timestep, encoder_hidden_states=embeds, return_dict=False)[0]  # modelscope UNet3D
+
+
+def decode(model, latents, frames=None):
+    """Latents -> videos [B, F, C, H, W] in [0, 1]. `frames` (pixel-frame indices) decodes only what a
+    reward needs: exactly those frames for pixel/2D-VAE models, the causal prefix up to the last one
+    for Wan/CogVideoX (their 3D VAEs are causal: frame k depends only on latents <= k)."""
+    if model.vae is None:  # pixel space: latents are [B, C, F, H, W] in [-1, 1]
+        video = latents.permute(0, 2, 1, 3, 4)
+        video = video if frames is None else video[:, frames]
+        return (video.float() / 2 + 0.5).clamp(0, 1)
+    vae = model.vae
+    x = latents.to(vae.dtype)
+    if model.family == "wan":
+        if frames is not None:
+            x = x[:, :, : max(frames) // vae.config.scale_factor_temporal + 1 + (max(frames) % vae.config.scale_factor_temporal > 0)]
+        mean = torch.tensor(vae.config.latents_mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1, 1)
+        video = vae.decode(x * std + mean, return_dict=False)[0].permute(0, 2, 1, 3, 4)
+    elif model.family == "cogvideox":
+        if frames is not None:
+            x = x[:, : max(frames) // vae.config.temporal_compression_ratio + 1 + (max(frames) % vae.config.temporal_compression_ratio > 0)]
+        video = vae.decode(x.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor).sample.permute(0, 2, 1, 3, 4)
+    elif model.family == "ltx":
+        mean = vae.latents_mean.view(1, -1, 1, 1, 1).to(x)
+        std = vae.latents_std.view(1, -1, 1, 1, 1).to(x)
+        x = x * std / vae.config.scaling_factor + mean
+        t = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype) if vae.config.timestep_conditioning else None
+        video = vae.decode(x, t, return_dict=False)[0].permute(0, 2, 1, 3, 4)
+    else:  # modelscope: a 2D VAE frame by frame, so a frame subset costs only those frames
+        if frames is not None:
+            x = x[:, :, frames]
+        B, C, F, H, W = x.shape
+        img = vae.decode(x.permute(0, 2, 1, 3, 4).reshape(B * F, C, H, W) / vae.config.scaling_factor).sample
+        video = img.reshape(B, F, *img.shape[1:])
+    if frames is not None and model.family != "modelscope":
+        video = video[:, frames]
+    return (video.float() / 2 + 0.5).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The batched sampler
+# ----------------------------------------------------------------------------------------------
+def seed_for(*keys):
+    """A 63-bit seed from any tuple of ints/strings: candidate j of prompt i at step s gets
+    seed_for(run_seed, s, i, j) on whichever rank draws it, so sharding never changes the samples."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
+
+
+def set_timesteps(model, steps, shape):
+    sch = model.scheduler
+    if model.family == "ltx":  # LTX shifts the sigmas by the token count, as LTXPipeline does
+        from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
+        c = sch.config
+        mu = calculate_shift(shape[1] * shape[2] * shape[3], c.get("base_image_seq_len", 256),
+                             c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        sch.set_timesteps(sigmas=[1.0 - i * (1 - 1 / steps) / max(steps - 1, 1) for i in range(steps)],
+                          device=model.device, mu=mu)
+    else:
+        sch.set_timesteps(steps, device=model.device)
+    if hasattr(sch, "set_begin_index"):
+        sch.set_begin_index(0)
+    return sch.timesteps
+
+
+def sample(model, prompts, seeds, num_frames, height, width, steps, guidance, negative_prompt="",
+           grad_from=None, grad_checkpointing=False, decode_frames=None, autocast=None, progress=False):
+    """Sample one video per (prompt, seed) in ONE batch, classifier-free guidance batched as [uncond; cond].
+    Steps with index >= grad_from build a graph (VADER's truncated backprop); all others run under
+    no_grad. Returns (final latents, videos [B, F, C, H, W] in [0, 1]). Given the same components and
+    seeds it reproduces the stock diffusers pipeline (tests/test_sampler.py)."""
+    from tqdm import tqdm
+    B, dev = len(prompts), model.device
+    shape = latent_shape(model, num_frames, height, width)
+    latents = torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s)))
+                         for s in seeds]).to(dev)  # per-sample seeds: a candidate is reproducible alone
+    gens = [torch.Generator("cpu").manual_seed(int(s) + 1) for s in seeds]  # for stochastic schedulers
+    timesteps = set_timesteps(model, steps, shape)
+    latents = latents * getattr(model.scheduler, "init_noise_sigma", 1.0)
+    emb, mask = encode_prompts(model, list(prompts))
+    nemb, nmask = encode_prompts(model, [negative_prompt] * B)
+    cfg = guidance > 1.0
+    emb_in = torch.cat([nemb, emb]) if cfg else emb
+    mask_in = (torch.cat([nmask, mask]) if cfg else mask) if mask is not None else None
+    grad_from = len(timesteps) if grad_from is None else grad_from
+    old_x0 = None  # CogVideoX's DPM scheduler carries the previous x0 prediction
+    sch = model.scheduler
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
+        with torch.set_grad_enabled(i >= grad_from and torch.is_grad_enabled()), \
+                (autocast or contextlib.nullcontext()):
+            x_in = torch.cat([latents, latents]) if cfg else latents
+            if hasattr(sch, "scale_model_input") and model.family in ("cogvideox", "modelscope"):
+                x_in = sch.scale_model_input(x_in, t)
+            tt = t.expand(x_in.shape[0])
+            if grad_checkpointing and i >= grad_from:
+                pred = torch.utils.checkpoint.checkpoint(denoise, model, x_in, tt, emb_in, mask_in, use_reentrant=False)
+            else:
+                pred = denoise(model, x_in, tt, emb_in, mask_in)
+            pred = pred.float()
+            if cfg:
+                uncond, cond = pred.chunk(2)
+                pred = uncond + guidance * (cond - uncond)
+            if model.family == "cogvideox" and type(sch).__name__ == "CogVideoXDPMScheduler":
+                latents, old_x0 = sch.step(pred, old_x0, t, timesteps[i - 1] if i > 0 else None, latents,
+                                           generator=gens, return_dict=False)
+            elif model.family == "modelscope":  # the stock pipeline steps frames as images
+                Bc, C, F, H, W = latents.shape
+                step = sch.step(pred.permute(0, 2, 1, 3, 4).reshape(Bc * F, C, H, W), t,
+                                latents.permute(0, 2, 1, 3, 4).reshape(Bc * F, C, H, W)).prev_sample
+                latents = step.reshape(Bc, F, C, H, W).permute(0, 2, 1, 3, 4)
+            else:
+                kw = {"generator": gens} if "generator" in sch.step.__code__.co_varnames else {}
+                latents = sch.step(pred, t, latents, return_dict=False, **kw)[0]
+    with torch.set_grad_enabled(grad_from < len(timesteps) and torch.is_grad_enabled()):
+        videos = decode(model, latents, decode_frames)
+    return latents, videos
+
+
+# ----------------------------------------------------------------------------------------------
+# Training-side helpers: timesteps, noising, targets
+# ----------------------------------------------------------------------------------------------
+def sample_train_timesteps(model, n, generator):
+    """[n] training timesteps in the scheduler's units (flow: sigma*1000 with the sampler's shift;
+    DDPM families: integer t uniform over the training range)."""
+    cfg = model.scheduler.config
+    u = torch.rand(n, generator=generator)
+    if model.prediction == "flow":
+        shift = cfg.get("flow_shift") or cfg.get("shift") or 1.0
+        sigma = shift * u / (1 + (shift - 1) * u)
+        return sigma.clamp(1e-3, 1.0) * cfg.num_train_timesteps
+    return (u * cfg.num_train_timesteps).long().clamp(max=cfg.num_train_timesteps - 1)
+
+
+def noisy_and_target(model, x0, eps, timestep):
+    """x_t and the regression target for the family's prediction type (ALGORITHMS.md table).
+    `x0`, `eps` in the latent layout; `timestep` [B]."""
+    B = x0.shape[0]
+    view = (B,) + (1,) * (x0.dim() - 1)
+    if model.prediction == "flow":  # x_t = (1 - s) x0 + s eps, target eps - x0
+        s = (timestep.float() / model.scheduler.config.num_train_timesteps).view(view).to(x0)
+        return (1 - s) * x0 + s * eps, eps - x0
+    a = model.scheduler.alphas_cumprod.to(x0.device)[timestep.long()].view(view).to(x0)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    return xt, (a.sqrt() * eps - (1 - a).sqrt() * x0) if model.prediction == "v" else eps
+
+
+def per_sample_mse(pred, target):
+    """mean over all non-batch dims: the `mse` of ALGORITHMS.md."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def autocast_context(mixed_precision, device):
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type,
+                          dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainable weights: LoRA or full fine-tune, and the frozen reference
+# ----------------------------------------------------------------------------------------------
+def setup_trainable(model, lora_rank, lora_alpha=None, grad_checkpointing=False):
+    """LoRA (peft) on the attention projections when rank > 0, else every denoiser weight.
+    Returns the list of trainable parameters (kept in float32)."""
+    den = model.denoiser
+    if lora_rank > 0:
+        from peft import LoraConfig
+        den.requires_grad_(False)
+        den.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=LORA_TARGETS,
+                                   init_lora_weights=True))
+    else:
+        den.requires_grad_(True)
+    params = [p for p in den.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if grad_checkpointing and hasattr(den, "enable_gradient_checkpointing"):
+        den.enable_gradient_checkpointing()
+    den.train()
+    return params
+
+
+class Reference:
+    """The frozen reference f_ref of DPO, stored as a copy of the TRAINABLE weights only (the LoRA
+    matrices, or every weight when fully fine-tuning): the reference forward swaps them in under
+    no_grad and back out, so a LoRA run pays for one extra adapter, not a second model.
+    `update()` is OnlineVPO's curriculum step ref <- policy. Call `forward` BEFORE the policy's
+    forward of the same step (swapping weights under a live autograd graph would corrupt it)."""
+
+    def __init__(self, params):
+        self.params = params
+        self.weights = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self):
+        for w, p in zip(self.weights, self.params):
+            w.copy_(p)
+
+    @torch.no_grad()
+    def forward(self, fn, *args):
+        saved = [p.detach().clone() for p in self.params]
+        for p, w in zip(self.params, self.weights):
+            p.copy_(w)
+        try:
+            return fn(*args)
+        finally:
+            for p, s in zip(self.params, saved):
+                p.copy_(s)
+
+
+def save_lora(model, folder):
+    """Write the LoRA in the diffusers format that the stock pipeline's `load_lora_weights` reads."""
+    import diffusers
+    from peft.utils import get_peft_model_state_dict
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model.denoiser).items()}
+    if model.family == "modelscope":
+        diffusers.TextToVideoSDPipeline.save_lora_weights(folder, unet_lora_layers=state)
+    else:
+        cls = {"toy": "WanPipeline", "wan": "WanPipeline", "cogvideox": "CogVideoXPipeline", "ltx": "LTXPipeline"}
+        getattr(diffusers, cls[model.family]).save_lora_weights(folder, transformer_lora_layers=state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed (torchrun): set-up and gradient averaging
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup_distributed(device_arg=None):
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); nccl on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
+    device = device_arg or ("cuda" if cuda else "cpu")
+    if cuda:
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, device)
+
+
+def average_gradients(params, d):
+    """All-reduce the gradients of `params` and divide by the world size, in one flat bucket.
+    Called explicitly in every loop after backward: the popular video-alignment repos that skip this
+    train each rank on its own shard and silently drift apart (tests/test_distributed.py catches it)."""
+    if d.world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= d.world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def all_mean(values, d):
+    """Average a dict of floats across ranks (for logging)."""
+    if d.world == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: (t[i] / d.world).item() for i, k in enumerate(keys)}
+
+
+def all_gather_tensor(x, d):
+    """Concatenate a [n, ...] tensor from every rank (rank order) along dim 0."""
+    if d.world == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(d.world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folder: config, metrics, videos, checkpoints
+# ----------------------------------------------------------------------------------------------
+def run_dir(out, script):
+    return out or os.path.join("runs", f"{script}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+
+
+def save_json(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
+
+
+class MetricsLogger:
+    """metrics.jsonl, one JSON object per line; optional W&B mirror (`--track`)."""
+
+    def __init__(self, folder, enabled=True, track=False, config=None):
+        self.enabled, self.wandb = enabled, None
+        if enabled:
+            os.makedirs(folder, exist_ok=True)
+            self.file = open(os.path.join(folder, "metrics.jsonl"), "a")
+            if track:
+                import wandb  # optional dependency, only with --track
+                self.wandb = wandb.init(project="cleanvideoalign", config=config, dir=folder)
+
+    def log(self, row):
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
+        self.file.flush()
+        if self.wandb:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row.get("step"))
+
+
+def save_video_grid(path, videos, captions, fps=4, scale=None):
+    """One row per clip: the video (upscaled when tiny) with its caption written beside it.
+    MP4 through imageio-ffmpeg, GIF when the path ends in .gif or ffmpeg is unavailable."""
+    import imageio.v2 as imageio
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    videos = videos.detach().float().cpu().clamp(0, 1)
+    N, F, C, H, W = videos.shape
+    scale = scale or max(1, 128 // max(H, W))
+    text_w, row_h = 300, H * scale + 4
+    frames = []
+    for f in range(F):
+        canvas = Image.new("RGB", (W * scale + text_w, row_h * N), (24, 24, 24))
+        draw = ImageDraw.Draw(canvas)
+        for i in range(N):
+            img = (videos[i, f].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+            canvas.paste(Image.fromarray(img).resize((W * scale, H * scale), Image.NEAREST), (0, i * row_h))
+            draw.text((W * scale + 8, i * row_h + 4), captions[i][:48], fill=(235, 235, 235))
+            draw.text((W * scale + 8, i * row_h + 18), captions[i][48:96], fill=(235, 235, 235))
+        frames.append(np.asarray(canvas))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if path.endswith(".mp4"):
+        try:
+            imageio.mimwrite(path, frames, fps=fps, macro_block_size=1)
+            return path
+        except Exception:  # no ffmpeg binary: fall back to a GIF next to it
+            path = path[:-4] + ".gif"
+    imageio.mimwrite(path, frames, duration=1000 / fps, loop=0)
+    return path
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder, step, model, params, optimizer, extra=None, lora=True):
+    """checkpoints/step-<k>/ with trainable weights, optimizer, RNG, step (+ `extra`), and the LoRA in
+    diffusers format; written to a temporary folder and renamed, so a crash never leaves half of one."""
+    final = os.path.join(folder, f"step-{step:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    torch.save({"step": step, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
+                "rng": rng_state(), "extra": extra or {}}, os.path.join(tmp, "state.pt"))
+    if lora:
+        save_lora(model, os.path.join(tmp, "lora"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def latest_checkpoint(path):
+    """`path` is a checkpoint folder, or a run folder / checkpoints folder: take its newest step."""
+    if os.path.exists(os.path.join(path, "state.pt")):
+        return path
+    for folder in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(folder):
+            steps = sorted(d for d in os.listdir(folder) if d.startswith("step-") and not d.endswith(".tmp"))
+            if steps:
+                return os.path.join(folder, steps[-1])
+    raise FileNotFoundError(f"--resume {path!r}: no checkpoint (state.pt) found there")
+
+
+def load_checkpoint(path, params, optimizer):
+    """Restore trainable weights, optimizer and RNG; returns (step, extra)."""
+    state = torch.load(os.path.join(latest_checkpoint(path), "state.pt"), weights_only=False, map_location="cpu")
+    with torch.no_grad():
+        for p, v in zip(params, state["params"]):
+            p.copy_(v)
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return state["step"], state["extra"]
+
+
+def print0(d, *a):
+    if d.main:
+        print(*a, file=sys.stderr if a and str(a[0]).startswith("error") else sys.stdout, flush=True)

@@ -1,0 +1,96 @@
+"""Tiny random text-to-video pipelines of every supported family, built from config classes and
+saved with the stock pipeline's save_pretrained, so tests load them back through the production
+from_pretrained path (no weights can be downloaded here)."""
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+WORDS = "a the red green blue yellow magenta cyan square circle triangle moving left right up down falling " \
+        "bouncing staying still pushing cat dog ball video of with and in on".split()
+SIZES = {  # family -> (num_frames, height, width) the tiny model is tested at
+    "wan": (9, 16, 16), "cogvideox": (9, 16, 16), "ltx": (9, 32, 32), "modelscope": (4, 16, 16)}
+
+
+def word_tokenizer(max_len, clip_style=False):
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=max_len)
+
+
+def t5_encoder(d_model=32, umt5=True):
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+    cfg_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    return model_cls(cfg_cls(vocab_size=len(WORDS) + 3, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                             relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+                             decoder_start_token_id=0))
+
+
+def build(family, folder, seed=0, scheduler=None, **kw):
+    """Build a tiny random pipeline of `family`, save it to `folder`, return the pipeline object."""
+    import diffusers as D
+    torch.manual_seed(seed)
+    if family == "wan":
+        pipe = D.WanPipeline(
+            tokenizer=word_tokenizer(16), text_encoder=t5_encoder(),
+            transformer=D.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                                in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
+                                                num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                                rope_max_seq_len=32),
+            vae=D.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                   temperal_downsample=[False, True, True]),
+            scheduler=scheduler or D.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                             flow_shift=3.0))
+    elif family == "cogvideox":
+        pipe = D.CogVideoXPipeline(
+            tokenizer=word_tokenizer(16), text_encoder=t5_encoder(umt5=False),
+            transformer=D.CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                                      out_channels=4, time_embed_dim=2, text_embed_dim=32, num_layers=1,
+                                                      sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
+                                                      temporal_compression_ratio=4, max_text_seq_length=226,
+                                                      use_rotary_positional_embeddings=kw.get("rotary", True)),
+            vae=D.AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                         up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                         latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                                         temporal_compression_ratio=4),
+            scheduler=scheduler or D.CogVideoXDDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing",
+                                                            clip_sample=False, rescale_betas_zero_snr=True))
+    elif family == "ltx":
+        vae = D.AutoencoderKLLTXVideo(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+                                      decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+                                      decoder_layers_per_block=(1, 1, 1, 1, 1),
+                                      spatio_temporal_scaling=(True, True, False, False),
+                                      decoder_spatio_temporal_scaling=(True, True, False, False),
+                                      decoder_inject_noise=(False, False, False, False, False),
+                                      upsample_residual=(False, False, False, False), upsample_factor=(1, 1, 1, 1),
+                                      timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True,
+                                      decoder_causal=False)
+        vae.use_framewise_encoding = vae.use_framewise_decoding = False
+        pipe = D.LTXPipeline(
+            tokenizer=word_tokenizer(16), text_encoder=t5_encoder(umt5=False),
+            transformer=D.LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                                     num_attention_heads=4, attention_head_dim=8, cross_attention_dim=32,
+                                                     num_layers=1, caption_channels=32),
+            vae=vae, scheduler=scheduler or D.FlowMatchEulerDiscreteScheduler())
+    elif family == "modelscope":
+        from transformers import CLIPTextConfig, CLIPTextModel
+        pipe = D.TextToVideoSDPipeline(
+            tokenizer=word_tokenizer(16),
+            text_encoder=CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, hidden_size=8, intermediate_size=37,
+                                                      num_attention_heads=2, num_hidden_layers=2, pad_token_id=0,
+                                                      vocab_size=len(WORDS) + 3, max_position_embeddings=16)),
+            unet=D.UNet3DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=16, in_channels=4,
+                                        out_channels=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                                        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=8,
+                                        attention_head_dim=4, norm_num_groups=2),
+            vae=D.AutoencoderKL(block_out_channels=[8, 8], in_channels=3, out_channels=3,
+                                down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                                latent_channels=4, sample_size=16, norm_num_groups=2),
+            scheduler=scheduler or D.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                   clip_sample=False, set_alpha_to_one=False))
+    else:
+        raise ValueError(family)
+    pipe.save_pretrained(folder)
+    return pipe
