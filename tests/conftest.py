@@ -1,0 +1,34 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+torch.set_num_threads(1)  # tiny models on 2 shared cores: one thread is many times faster
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: heavier end-to-end checks (still run in CI)")
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory):
+    """One tiny random pipeline folder per family, built once per test session."""
+    import tiny_models
+    out = {}
+    for fam in tiny_models.SIZES:
+        folder = tmp_path_factory.mktemp(fam)
+        tiny_models.build(fam, str(folder))
+        out[fam] = str(folder)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_model():
+    import common
+    if not os.path.exists(os.path.join(common.TOY_PATH, "transformer")):
+        pytest.fail("assets/toy is missing: run `python pretrain_toy.py` (it ships with the repository)")
+    return common.load_model("toy")

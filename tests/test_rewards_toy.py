@@ -1,0 +1,91 @@
+"""Every toy reward ranks a ground-truth render above the same render with the defect it measures."""
+import random
+
+import pytest
+import torch
+
+import rewards
+import toy_world
+
+PROMPTS = random.Random(0).sample(toy_world.ALL_PROMPTS, 24)
+
+
+@pytest.fixture(scope="module")
+def gt():
+    return toy_world.render(PROMPTS, seed=3)
+
+
+@pytest.mark.parametrize("dimension,corruption", [
+    ("visual_quality", "noise"), ("visual_quality", "blur"), ("temporal_consistency", "flicker"),
+    ("temporal_consistency", "noise"), ("dynamic_degree", "freeze"), ("text_alignment", "reverse"),
+    ("text_alignment", "freeze"), ("mean", "noise")])
+def test_reward_ranks_clean_above_corrupted(gt, dimension, corruption):
+    r = rewards.ToyReward(dimension)
+    clean, bad = r(gt, PROMPTS)["reward"], r(toy_world.corrupt(gt, corruption), PROMPTS)["reward"]
+    moving = torch.tensor([toy_world.parse_prompt(p)["motion"] not in ("staying still", "bouncing") for p in PROMPTS])
+    keep = moving if corruption in ("reverse", "freeze") else torch.ones_like(moving)  # a still clip is its own reverse
+    assert (clean[keep] > bad[keep]).float().mean() >= 0.9
+    assert clean[keep].mean() > bad[keep].mean() + 0.1
+
+
+def test_physics_wants_falls_to_accelerate():
+    falls = [p for p in toy_world.ALL_PROMPTS if p.endswith("falling")][:12]
+    accelerating = toy_world.render(falls, seed=2)
+    constant = toy_world.render([p.replace("falling", "moving down") for p in falls], seed=2)
+    r = rewards.ToyReward("physics")
+    assert (r(accelerating, falls)["reward"] > r(constant, falls)["reward"] + 0.3).all()
+
+
+def test_color_and_shape_follow_the_prompt(gt):
+    r = rewards.ToyReward()
+    assert r.color_accuracy(gt, PROMPTS).mean() == 1.0
+    out = r(gt, PROMPTS)
+    wrong_shape = [p.replace("square", "TMP").replace("circle", "square").replace("TMP", "circle") for p in PROMPTS]
+    changed = torch.tensor([a.split()[2] != b.split()[2] for a, b in zip(PROMPTS, wrong_shape)])  # first object
+    assert (out["shape"][changed] > r(gt, wrong_shape)["shape"][changed]).all()
+    other = {c: n for c, n in zip(rewards.COLOR_NAMES, rewards.COLOR_NAMES[1:] + rewards.COLOR_NAMES[:1])}
+    wrong_color = [" ".join(other.get(w, w) for w in p.split()) for p in PROMPTS]
+    assert (out["color"] > r(gt, wrong_color)["color"] + 0.35).all()  # a push may keep one colour right
+
+
+def test_patch_map_localises_a_defect(gt):
+    r = rewards.ToyReward("visual_quality")
+    bad = gt.clone()
+    bad[:, :4, :, :8, :8] = torch.rand(bad[:, :4, :, :8, :8].shape, generator=torch.Generator().manual_seed(0))
+    clean_map, bad_map = r.patch_scores(gt, PROMPTS, (2, 4, 4)), r.patch_scores(bad, PROMPTS, (2, 4, 4))
+    assert clean_map.shape == (len(PROMPTS), 2, 4, 4)
+    diff = clean_map - bad_map
+    assert (diff[:, 0, 0, 0] > 0.3).all()  # the corrupted patch (frames 0-3, top-left 8x8)
+    diff[:, 0, 0, 0] = 0
+    assert diff.abs().max() < 1e-5  # and no other patch moved
+
+
+def test_judge_says_yes_to_good_dynamics_and_no_to_reversed(gt):
+    dyn = [p for p in toy_world.DYNAMICS_TRAIN if "bouncing" not in p][:16]
+    v = toy_world.render(dyn, seed=4)
+    judge = rewards.load_reward("judge")
+    assert judge(v, dyn)["yes"].mean() >= 0.9
+    assert judge(toy_world.corrupt(v, "reverse"), dyn)["yes"].mean() <= 0.1
+    assert set(judge(v, dyn)["reward"].tolist()) <= {0.0, 1.0}
+    assert "fall downwards with increasing speed" in rewards.default_question("a red square falling")
+
+
+def test_toy_reward_is_differentiable(gt):
+    v = toy_world.corrupt(gt[:4], "noise").requires_grad_(True)
+    for dim in rewards.TOY_DIMENSIONS:
+        g, = torch.autograd.grad(rewards.ToyReward(dim)(v, PROMPTS[:4])["reward"].sum(), v)
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, dim
+
+
+def test_specs_weighted_sums_and_errors(gt):
+    a, b = rewards.load_reward("toy:quality"), rewards.load_reward("toy:temporal")
+    s = rewards.load_reward("toy:quality*0.5+toy:temporal*2")
+    want = 0.5 * a(gt, PROMPTS)["reward"] + 2 * b(gt, PROMPTS)["reward"]
+    assert torch.allclose(s(gt, PROMPTS)["reward"], want)
+    assert rewards.load_reward("toy").dimension == "temporal_consistency"
+    with pytest.raises(ValueError, match="unknown reward 'nope'.*valid are"):
+        rewards.load_reward("nope")
+    with pytest.raises(ValueError, match="unknown toy reward dimension 'colour'"):
+        rewards.load_reward("toy:colour")
+    with pytest.raises(ValueError, match="cannot parse"):
+        rewards.load_reward("toy:quality**2")
