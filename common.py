@@ -27,7 +27,7 @@ import torch.distributed as dist
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOY_PATH = os.path.join(HERE, "assets", "toy")
 MODEL_ALIASES = {  # short names for the public checkpoints (hub ids; pass a local folder on offline machines)
-    "toy": TOY_PATH,
+    "toy": os.environ.get("CLEANVIDEOALIGN_TOY", TOY_PATH),
     "wan2.1-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
     "wan2.1-14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
     "wan2.2-5b": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
@@ -524,6 +524,13 @@ def average_gradients(params, d):
     for p, g in zip(params, grads):
         p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
         offset += g.numel()
+
+
+def broadcast_params(params, d):
+    """Start every rank from rank 0's trainable weights (LoRA's random init included)."""
+    if d.world > 1:
+        for p in params:
+            dist.broadcast(p.data, src=0)
 
 
 def all_mean(values, d):

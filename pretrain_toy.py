@@ -35,6 +35,7 @@ p.add_argument("--seed", type=int, default=0, help="seed of weights, data and no
 p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
 p.add_argument("--save-every", type=int, default=250, help="checkpoint interval (steps)")
+p.add_argument("--ckpt", default=None, help="training checkpoint path (default: toy_pretrain_ckpt.pt beside --out)")
 
 
 def build_components(seed):
@@ -79,7 +80,7 @@ def main(args):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))
     ema = [p.detach().clone() for p in params]
-    ckpt_path = os.path.join(os.path.dirname(os.path.abspath(args.out)), "toy_pretrain_ckpt.pt")
+    ckpt_path = args.ckpt or os.path.join(os.path.dirname(os.path.abspath(args.out)), "toy_pretrain_ckpt.pt")
     start, losses = 0, []
     if args.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, weights_only=False)

@@ -29,6 +29,6 @@ def tiny_folders(tmp_path_factory):
 @pytest.fixture(scope="session")
 def toy_model():
     import common
-    if not os.path.exists(os.path.join(common.TOY_PATH, "transformer")):
+    if not os.path.exists(os.path.join(common.MODEL_ALIASES["toy"], "transformer")):
         pytest.fail("assets/toy is missing: run `python pretrain_toy.py` (it ships with the repository)")
     return common.load_model("toy")

@@ -1,0 +1,42 @@
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(module, argv):
+    """Parse argv with the script's own parser and call its main (the real entry point)."""
+    return module.main(module.p.parse_args(argv))
+
+
+def torchrun(script, argv, nproc=2, extra=()):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+           os.path.join(ROOT, "tests", "dist_run.py"), script, *extra, *argv]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res
+
+
+def single(script, argv, extra=()):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, RANK="0", WORLD_SIZE="1")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "dist_run.py"), script, *extra, *argv],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+
+
+def load_rank(out, r):
+    return torch.load(os.path.join(out, f"rank{r}.pt"))
+
+
+def max_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def final_params(out):
+    import common
+    state = torch.load(os.path.join(common.latest_checkpoint(out), "state.pt"), weights_only=False)
+    return state["params"]
