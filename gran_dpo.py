@@ -1,0 +1,306 @@
+"""Gran-DPO (HALO): Diffusion-DPO on the whole video AND on its patches, with patch-level rewards.
+
+Paper: "HALO: Human-Aligned End-to-end Image Generation ... / Harnessing Local reward feedback for
+video" (arXiv 2502.06812). HALO scores local spatio-temporal patches with the same reward model as
+the whole video and optimises a granular DPO objective. ITS EXACT LOSS WAS NOT AVAILABLE TO US: what
+follows is our reconstruction (ALGORITHMS.md), kept in one function (`patch_dpo_loss`) so it is easy
+to change. Per patch p with latent mask M_p, the winner is whichever pair member has the higher
+PATCH reward there (s_p = +1 if it agrees with the video-level order, -1 if not):
+    e_p       = mean over M_p of (f_theta - target)^2              (same for ref)
+    inside_p  = -beta_p/2 * s_p * [(e_p_w - e_p_w_ref) - (e_p_l - e_p_l_ref)]
+    L         = L_DPO_video + lambda * mean_p( -log sigmoid(inside_p) )
+Pairs come online, as in online_vpo.py (best vs worst of N candidates, curriculum reference).
+`--patch-weight 0` is exactly video-level online DPO.
+
+    python gran_dpo.py                                         # toy model, CPU, ~10 minutes
+    torchrun --nproc_per_node 8 gran_dpo.py --model wan2.1-1.3b --reward videoscore --prompts p.txt
+"""
+import argparse
+import os
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+import rewards
+
+p = argparse.ArgumentParser(description="Gran-DPO (HALO): video- and patch-level Diffusion-DPO",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p.add_argument("--model", default="toy", help="'toy', an alias (wan2.1-1.3b, cogvideox-2b, ...), a diffusers folder or hub id")
+p.add_argument("--reward", default=None, help="reward spec (must offer patch scores); default toy:quality on the toy model, videoscore:visual_quality otherwise")
+p.add_argument("--prompts", default="toy_train", help="training prompts: a built-in list name or a text file, one per line")
+p.add_argument("--eval-prompts", default="toy_heldout", help="HELD-OUT evaluation prompts (list name or file)")
+p.add_argument("--steps", type=int, default=80, help="optimisation steps")
+p.add_argument("--batch-size", type=int, default=8, help="prompts per step, summed over all ranks (paper: 8)")
+p.add_argument("--num-candidates", type=int, default=4, help="videos sampled per prompt, N (paper: 4-6)")
+p.add_argument("--min-margin", type=float, default=0.02, help="skip pairs whose reward margin (best - worst) is below this")
+p.add_argument("--beta", type=float, default=None, help="DPO beta on mean-reduced errors; default 100 for flow models (Flow-GRPO), 5000 for eps/v (Diffusion-DPO)")
+p.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 3e-4 on the toy model, 1e-5 otherwise (paper)")
+p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+p.add_argument("--ref-update-interval", type=int, default=None, help="curriculum: ref <- policy every I steps (0 = never); default 20 on the toy model, 200 otherwise (paper)")
+p.add_argument("--patch-grid", default="2,4,4", help="patches per video: frame groups, rows, columns (on the latent grid)")
+p.add_argument("--patch-weight", type=float, default=1.0, help="lambda, the weight of the patch term (0 = video-level DPO only)")
+p.add_argument("--patch-beta", type=float, default=None, help="beta_p of the patch term (default: = --beta)")
+p.add_argument("--gap-weighting", action="store_true", help="weight patches by their reward gap |r_p_w - r_p_l| (normalised to mean 1)")
+p.add_argument("--defect-threshold", type=float, default=0.9, help="evaluation: a patch scoring below this counts as defective")
+p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention projections (0 = full fine-tune)")
+p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
+p.add_argument("--num-frames", type=int, default=None, help="frames per video (default: the model's)")
+p.add_argument("--height", type=int, default=None, help="video height (default: the model's)")
+p.add_argument("--width", type=int, default=None, help="video width (default: the model's)")
+p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 10 on the toy model, 30 otherwise)")
+p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the denoiser (saves memory)")
+p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype for forward passes")
+p.add_argument("--seed", type=int, default=0, help="seed of prompts, candidates, DPO noise")
+p.add_argument("--out", default=None, help="run folder (default runs/online_vpo-<time>)")
+p.add_argument("--eval-every", type=int, default=40, help="held-out evaluation interval (also at step 0 and the end)")
+p.add_argument("--num-eval-prompts", type=int, default=52, help="how many held-out prompts to evaluate (one seed each)")
+p.add_argument("--save-every", type=int, default=40, help="checkpoint interval (and at the end)")
+p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue from")
+p.add_argument("--track", action="store_true", help="mirror metrics to Weights & Biases")
+p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+
+
+def dpo_loss(e_w, e_l, ref_e_w, ref_e_l, beta):
+    """Diffusion-DPO per pair, from the per-sample denoising errors of policy and reference:
+    inside = -beta/2 * [(e_w - e_w_ref) - (e_l - e_l_ref)],  L = -log sigmoid(inside)."""
+    inside = -beta / 2 * ((e_w - ref_e_w) - (e_l - ref_e_l))
+    return -F.logsigmoid(inside), inside
+
+
+def patch_masks(shape, grid):
+    """One-hot masks [P, F, H, W] tiling a latent of spatial-temporal shape (F, H, W) exactly once
+    with a gf x gh x gw grid (cells differ by at most one row when the size is not divisible)."""
+    cells = [torch.div(torch.arange(n) * g, n, rounding_mode="floor") for n, g in zip(shape, grid)]  # cell of each index
+    f, h, w = torch.meshgrid(*cells, indexing="ij")
+    idx = (f * grid[1] + h) * grid[2] + w
+    return F.one_hot(idx, grid[0] * grid[1] * grid[2]).permute(3, 0, 1, 2).float()
+
+
+def patch_errors(pred, target, masks, channel_dim):
+    """e_p = mean over M_p of (pred - target)^2 -> [B, P]; `channel_dim` is 1 for [B, C, F, H, W]
+    latents and 2 for CogVideoX's [B, F, C, H, W]."""
+    sq = (pred.float() - target.float()).pow(2).mean(channel_dim)  # [B, F, H, W]
+    return torch.einsum("bfhw,pfhw->bp", sq, masks) / masks.sum((1, 2, 3))
+
+
+def patch_dpo_loss(e_w, e_l, ref_e_w, ref_e_l, sign, beta, weight=None):
+    """The patch term: inside_p = -beta/2 * s_p * [(e_p_w - e_p_w_ref) - (e_p_l - e_p_l_ref)],
+    loss = mean_p -log sigmoid(inside_p) per pair ([B, P] inputs; s_p = 0 drops a tied patch)."""
+    inside = -beta / 2 * sign * ((e_w - ref_e_w) - (e_l - ref_e_l))
+    losses = -F.logsigmoid(inside) * (sign != 0)
+    if weight is not None:
+        losses = losses * weight
+    return losses.sum(1) / (sign != 0).sum(1).clamp(min=1), inside
+
+
+def resolve_defaults(args, family, model_defaults=None):
+    """Fill the model-dependent defaults; everything here is cheap and runs before weights load."""
+    toy = family == "toy"
+    args.reward = args.reward or ("toy:quality" if toy else "videoscore:visual_quality")
+    args.lr = args.lr or (3e-4 if toy else 1e-5)
+    args.ref_update_interval = args.ref_update_interval if args.ref_update_interval is not None else (20 if toy else 200)
+    args.sample_steps = args.sample_steps or (10 if toy else 30)
+    for k in ("num_frames", "height", "width", "guidance"):
+        if model_defaults and getattr(args, k) is None:
+            setattr(args, k, model_defaults[k])
+    return args
+
+
+def main(args):
+    # ---- validate everything cheap before anything heavy loads ------------------------------
+    _, family = common.resolve_model(args.model)
+    resolve_defaults(args, family)
+    rewards.parse_reward_spec(args.reward)
+    train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts)
+    eval_prompts = eval_prompts[: args.num_eval_prompts]
+    d = common.setup_distributed(args.device)
+    if args.batch_size % d.world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of ranks ({d.world})")
+    grid = tuple(int(g) for g in args.patch_grid.split(","))
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"--patch-grid {args.patch_grid!r}: give three positive integers, e.g. 2,4,4")
+    out = common.run_dir(args.out, "gran_dpo")
+    if args.resume is None and os.path.exists(os.path.join(out, "metrics.jsonl")):
+        raise FileExistsError(f"{out} already holds a run: pass --resume {out} to continue it, or a new --out")
+    if args.resume:
+        common.latest_checkpoint(args.resume)
+
+    # ---- model, reward, trainable weights, reference ---------------------------------------
+    frozen_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    model = common.load_model(args.model, d.device, dtype=frozen_dtype)
+    resolve_defaults(args, family, model.defaults)
+    common.check_video_size(family, args.num_frames, args.height, args.width)
+    args.beta = args.beta or (100.0 if model.prediction == "flow" else 5000.0)
+    reward_fn = rewards.load_reward(args.reward, d.device)
+    if not hasattr(reward_fn, "patch_scores"):
+        raise ValueError(f"reward {reward_fn.name} offers no patch scores: Gran-DPO needs one that does (e.g. toy:quality)")
+    args.patch_beta = args.patch_beta or args.beta
+    channel_dim = 2 if family == "cogvideox" else 1
+    shape = common.latent_shape(model, args.num_frames, args.height, args.width)
+    masks = patch_masks(shape[:1] + shape[2:] if channel_dim == 2 else shape[1:], grid).to(d.device)
+    torch.manual_seed(args.seed)  # LoRA's random init
+    params = common.setup_trainable(model, args.lora_rank, args.lora_alpha, args.grad_checkpointing)
+    common.broadcast_params(params, d)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    ref = common.Reference(params)  # f_ref: starts as the initial policy
+    autocast = common.autocast_context(args.mixed_precision, d.device)
+    start_step = 0
+    if args.resume:
+        start_step, extra = common.load_checkpoint(args.resume, params, optimizer)
+        with torch.no_grad():
+            for w, v in zip(ref.weights, extra["ref"]):
+                w.copy_(v)
+    video_kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, steps=args.sample_steps,
+                    guidance=args.guidance)
+    if d.main:
+        common.save_json(os.path.join(out, "config.json"), vars(args) | {"model_path": model.path, "family": family,
+                                                                         "reward_name": reward_fn.name, "world_size": d.world})
+    log = common.MetricsLogger(out, enabled=d.main, track=args.track, config=vars(args))
+    per_rank = args.batch_size // d.world
+
+    def evaluate(step):
+        """Every reward dimension on held-out prompts, one fixed seed each (sharded over ranks)."""
+        mine = list(range(d.rank, len(eval_prompts), d.world))
+        sums, n = {}, 0
+        for chunk in range(0, len(mine), 32):
+            idx = mine[chunk: chunk + 32]
+            with torch.no_grad(), autocast:
+                _, videos = common.sample(model, [eval_prompts[i] for i in idx],
+                                          [common.seed_for(args.seed, "eval", i) for i in idx], **video_kw)
+                scores = reward_fn(videos, [eval_prompts[i] for i in idx])
+            if family == "toy":
+                scores["color_accuracy"] = rewards.ToyReward().color_accuracy(videos, [eval_prompts[i] for i in idx])
+            patch = reward_fn.patch_scores(videos, [eval_prompts[i] for i in idx], grid)
+            scores["defective_patches"] = (patch < args.defect_threshold).flatten(1).float().sum(1)  # per video
+            for k, v in scores.items():
+                sums[k] = sums.get(k, 0.0) + v.float().sum().item()
+            n += len(idx)
+            if chunk == 0 and d.main:
+                common.save_video_grid(os.path.join(out, "samples", f"step-{step:06d}.mp4"), videos[:8],
+                                       [eval_prompts[i] for i in idx[:8]])
+        totals = common.all_mean({k: v * d.world for k, v in sums.items()} | {"n": n * d.world}, d)
+        row = {"step": step, "eval": True} | {f"eval/{k}": v / totals["n"] for k, v in totals.items() if k != "n"}
+        log.log(row)
+        return row
+
+    def make_pairs(step):
+        """Sample N candidates per prompt with the CURRENT weights, score, pair best vs worst (steps 1-4)."""
+        rng = random.Random(common.seed_for(args.seed, "prompts", step))
+        batch = [rng.choice(train_prompts) for _ in range(args.batch_size)]  # same on every rank
+        gidx = list(range(d.rank * per_rank, (d.rank + 1) * per_rank))  # this rank's shard of the batch
+        prompts = [batch[i] for i in gidx for _ in range(args.num_candidates)]
+        seeds = [common.seed_for(args.seed, step, i, j) for i in gidx for j in range(args.num_candidates)]
+        with torch.no_grad(), autocast:
+            latents, videos = common.sample(model, prompts, seeds, **video_kw)
+            r = reward_fn(videos, prompts)["reward"].float().view(per_rank, args.num_candidates)
+            patch_r = reward_fn.patch_scores(videos, prompts, grid).float().flatten(1)  # [B*N, P]: the same model, locally
+        best, worst = r.argmax(1), r.argmin(1)
+        lat = latents.view(per_rank, args.num_candidates, *latents.shape[1:])
+        patch_r = patch_r.view(per_rank, args.num_candidates, -1)
+        ar = torch.arange(per_rank)
+        return {"prompts": [batch[i] for i in gidx], "gidx": gidx, "x0_w": lat[ar, best], "x0_l": lat[ar, worst],
+                "margin": r[ar, best] - r[ar, worst], "reward": r,
+                "patch_w": patch_r[ar, best], "patch_l": patch_r[ar, worst]}
+
+
+    if start_step == 0:
+        evaluate(0)
+    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="gran_dpo",
+               disable=not d.main)
+    for step in bar:
+        t0 = time.time()
+        # 1-4. sample candidates from the current policy, score, pair best (w) vs worst (l)
+        pairs = make_pairs(step)
+        t_sample = time.time() - t0
+        keep = pairs["margin"] >= args.min_margin
+        n_local = int(keep.sum())
+        n_global = int(common.all_mean({"n": n_local}, d)["n"] * d.world + 0.5)
+
+        # 5. Diffusion-DPO: ONE t and ONE eps per pair, shared by its two members
+        loss_value, acc, inside_mean, video_loss, patch_loss, patch_acc, disagree = (0.0,) * 7
+        if n_global > 0:
+            ki = keep.nonzero().flatten().tolist()
+            x0 = torch.cat([pairs["x0_w"][ki], pairs["x0_l"][ki]])
+            gens = [torch.Generator().manual_seed(common.seed_for(args.seed, "dpo", step, pairs["gidx"][i])) for i in ki]
+            t = torch.cat([common.sample_train_timesteps(model, 1, g) for g in gens]).to(d.device)
+            eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(d.device)
+            t, eps = torch.cat([t, t]), torch.cat([eps, eps])
+            x_t, target = common.noisy_and_target(model, x0, eps, t)
+            emb, mask = common.encode_prompts(model, [pairs["prompts"][i] for i in ki] * 2)
+            if n_local > 0:
+                with autocast:  # reference first (it swaps weights), then the policy
+                    ref_pred = ref.forward(common.denoise, model, x_t, t, emb, mask)
+                    pred = common.denoise(model, x_t, t, emb, mask)
+                err, ref_err = common.per_sample_mse(pred, target), common.per_sample_mse(ref_pred, target)
+                e_w, e_l = err.chunk(2)  # e(theta) = mse(f_theta(x_t, t, c), target(x0, eps, t))
+                r_w, r_l = ref_err.chunk(2)
+                v_losses, inside = dpo_loss(e_w, e_l, r_w, r_l, args.beta)  # video term: -log sigmoid(-beta/2 [dw - dl])
+                # patch term: per-patch errors under the masks, winners from the patch rewards
+                pe_w, pe_l = patch_errors(pred, target, masks, channel_dim).chunk(2)
+                pr_w, pr_l = patch_errors(ref_pred, target, masks, channel_dim).chunk(2)
+                gap = pairs["patch_w"][ki] - pairs["patch_l"][ki]  # [pairs, P]
+                sign = torch.sign(gap).to(d.device)  # s_p: +1 where the video winner also wins the patch
+                weight = (gap.abs() / gap.abs().mean().clamp(min=1e-8)).to(d.device) if args.gap_weighting else None
+                p_losses, inside_p = patch_dpo_loss(pe_w, pe_l, pr_w, pr_l, sign, args.patch_beta, weight)
+                losses = v_losses + args.patch_weight * p_losses  # L = L_video + lambda * mean_p L_p
+                # sum / global count * world: after averaging over ranks this is the mean over ALL pairs
+                (losses.sum() / n_global * d.world).backward()
+                loss_value, acc, inside_mean = losses.mean().item(), (inside > 0).float().mean().item(), inside.mean().item()
+                video_loss, patch_loss = v_losses.mean().item(), p_losses.mean().item()
+                patch_acc = ((inside_p > 0) & (sign != 0)).float().sum().item() / max((sign != 0).sum().item(), 1)
+                disagree = (sign < 0).float().mean().item()
+            common.average_gradients(params, d)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            grad_norm = 0.0
+
+        # 6. curriculum: the reference catches up with the policy every I steps
+        if args.ref_update_interval and (step + 1) % args.ref_update_interval == 0:
+            ref.update()
+
+        dt = time.time() - t0
+        stats = common.all_mean({"loss": loss_value * n_local, "implicit_acc": acc * n_local, "inside": inside_mean * n_local,
+                                 "video_loss": video_loss * n_local, "patch_loss": patch_loss * n_local,
+                                 "patch_acc": patch_acc * n_local, "patch_disagree": disagree * n_local,
+                                 "reward_mean": pairs["reward"].mean().item(), "reward_min": pairs["reward"].min().item(),
+                                 "reward_max": pairs["reward"].max().item(), "margin": pairs["margin"].mean().item(),
+                                 "pairs": n_local}, d)
+        pairs_total = max(stats["pairs"] * d.world, 1e-9)
+        row = {"step": step + 1, "loss": stats["loss"] * d.world / pairs_total,
+               "implicit_acc": stats["implicit_acc"] * d.world / pairs_total,
+               "inside_mean": stats["inside"] * d.world / pairs_total, "reward_mean": stats["reward_mean"],
+               **{k: stats[k] * d.world / pairs_total for k in ("video_loss", "patch_loss", "patch_acc", "patch_disagree")},
+               "reward_min": stats["reward_min"], "reward_max": stats["reward_max"], "margin": stats["margin"],
+               "pairs_used": n_global, "pairs_skipped": args.batch_size - n_global, "grad_norm": grad_norm,
+               "sec_per_step": dt, "sec_sampling": t_sample,
+               "samples_per_s": args.batch_size * args.num_candidates / max(dt, 1e-9)}
+        log.log(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['implicit_acc']:.2f}", reward=f"{row['reward_mean']:.3f}")
+
+        if (step + 1) % args.eval_every == 0 and step + 1 != args.steps:
+            evaluate(step + 1)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            if d.main:
+                common.save_checkpoint(os.path.join(out, "checkpoints"), step + 1, model, params, optimizer,
+                                       extra={"ref": [w.cpu() for w in ref.weights]}, lora=args.lora_rank > 0)
+    final = evaluate(args.steps)
+    if d.main:
+        first = next(r for r in map(__import__("json").loads, open(os.path.join(out, "metrics.jsonl")))
+                     if r.get("eval") and r["step"] == 0)
+        print(f"eval/reward: {first['eval/reward']:.4f} -> {final['eval/reward']:.4f}  ({reward_fn.name}, "
+              f"{len(eval_prompts)} held-out prompts; run folder {out})")
+    if d.world > 1:
+        torch.distributed.destroy_process_group()
+    return out
+
+
+if __name__ == "__main__":
+    main(p.parse_args())
