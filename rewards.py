@@ -38,8 +38,10 @@ def _soft_centroid(mask):
     ys = torch.arange(H, dtype=mask.dtype, device=mask.device).view(1, 1, H, 1)
     xs = torch.arange(W, dtype=mask.dtype, device=mask.device).view(1, 1, 1, W)
     mass = mask.sum((2, 3))
-    cx = (mask * xs).sum((2, 3)) / (mass + 1e-4)
-    cy = (mask * ys).sum((2, 3)) / (mass + 1e-4)
+    # one pixel of prior mass at the frame centre: an (almost) empty mask gets a well-defined centroid
+    # instead of a ratio of two round-off-sized numbers (which made scores depend on batch composition)
+    cx = ((mask * xs).sum((2, 3)) + (W - 1) / 2) / (mass + 1)
+    cy = ((mask * ys).sum((2, 3)) + (H - 1) / 2) / (mass + 1)
     return torch.stack([cx, cy], -1), mass
 
 

@@ -70,8 +70,8 @@ def _is_held_out(prompt):
 ALL_PROMPTS = _single_prompts() + _push_prompts()
 TRAIN_PROMPTS = [p for p in ALL_PROMPTS if not _is_held_out(p)]
 HELDOUT_PROMPTS = [p for p in ALL_PROMPTS if _is_held_out(p)]
-DYNAMICS_TRAIN = [p for p in TRAIN_PROMPTS if parse_prompt(p)["motion"] in ("falling", "bouncing", "pushing")]
-DYNAMICS_HELDOUT = [p for p in HELDOUT_PROMPTS if parse_prompt(p)["motion"] in ("falling", "bouncing", "pushing")]
+DYNAMICS_TRAIN = [p for p in TRAIN_PROMPTS if parse_prompt(p)["motion"] != "staying still"]  # objects that move
+DYNAMICS_HELDOUT = [p for p in HELDOUT_PROMPTS if parse_prompt(p)["motion"] != "staying still"]
 PROMPT_LISTS = {"toy_train": TRAIN_PROMPTS, "toy_heldout": HELDOUT_PROMPTS,
                 "toy_dynamics_train": DYNAMICS_TRAIN, "toy_dynamics_heldout": DYNAMICS_HELDOUT}
 VOCAB = sorted({w for p in ALL_PROMPTS for w in p.split()})

@@ -1,0 +1,93 @@
+"""vlm_feedback_rwr.py: RWR weights by hand, all-zero feedback, the judge cache on resume, end to end, torchrun."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import common
+import rewards
+import vlm_feedback_rwr as rwr
+from helpers import final_params, load_rank, max_diff, run_main, single, torchrun
+
+FAST = ["--rounds", "1", "--prompts-per-round", "4", "--videos-per-prompt", "2", "--batch-size", "4",
+        "--sample-steps", "2", "--eval-seeds", "1", "--num-train-eval-prompts", "2", "--lora-rank", "4",
+        "--eval-prompts", "toy_dynamics_heldout"]
+
+
+def test_weights_equal_the_hand_computed_softmax():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    w = rwr.rwr_weights(r, beta=0.5)
+    e = math.exp(1 / 0.5)
+    want = torch.tensor([e, 1.0, 1.0, e]) / (2 * e + 2) * 4  # exp(r / beta) normalised to mean 1
+    assert torch.allclose(w, want) and abs(w.mean().item() - 1) < 1e-6
+    assert torch.allclose(rwr.rwr_weights(r, beta=1e-3), torch.tensor([2.0, 0.0, 0.0, 2.0]))  # small beta: accepted only
+    assert torch.allclose(rwr.rwr_weights(r, beta=1e6), torch.ones(4), atol=1e-4)  # large beta: plain fine-tuning
+
+
+def test_all_zero_feedback_neither_divides_by_zero_nor_trains(tmp_path, monkeypatch, toy_model):
+    w = rwr.rwr_weights(torch.zeros(5), beta=0.1)
+    assert torch.equal(w, torch.zeros(5))
+    monkeypatch.setattr(rewards.ToyJudge, "__call__", lambda self, v, p: {"reward": torch.zeros(len(p)),
+                                                                         "yes": torch.zeros(len(p))})
+    out = run_main(rwr, FAST + ["--out", str(tmp_path / "z")])
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    epochs = [r for r in rows if "epoch" in r]
+    assert all(r["batches"] == 0 and r["batches_skipped_no_yes"] == 2 for r in epochs)
+    state = torch.load(os.path.join(common.latest_checkpoint(out), "state.pt"), weights_only=False)
+    assert state["optimizer"]["state"] == {}  # no optimizer step was taken
+
+
+def test_judge_cache_is_used_on_resume(tmp_path, monkeypatch, toy_model):
+    judged = []
+    real = rewards.ToyJudge.__call__
+    monkeypatch.setattr(rewards.ToyJudge, "__call__", lambda self, v, p: judged.append(len(p)) or real(self, v, p))
+    real_save = common.save_checkpoint
+
+    def crash(*a, **k):
+        raise RuntimeError("simulated crash at the end of round 1")
+
+    monkeypatch.setattr(common, "save_checkpoint", crash)
+    out = str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_main(rwr, FAST + ["--judge", "judge:p_yes", "--out", out])
+    first = sum(judged)
+    assert first > 0 and os.path.exists(os.path.join(out, "judge_cache.rank0.jsonl"))
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    judged.clear()
+    run_main(rwr, FAST + ["--judge", "judge:p_yes", "--out", out, "--resume", out])
+    n_eval = len(common.load_prompts("toy_dynamics_heldout")) + 2  # held-out + train-eval prompts, one seed each
+    assert sum(judged) == n_eval  # only the round-1 evaluation is new: round-0 eval and the training data were cached
+
+
+@pytest.mark.parametrize("loss", ["rwr", "dpo"])
+def test_one_round_end_to_end(tmp_path, toy_model, loss):
+    out = run_main(rwr, FAST + ["--judge", "judge:p_yes", "--loss", loss, "--out", str(tmp_path / loss)])
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    evals = [r for r in rows if r.get("eval")]
+    assert [r["round"] for r in evals] == [0, 1]
+    for k in ("eval/pass_rate", "eval/pass_rate/interaction", "train/pass_rate", "judge_calls", "judge_seconds"):
+        assert k in evals[0]
+    assert any("epoch" in r and math.isfinite(r["loss"]) for r in rows)
+    assert os.listdir(os.path.join(out, "samples")) and common.latest_checkpoint(out).endswith("step-000001")
+
+
+def test_bad_question_template_fails_early(tmp_path):
+    with pytest.raises(ValueError, match="must contain {prompt}"):
+        run_main(rwr, ["--question", "Is it good?", "--out", str(tmp_path / "q")])
+    assert not os.path.exists(tmp_path / "q")
+
+
+def test_torchrun_two_ranks(tmp_path, toy_model):
+    args = FAST + ["--judge", "judge:p_yes"]
+    torchrun("vlm_feedback_rwr", args + ["--out", str(tmp_path / "ddp")])
+    r0, r1 = load_rank(str(tmp_path / "ddp"), 0), load_rank(str(tmp_path / "ddp"), 1)
+    assert max_diff(r0, r1) == 0.0
+    single("vlm_feedback_rwr", args + ["--out", str(tmp_path / "one")])
+    one = load_rank(str(tmp_path / "one"), 0)
+    assert max_diff(r0, one) < 1e-5
+    torch.manual_seed(0)  # the same LoRA init the scripts draw: training must have moved the weights
+    m = common.load_model("toy")
+    init = common.setup_trainable(m, 4)
+    assert max_diff(one, init) > 1e-6
