@@ -407,6 +407,17 @@ def noisy_and_target(model, x0, eps, timestep):
     return xt, (a.sqrt() * eps - (1 - a).sqrt() * x0) if model.prediction == "v" else eps
 
 
+def predicted_x0(model, x_t, pred, timestep):
+    """The one-step clean estimate from a denoiser output (ReFL's x0 prediction)."""
+    view = (x_t.shape[0],) + (1,) * (x_t.dim() - 1)
+    if model.prediction == "flow":  # x_t = (1 - s) x0 + s eps, pred = eps - x0  =>  x0 = x_t - s pred
+        return x_t - (timestep.float() / model.scheduler.config.num_train_timesteps).view(view).to(x_t) * pred
+    a = model.scheduler.alphas_cumprod.to(x_t.device)[timestep.long()].view(view).to(x_t)
+    if model.prediction == "v":
+        return a.sqrt() * x_t - (1 - a).sqrt() * pred
+    return (x_t - (1 - a).sqrt() * pred) / a.sqrt()
+
+
 def per_sample_mse(pred, target):
     """mean over all non-batch dims: the `mse` of ALGORITHMS.md."""
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)

@@ -1,0 +1,220 @@
+"""VADER: video diffusion alignment by backpropagating reward gradients through the sampler.
+
+Paper: "Video Diffusion Alignment via Reward Gradients" (arXiv 2407.08737). Maximise
+E_c R(decode(x0(c)), c) by running the sampler and backpropagating the reward through the decoder
+and the LAST K sampler steps only (truncated backprop; steps before the cut-off run under no_grad),
+with gradient checkpointing on every grad-carrying denoiser call and only a subset of frames
+decoded for the reward. These are VADER's memory techniques; benchmarks/vader_memory.py measures
+each one. loss = -reward (or |target - reward| for a bounded reward), grad clip 1.0, LoRA.
+`--refl` is the OnlineVPO paper's ReFL baseline: the reward of the ONE-STEP x0 prediction at a
+random late timestep (the final sample re-noised there), no backprop through the sampler.
+
+    python vader_grad.py                                     # toy model, differentiable toy reward, CPU
+    torchrun --nproc_per_node 8 vader_grad.py --model wan2.1-1.3b --reward aesthetic --prompts p.txt
+"""
+import argparse
+import json
+import os
+import random
+import time
+
+import torch
+from tqdm import tqdm
+
+import common
+import rewards
+
+p = argparse.ArgumentParser(description="VADER: reward-gradient alignment through the sampler",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p.add_argument("--model", default="toy", help="'toy', an alias (wan2.1-1.3b, cogvideox-2b, ...), a diffusers folder or hub id")
+p.add_argument("--reward", default="toy:quality", help="a DIFFERENTIABLE reward spec (e.g. toy:quality, toy:text, aesthetic, hpsv2)")
+p.add_argument("--reward-target", type=float, default=None, help="minimise |target - reward| instead of maximising the reward")
+p.add_argument("--prompts", default="toy_train", help="training prompts: a built-in list name or a text file, one per line")
+p.add_argument("--eval-prompts", default="toy_heldout", help="HELD-OUT evaluation prompts (list name or file)")
+p.add_argument("--steps", type=int, default=60, help="optimisation steps")
+p.add_argument("--batch-size", type=int, default=8, help="videos per optimisation step, summed over ranks and accumulation")
+p.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimisation step")
+p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3 on the toy model, 2e-4 otherwise: VADER)")
+p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (VADER: 1.0)")
+p.add_argument("--backprop-mode", default="last", choices=["last", "rand", "specific"], help="which sampler steps carry gradient: the last K, a random 1..K last ones per step, or from --backprop-start on")
+p.add_argument("--backprop-steps", type=int, default=1, help="K: sampler steps that carry gradient (VADER default 1)")
+p.add_argument("--backprop-start", type=int, default=None, help="with --backprop-mode specific: the first step index carrying gradient")
+p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True, help="checkpoint every grad-carrying denoiser call")
+p.add_argument("--decode-frames", default="all", choices=["one", "alternate", "all"], help="frames decoded for the reward: one random frame, every other frame, or all")
+p.add_argument("--refl", action="store_true", help="ReFL baseline: reward of the one-step x0 prediction at a random late timestep")
+p.add_argument("--refl-max-sigma", type=float, default=0.3, help="ReFL: late timesteps are drawn from (0, this] of the noise range")
+p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention projections (0 = full fine-tune)")
+p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
+p.add_argument("--num-frames", type=int, default=None, help="frames per video (default: the model's)")
+p.add_argument("--height", type=int, default=None, help="video height (default: the model's)")
+p.add_argument("--width", type=int, default=None, help="video width (default: the model's)")
+p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 10 on the toy model, 25 otherwise)")
+p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype for forward passes")
+p.add_argument("--seed", type=int, default=0, help="seed of prompts, sampler noise, cut-offs")
+p.add_argument("--out", default=None, help="run folder (default runs/vader_grad-<time>)")
+p.add_argument("--eval-every", type=int, default=30, help="held-out evaluation interval (also at step 0 and the end)")
+p.add_argument("--num-eval-prompts", type=int, default=52, help="how many held-out prompts to evaluate (one seed each)")
+p.add_argument("--diversity-prompts", type=int, default=4, help="prompts sampled with --diversity-seeds seeds to measure diversity")
+p.add_argument("--diversity-seeds", type=int, default=4, help="seeds per diversity prompt")
+p.add_argument("--save-every", type=int, default=30, help="checkpoint interval (and at the end)")
+p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue from")
+p.add_argument("--track", action="store_true", help="mirror metrics to Weights & Biases")
+p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+
+
+def peak_memory_gb(device):
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS of the process (KiB on Linux)
+
+
+def main(args):
+    # ---- validate everything cheap before anything heavy loads ------------------------------
+    _, family = common.resolve_model(args.model)
+    toy = family == "toy"
+    args.lr = args.lr or (1e-3 if toy else 2e-4)
+    args.sample_steps = args.sample_steps or (10 if toy else 25)
+    rewards.parse_reward_spec(args.reward)
+    if args.backprop_mode == "specific" and args.backprop_start is None:
+        raise ValueError("--backprop-mode specific needs --backprop-start (the first step index carrying gradient)")
+    if not 1 <= args.backprop_steps <= args.sample_steps:
+        raise ValueError(f"--backprop-steps must be between 1 and --sample-steps ({args.sample_steps})")
+    train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts)
+    eval_prompts = eval_prompts[: args.num_eval_prompts]
+    d = common.setup_distributed(args.device)
+    micro = args.batch_size // (d.world * args.grad_accum)
+    if micro * d.world * args.grad_accum != args.batch_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by ranks x --grad-accum ({d.world} x {args.grad_accum})")
+    out = common.run_dir(args.out, "vader_grad")
+    if args.resume is None and os.path.exists(os.path.join(out, "metrics.jsonl")):
+        raise FileExistsError(f"{out} already holds a run: pass --resume {out} to continue it, or a new --out")
+    if args.resume:
+        common.latest_checkpoint(args.resume)
+
+    # ---- model, reward, trainable weights -------------------------------------------------
+    frozen_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    model = common.load_model(args.model, d.device, dtype=frozen_dtype)
+    for k in ("num_frames", "height", "width", "guidance"):
+        setattr(args, k, getattr(args, k) or model.defaults[k])
+    common.check_video_size(family, args.num_frames, args.height, args.width)
+    reward_fn = rewards.load_reward(args.reward, d.device)
+    if not reward_fn.differentiable:
+        raise ValueError(f"reward {reward_fn.name} is not differentiable: VADER needs gradients to the pixels "
+                         f"(use e.g. toy:quality, toy:text, aesthetic, hpsv2, pickscore)")
+    torch.manual_seed(args.seed)  # LoRA's random init
+    params = common.setup_trainable(model, args.lora_rank, args.lora_alpha)  # checkpointing: per sampler call below
+    common.broadcast_params(params, d)
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    autocast = common.autocast_context(args.mixed_precision, d.device)
+    start_step = common.load_checkpoint(args.resume, params, optimizer)[0] if args.resume else 0
+    video_kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, steps=args.sample_steps,
+                    guidance=args.guidance)
+    if d.main:
+        common.save_json(os.path.join(out, "config.json"), vars(args) | {"model_path": model.path, "family": family,
+                                                                         "reward_name": reward_fn.name, "world_size": d.world})
+    log = common.MetricsLogger(out, enabled=d.main, track=args.track, config=vars(args))
+
+    def evaluate(step):
+        """Every reward dimension on held-out prompts, plus diversity: the per-pixel variance across
+        seeds of the same prompt (VADER reports diversity falling as the reward is optimised)."""
+        mine = list(range(d.rank, len(eval_prompts), d.world))
+        sums, n = {}, 0
+        with torch.no_grad(), autocast:
+            for c in range(0, len(mine), 32):
+                idx = mine[c: c + 32]
+                prompts = [eval_prompts[i] for i in idx]
+                _, videos = common.sample(model, prompts, [common.seed_for(args.seed, "eval", i) for i in idx], **video_kw)
+                scores = reward_fn(videos, prompts)
+                for k, v in scores.items():
+                    sums[k] = sums.get(k, 0.0) + v.float().sum().item()
+                n += len(idx)
+                if c == 0 and d.main:
+                    common.save_video_grid(os.path.join(out, "samples", f"step-{step:06d}.mp4"), videos[:8], prompts[:8])
+            div_prompts = eval_prompts[: args.diversity_prompts]
+            _, videos = common.sample(model, [pr for pr in div_prompts for _ in range(args.diversity_seeds)],
+                                      [common.seed_for(args.seed, "div", i, s) for i in range(len(div_prompts))
+                                       for s in range(args.diversity_seeds)], **video_kw)
+            diversity = videos.reshape(len(div_prompts), args.diversity_seeds, -1).var(1).mean().item()
+        totals = common.all_mean({k: v * d.world for k, v in sums.items()} | {"n": n * d.world}, d)
+        row = {"step": step, "eval": True, "eval/diversity": diversity}
+        row |= {f"eval/{k}": v / totals["n"] for k, v in totals.items() if k != "n"}
+        log.log(row)
+        return row
+
+    if start_step == 0:
+        evaluate(0)
+    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="vader", disable=not d.main)
+    for step in bar:
+        t0 = time.time()
+        rng = random.Random(common.seed_for(args.seed, "step", step))  # prompts, cut-off, frames: same on every rank
+        batch = [rng.choice(train_prompts) for _ in range(args.batch_size)]
+        # which sampler steps carry gradient (VADER's backprop modes)
+        if args.backprop_mode == "last":
+            grad_from = args.sample_steps - args.backprop_steps
+        elif args.backprop_mode == "rand":
+            grad_from = args.sample_steps - rng.randint(1, args.backprop_steps)
+        else:
+            grad_from = args.backprop_start
+        frames = {"one": [rng.randrange(args.num_frames)], "alternate": list(range(0, args.num_frames, 2)),
+                  "all": None}[args.decode_frames]
+        reward_sum, loss_sum = 0.0, 0.0
+        for a in range(args.grad_accum):
+            gidx = [d.rank * args.grad_accum * micro + a * micro + i for i in range(micro)]  # this rank's micro-batch
+            prompts, seeds = [batch[i] for i in gidx], [common.seed_for(args.seed, step, i) for i in gidx]
+            with autocast:
+                if args.refl:  # ReFL: sample without grad, re-noise to a late t, one grad-carrying x0 prediction
+                    with torch.no_grad():
+                        x0, _ = common.sample(model, prompts, seeds, **video_kw)
+                    g = torch.Generator().manual_seed(common.seed_for(args.seed, "refl", step, gidx[0]))
+                    t = (torch.rand(len(gidx), generator=g) * args.refl_max_sigma).clamp(min=0.02)
+                    t = (t * model.scheduler.config.num_train_timesteps).to(d.device)
+                    if model.prediction != "flow":
+                        t = t.long()
+                    eps = torch.randn(x0.shape, generator=g).to(d.device)
+                    x_t, _ = common.noisy_and_target(model, x0, eps, t)
+                    emb, mask = common.encode_prompts(model, prompts)
+                    x0_hat = common.predicted_x0(model, x_t, common.denoise(model, x_t, t, emb, mask).float(), t)
+                    videos = common.decode(model, x0_hat, frames)
+                else:  # VADER: the sampler itself carries gradient through its last steps and the decoder
+                    _, videos = common.sample(model, prompts, seeds, grad_from=grad_from,
+                                              grad_checkpointing=args.grad_checkpointing, decode_frames=frames, **video_kw)
+            r = reward_fn(videos, prompts)["reward"].float()
+            per_video = (args.reward_target - r).abs() if args.reward_target is not None else -r  # loss = -R
+            # sum / global batch * world: after averaging over ranks this is the mean over the global batch
+            (per_video.sum() / args.batch_size * d.world).backward()
+            reward_sum += r.sum().item()
+            loss_sum += per_video.sum().item()
+        common.average_gradients(params, d)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        dt = time.time() - t0
+        stats = common.all_mean({"reward": reward_sum, "loss": loss_sum}, d)
+        row = {"step": step + 1, "reward_mean": stats["reward"] * d.world / args.batch_size,
+               "loss": stats["loss"] * d.world / args.batch_size, "grad_norm": grad_norm, "grad_from": grad_from,
+               "sec_per_step": dt, "samples_per_s": args.batch_size / max(dt, 1e-9),
+               "reward_queries": (step + 1) * args.batch_size, "peak_mem_gb": peak_memory_gb(d.device)}
+        log.log(row)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", gnorm=f"{grad_norm:.2f}")
+        if (step + 1) % args.eval_every == 0 and step + 1 != args.steps:
+            evaluate(step + 1)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            if d.main:
+                common.save_checkpoint(os.path.join(out, "checkpoints"), step + 1, model, params, optimizer,
+                                       lora=args.lora_rank > 0)
+    final = evaluate(args.steps)
+    if d.main:
+        first = next(r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r.get("eval"))
+        print(f"eval/reward: {first['eval/reward']:.4f} -> {final['eval/reward']:.4f}  ({reward_fn.name}, "
+              f"{len(eval_prompts)} held-out prompts; diversity {first['eval/diversity']:.4f} -> "
+              f"{final['eval/diversity']:.4f}; run folder {out})")
+    if d.world > 1:
+        torch.distributed.destroy_process_group()
+    return out
+
+
+if __name__ == "__main__":
+    main(p.parse_args())
