@@ -346,6 +346,10 @@ def sample(model, prompts, seeds, num_frames, height, width, steps, guidance, ne
     emb_in = torch.cat([nemb, emb]) if cfg else emb
     mask_in = (torch.cat([nmask, mask]) if cfg else mask) if mask is not None else None
     grad_from = len(timesteps) if grad_from is None else grad_from
+    if grad_checkpointing and not getattr(model.denoiser, "gradient_checkpointing", True):
+        # per-block checkpointing inside the denoiser (as VADER does): the per-call checkpoint below only
+        # keeps each step's input alive, the per-block one bounds the peak while a step is recomputed
+        model.denoiser.enable_gradient_checkpointing()
     old_x0 = None  # CogVideoX's DPM scheduler carries the previous x0 prediction
     sch = model.scheduler
     for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
