@@ -15,7 +15,6 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import math
 import os
 import random
 import shutil

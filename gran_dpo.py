@@ -16,6 +16,7 @@ Pairs come online, as in online_vpo.py (best vs worst of N candidates, curriculu
     torchrun --nproc_per_node 8 gran_dpo.py --model wan2.1-1.3b --reward videoscore --prompts p.txt
 """
 import argparse
+import json
 import os
 import random
 import time
@@ -225,15 +226,15 @@ def main(args):
         # 5. Diffusion-DPO: ONE t and ONE eps per pair, shared by its two members
         loss_value, acc, inside_mean, video_loss, patch_loss, patch_acc, disagree = (0.0,) * 7
         if n_global > 0:
-            ki = keep.nonzero().flatten().tolist()
-            x0 = torch.cat([pairs["x0_w"][ki], pairs["x0_l"][ki]])
-            gens = [torch.Generator().manual_seed(common.seed_for(args.seed, "dpo", step, pairs["gidx"][i])) for i in ki]
-            t = torch.cat([common.sample_train_timesteps(model, 1, g) for g in gens]).to(d.device)
-            eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(d.device)
-            t, eps = torch.cat([t, t]), torch.cat([eps, eps])
-            x_t, target = common.noisy_and_target(model, x0, eps, t)
-            emb, mask = common.encode_prompts(model, [pairs["prompts"][i] for i in ki] * 2)
-            if n_local > 0:
+            if n_local > 0:  # (a rank whose pairs were all filtered still joins the gradient average)
+                ki = keep.nonzero().flatten().tolist()
+                x0 = torch.cat([pairs["x0_w"][ki], pairs["x0_l"][ki]])
+                gens = [torch.Generator().manual_seed(common.seed_for(args.seed, "dpo", step, pairs["gidx"][i])) for i in ki]
+                t = torch.cat([common.sample_train_timesteps(model, 1, g) for g in gens]).to(d.device)
+                eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(d.device)
+                t, eps = torch.cat([t, t]), torch.cat([eps, eps])  # ONE (t, eps) per pair, shared by w and l
+                x_t, target = common.noisy_and_target(model, x0, eps, t)
+                emb, mask = common.encode_prompts(model, [pairs["prompts"][i] for i in ki] * 2)
                 with autocast:  # reference first (it swaps weights), then the policy
                     ref_pred = ref.forward(common.denoise, model, x_t, t, emb, mask)
                     pred = common.denoise(model, x_t, t, emb, mask)
@@ -293,7 +294,7 @@ def main(args):
                                        extra={"ref": [w.cpu() for w in ref.weights]}, lora=args.lora_rank > 0)
     final = evaluate(args.steps)
     if d.main:
-        first = next(r for r in map(__import__("json").loads, open(os.path.join(out, "metrics.jsonl")))
+        first = next(r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))
                      if r.get("eval") and r["step"] == 0)
         print(f"eval/reward: {first['eval/reward']:.4f} -> {final['eval/reward']:.4f}  ({reward_fn.name}, "
               f"{len(eval_prompts)} held-out prompts; run folder {out})")

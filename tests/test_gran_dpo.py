@@ -1,7 +1,6 @@
 """gran_dpo.py: patch masks, the patch loss by hand, reduction to video DPO, outputs, torchrun, resume."""
 import json
 import math
-import os
 
 import pytest
 import torch

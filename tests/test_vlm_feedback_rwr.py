@@ -9,7 +9,7 @@ import torch
 import common
 import rewards
 import vlm_feedback_rwr as rwr
-from helpers import final_params, load_rank, max_diff, run_main, single, torchrun
+from helpers import load_rank, max_diff, run_main, single, torchrun
 
 FAST = ["--rounds", "1", "--prompts-per-round", "4", "--videos-per-prompt", "2", "--batch-size", "4",
         "--sample-steps", "2", "--eval-seeds", "1", "--num-train-eval-prompts", "2", "--lora-rank", "4",
