@@ -98,6 +98,34 @@ def check_video_size(family, num_frames, height, width):
         raise ValueError(f"--height/--width {height}x{width} must be multiples of {mult} for {family}")
 
 
+FAMILY_DEFAULTS = {  # video size, sampler steps and guidance that suit each family
+    "wan": dict(num_frames=33, height=480, width=832, sample_steps=30, guidance=5.0),
+    "cogvideox": dict(num_frames=49, height=480, width=720, sample_steps=30, guidance=6.0),
+    "ltx": dict(num_frames=65, height=480, width=704, sample_steps=30, guidance=3.0),
+    "modelscope": dict(num_frames=16, height=256, width=256, sample_steps=25, guidance=9.0),
+}
+
+
+def model_defaults(path, family):
+    """The family's defaults (the toy model's come from its model_index.json); no weights are read."""
+    if family != "toy":
+        return dict(FAMILY_DEFAULTS[family])
+    with open(os.path.join(path, "model_index.json")) as f:
+        index = json.load(f)
+    return dict(num_frames=index.get("num_frames", 8), height=index.get("height", 32), width=index.get("width", 32),
+                sample_steps=10, guidance=3.0)
+
+
+def fill_video_args(args, path, family):
+    """Fill unset --num-frames/--height/--width/--guidance from the model's defaults and check them,
+    before anything heavy loads."""
+    defaults = model_defaults(path, family)
+    for k in ("num_frames", "height", "width", "guidance"):
+        if getattr(args, k) is None:
+            setattr(args, k, defaults[k])
+    check_video_size(family, args.num_frames, args.height, args.width)
+
+
 @dataclasses.dataclass
 class VideoModel:
     """Everything a loop needs about one text-to-video model."""
@@ -146,12 +174,7 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, denoiser_dtype=t
         ("v" if scheduler.config.get("prediction_type") == "v_prediction" else "eps")
     max_len = {"toy": index.get("max_sequence_length", 16), "wan": 512, "cogvideox": 226, "ltx": 128,
                "modelscope": tokenizer.model_max_length}[family]
-    defaults = {"toy": dict(num_frames=index.get("num_frames", 8), height=index.get("height", 32),
-                            width=index.get("width", 32), sample_steps=20, guidance=3.0),
-                "wan": dict(num_frames=33, height=480, width=832, sample_steps=30, guidance=5.0),
-                "cogvideox": dict(num_frames=49, height=480, width=720, sample_steps=30, guidance=6.0),
-                "ltx": dict(num_frames=65, height=480, width=704, sample_steps=30, guidance=3.0),
-                "modelscope": dict(num_frames=16, height=256, width=256, sample_steps=25, guidance=9.0)}[family]
+    defaults = model_defaults(path, family)
     return VideoModel(path, family, prediction, tokenizer, text_encoder, denoiser, vae, scheduler, max_len,
                       defaults, expand_timesteps=bool(index.get("expand_timesteps", False)))
 

@@ -67,23 +67,21 @@ def dpo_loss(e_w, e_l, ref_e_w, ref_e_l, beta):
     return -F.logsigmoid(inside), inside
 
 
-def resolve_defaults(args, family, model_defaults=None):
+def resolve_defaults(args, family):
     """Fill the model-dependent defaults; everything here is cheap and runs before weights load."""
     toy = family == "toy"
     args.reward = args.reward or ("toy:temporal" if toy else "videoscore:temporal_consistency")
     args.lr = args.lr or (3e-4 if toy else 1e-5)
     args.ref_update_interval = args.ref_update_interval if args.ref_update_interval is not None else (20 if toy else 200)
     args.sample_steps = args.sample_steps or (10 if toy else 30)
-    for k in ("num_frames", "height", "width", "guidance"):
-        if model_defaults and getattr(args, k) is None:
-            setattr(args, k, model_defaults[k])
     return args
 
 
 def main(args):
     # ---- validate everything cheap before anything heavy loads ------------------------------
-    _, family = common.resolve_model(args.model)
+    model_path, family = common.resolve_model(args.model)
     resolve_defaults(args, family)
+    common.fill_video_args(args, model_path, family)
     rewards.parse_reward_spec(args.reward)
     train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts)
     eval_prompts = eval_prompts[: args.num_eval_prompts]
@@ -99,8 +97,6 @@ def main(args):
     # ---- model, reward, trainable weights, reference ---------------------------------------
     frozen_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     model = common.load_model(args.model, d.device, dtype=frozen_dtype)
-    resolve_defaults(args, family, model.defaults)
-    common.check_video_size(family, args.num_frames, args.height, args.width)
     args.beta = args.beta or (100.0 if model.prediction == "flow" else 5000.0)
     reward_fn = rewards.load_reward(args.reward, d.device)
     torch.manual_seed(args.seed)  # LoRA's random init

@@ -6,11 +6,13 @@
     reward.differentiable                           # gradients reach the pixels (VADER needs this)
     reward.patch_scores(videos, prompts, grid)      # [B, Fp, Hp, Wp] local scores (Gran-DPO), if offered
 
-Spec grammar: `name`, `name:dimension`, weighted sums `toy:quality*0.5+toy:temporal`.
+Spec grammar: `name`, `name:dimension`, `name@/local/weights/folder`, weighted sums
+`toy:quality*0.5+toy:temporal`. Real models: `videoscore[:dimension]` (VideoScore v1.1).
 The toy world's rewards are analytic and mirror the real reward models' dimensions (VideoScore's
 visual quality / temporal consistency / dynamic degree / text alignment, plus physics) so that
 the algorithms can be run and checked on a laptop CPU.
 """
+import os
 import re
 
 import torch
@@ -237,12 +239,135 @@ def canonical_toy_dimension(dim):
 
 
 # ----------------------------------------------------------------------------------------------
+# Real reward models
+# ----------------------------------------------------------------------------------------------
+REWARD_ALIASES = {"videoscore": "TIGER-Lab/VideoScore-v1.1"}  # where the weights live (or a local folder)
+VIDEOSCORE_DIMENSIONS = ["visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment",
+                         "factual_consistency"]
+VIDEOSCORE_PROMPT = (  # VideoScore's regression query (TIGER-Lab/VideoScore, mantis/eval)
+    "\nSuppose you are an expert in judging and evaluating the quality of AI-generated videos,\n"
+    "please watch the following frames of a given video and see the text prompt for generating the video,\n"
+    "then give scores from 5 different dimensions:\n"
+    "(1) visual quality: the quality of the video in terms of clearness, resolution, brightness, and color\n"
+    "(2) temporal consistency, both the consistency of objects or humans and the smoothness of motion or movements\n"
+    "(3) dynamic degree, the degree of dynamic changes\n"
+    "(4) text-to-video alignment, the alignment between the text prompt and the video content\n"
+    "(5) factual consistency, the consistency of the video content with the common-sense and factual knowledge\n\n"
+    "for each dimension, output a float number from 1.0 to 4.0,\n"
+    "the higher the number is, the better the video performs in that sub-score, \n"
+    "the lowest 1.0 means Bad, the highest 4.0 means Perfect/Real (the video is like a real video)\n"
+    "Here is an output example:\nvisual quality: 3.2\ntemporal consistency: 2.7\ndynamic degree: 4.0\n"
+    "text-to-video alignment: 2.3\nfactual consistency: 1.8\n\n"
+    "For this video, the text prompt is \"{prompt}\",\nall the frames of video are as follows:\n")
+
+
+def resolve_weights(name_or_path):
+    """A local folder, or a hub id fetched with huggingface_hub (fails clearly on offline machines)."""
+    path = REWARD_ALIASES.get(name_or_path, name_or_path)
+    if os.path.isdir(path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path)
+    except Exception as e:
+        raise FileNotFoundError(f"reward weights {path!r} are not a local folder and could not be downloaded "
+                                f"({type(e).__name__}): pass a local folder, e.g. --reward videoscore@/models/VideoScore-v1.1") from None
+
+
+def load_head_weights(path, names):
+    """Read tensors by name from a checkpoint folder's safetensors (sharded or not)."""
+    from safetensors import safe_open
+    files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+    out = {}
+    for f in files:
+        with safe_open(os.path.join(path, f), "pt") as sf:
+            for n in names:
+                if n in sf.keys():
+                    out[n] = sf.get_tensor(n)
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise KeyError(f"{path} has no {missing}: not a VideoScore-style checkpoint with a regression head")
+    return out
+
+
+def sample_frames(videos, n):
+    """n frames spread uniformly over the clip (all of them when the clip is shorter)."""
+    F = videos.shape[1]
+    idx = torch.linspace(0, F - 1, min(n, F)).round().long().to(videos.device)
+    return videos[:, idx]
+
+
+def resize_normalize(frames, size, mean, std):
+    """[B, F, C, H, W] in [0, 1] -> resized and normalised, in torch (differentiable; no torchvision)."""
+    B, F, C, H, W = frames.shape
+    x = torch.nn.functional.interpolate(frames.reshape(B * F, C, H, W).float(), size=size, mode="bilinear",
+                                        antialias=True, align_corners=False)
+    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return x.reshape(B, F, C, *x.shape[-2:])
+
+
+class VideoScore:
+    """VideoScore v1.1 (TIGER-Lab): Idefics2 + a 5-way linear regression head pooled at the last
+    non-pad token; scores 1-4 for visual quality, temporal consistency, dynamic degree, text-to-video
+    alignment, factual consistency. The base is the stock transformers Idefics2Model; the head is
+    ours, loaded from the checkpoint's `score.weight`. Frames are prepared in torch, so the score is
+    differentiable w.r.t. the pixels. Patch scores apply the same model to crops (HALO's recipe)."""
+    differentiable = True
+    dimensions = VIDEOSCORE_DIMENSIONS
+
+    def __init__(self, path, dimension="temporal_consistency", device="cpu", dtype=torch.float32, num_frames=16):
+        from transformers import AutoTokenizer, Idefics2Model
+        if dimension not in VIDEOSCORE_DIMENSIONS:
+            raise ValueError(f"unknown videoscore dimension {dimension!r}: valid are {VIDEOSCORE_DIMENSIONS}")
+        self.dimension, self.name, self.num_frames = dimension, f"videoscore:{dimension}", num_frames
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "right"  # pooled at the last non-pad token
+        self.model = Idefics2Model.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+        w = load_head_weights(path, ["score.weight"])["score.weight"]
+        self.head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False).to(device, dtype).requires_grad_(False)
+        self.head.weight.data.copy_(w)
+        self.resolution = self.model.config.vision_config.image_size
+        self.image_tokens = self.model.config.perceiver_config.resampler_n_latents
+
+    def __call__(self, videos, prompts):
+        frames = sample_frames(videos, self.num_frames)
+        pixels = resize_normalize(frames, (self.resolution, self.resolution), [0.5] * 3, [0.5] * 3)
+        image = "<fake_token_around_image>" + "<image>" * self.image_tokens
+        texts = [VIDEOSCORE_PROMPT.format(prompt=p) + image * frames.shape[1] + "<fake_token_around_image>"
+                 for p in prompts]
+        tok = self.tokenizer(texts, padding=True, return_tensors="pt").to(videos.device)
+        hidden = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
+                            pixel_values=pixels.to(self.model.dtype)).last_hidden_state
+        last = tok.attention_mask.sum(1) - 1
+        scores = self.head(hidden[torch.arange(len(prompts), device=hidden.device), last]).float()  # [B, 5]
+        out = {d: scores[:, i] for i, d in enumerate(VIDEOSCORE_DIMENSIONS)}
+        out["reward"] = out[self.dimension]
+        return out
+
+    def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
+        """[B, gf, gh, gw]: the selected dimension of each spatio-temporal crop, scored as a video."""
+        B, F, C, H, W = videos.shape
+        gf, gh, gw = grid
+        out = torch.zeros(B, gf, gh, gw, device=videos.device)
+        for i in range(gf):
+            for j in range(gh):
+                for k in range(gw):
+                    crop = videos[:, i * F // gf: (i + 1) * F // gf, :, j * H // gh: (j + 1) * H // gh,
+                                  k * W // gw: (k + 1) * W // gw]
+                    out[:, i, j, k] = self(crop, prompts)["reward"]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Specs and weighted sums
 # ----------------------------------------------------------------------------------------------
-REWARDS = {  # name -> constructor(dimension or None, device, dtype). Real models: see the rewards issue.
-    "toy": lambda dim, device, dtype: ToyReward(dim or "temporal_consistency"),
-    "judge": lambda dim, device, dtype: ToyJudge(dim or "yes"),
+REWARDS = {  # name -> constructor(dimension or None, weights path or None, device, dtype)
+    "toy": lambda dim, path, device, dtype: ToyReward(dim or "temporal_consistency"),
+    "judge": lambda dim, path, device, dtype: ToyJudge(dim or "yes"),
+    "videoscore": lambda dim, path, device, dtype: VideoScore(resolve_weights(path or "videoscore"),
+                                                              dim or "temporal_consistency", device, dtype),
 }
+DIMENSIONS = {"judge": ToyJudge.dimensions, "videoscore": VIDEOSCORE_DIMENSIONS}
 
 
 class WeightedSum:
@@ -274,21 +399,22 @@ def parse_reward_spec(spec):
     names and dimensions without loading anything."""
     terms = []
     for part in spec.replace(" ", "").split("+"):
-        m = re.fullmatch(r"([A-Za-z0-9_.\-]+)(?::([A-Za-z0-9_.\-/]+))?(?:\*([0-9.eE+-]+))?", part)
+        m = re.fullmatch(r"([A-Za-z0-9_.\-]+)(?::([A-Za-z0-9_\-]+))?(?:@([^*+]+))?(?:\*([0-9.eE+-]+))?", part)
         if not m:
-            raise ValueError(f"cannot parse reward spec {part!r}: use name, name:dimension, and name*weight terms "
-                             f"joined by '+'")
-        name, dim, w = m.group(1), m.group(2), float(m.group(3) or 1.0)
+            raise ValueError(f"cannot parse reward spec {part!r}: use name[:dimension][@weights-folder][*weight] "
+                             f"terms joined by '+'")
+        name, dim, path, w = m.group(1), m.group(2), m.group(3), float(m.group(4) or 1.0)
         if name not in REWARDS:
             raise ValueError(f"unknown reward {name!r}: valid are {sorted(REWARDS)}")
         if name == "toy" and dim:
             dim = canonical_toy_dimension(dim)
-        if name == "judge" and dim and dim not in ToyJudge.dimensions:
-            raise ValueError(f"unknown judge dimension {dim!r}: valid are {ToyJudge.dimensions}")
-        terms.append((w, name, dim))
+        if name in DIMENSIONS and dim and dim not in DIMENSIONS[name]:
+            raise ValueError(f"unknown {name} dimension {dim!r}: valid are {DIMENSIONS[name]}")
+        terms.append((w, name, dim, path))
     return terms
 
 
 def load_reward(spec, device="cpu", dtype=torch.float32):
-    terms = [(w, REWARDS[name](dim, device, dtype)) for w, name, dim in parse_reward_spec(spec)]
+    """`name[:dimension][@weights-folder][*weight]` terms joined by '+'; see the module docstring."""
+    terms = [(w, REWARDS[name](dim, path, device, dtype)) for w, name, dim, path in parse_reward_spec(spec)]
     return terms[0][1] if len(terms) == 1 and terms[0][0] == 1.0 else WeightedSum(terms)

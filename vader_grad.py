@@ -72,7 +72,8 @@ def peak_memory_gb(device):
 
 def main(args):
     # ---- validate everything cheap before anything heavy loads ------------------------------
-    _, family = common.resolve_model(args.model)
+    model_path, family = common.resolve_model(args.model)
+    common.fill_video_args(args, model_path, family)
     toy = family == "toy"
     args.lr = args.lr or (1e-3 if toy else 2e-4)
     args.sample_steps = args.sample_steps or (10 if toy else 25)
@@ -96,9 +97,6 @@ def main(args):
     # ---- model, reward, trainable weights -------------------------------------------------
     frozen_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     model = common.load_model(args.model, d.device, dtype=frozen_dtype)
-    for k in ("num_frames", "height", "width", "guidance"):
-        setattr(args, k, getattr(args, k) or model.defaults[k])
-    common.check_video_size(family, args.num_frames, args.height, args.width)
     reward_fn = rewards.load_reward(args.reward, d.device)
     if not reward_fn.differentiable:
         raise ValueError(f"reward {reward_fn.name} is not differentiable: VADER needs gradients to the pixels "

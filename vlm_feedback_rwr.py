@@ -83,7 +83,8 @@ def category(prompt):
 
 def main(args):
     # ---- validate everything cheap before anything heavy loads ------------------------------
-    _, family = common.resolve_model(args.model)
+    model_path, family = common.resolve_model(args.model)
+    common.fill_video_args(args, model_path, family)
     toy = family == "toy"
     args.lr = args.lr or (3e-4 if toy else 1e-5)
     args.sample_steps = args.sample_steps or (10 if toy else 30)
@@ -103,9 +104,6 @@ def main(args):
     # ---- model, judge, trainable weights ---------------------------------------------------
     frozen_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     model = common.load_model(args.model, d.device, dtype=frozen_dtype)
-    for k in ("num_frames", "height", "width", "guidance"):
-        setattr(args, k, getattr(args, k) or model.defaults[k])
-    common.check_video_size(family, args.num_frames, args.height, args.width)
     args.dpo_beta = args.dpo_beta or (100.0 if model.prediction == "flow" else 5000.0)
     judge = rewards.load_reward(args.judge, d.device)
     question = (lambda pr: args.question.format(prompt=pr)) if args.question else rewards.default_question

@@ -32,3 +32,11 @@ def toy_model():
     if not os.path.exists(os.path.join(common.MODEL_ALIASES["toy"], "transformer")):
         pytest.fail("assets/toy is missing: run `python pretrain_toy.py` (it ships with the repository)")
     return common.load_model("toy")
+
+
+@pytest.fixture(scope="session")
+def videoscore_folder(tmp_path_factory):
+    import tiny_models
+    folder = tmp_path_factory.mktemp("videoscore")
+    base, head = tiny_models.build_videoscore(str(folder))
+    return str(folder), base, head

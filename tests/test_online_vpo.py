@@ -115,6 +115,21 @@ def test_tiny_wan_end_to_end(tmp_path, tiny_folders):
     assert rows[-1]["eval"] and math.isfinite(rows[-2]["loss"])
 
 
+def test_real_use_wan_with_videoscore_end_to_end(tmp_path, tiny_folders, videoscore_folder):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat playing piano\na dog surfing a wave\na red ball falling\n")
+    out = str(tmp_path / "real")
+    run_main(online_vpo, FAST + ["--model", tiny_folders["wan"], "--reward", f"videoscore@{videoscore_folder[0]}",
+                                 "--prompts", str(prompts), "--eval-prompts", str(prompts), "--num-frames", "9",
+                                 "--height", "16", "--width", "16", "--steps", "2", "--out", out, "--eval-every", "99"])
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert json.load(open(os.path.join(out, "config.json")))["reward_name"] == "videoscore:temporal_consistency"
+    assert "eval/dynamic_degree" in rows[0] and "eval/factual_consistency" in rows[0]
+    assert [r["step"] for r in rows if not r.get("eval")] == [1, 2]
+    with pytest.raises(ValueError, match="must be 4k\\+1"):  # a frame count Wan cannot take, before loading
+        run_main(online_vpo, ["--model", tiny_folders["wan"], "--num-frames", "8", "--out", str(tmp_path / "bad")])
+
+
 def test_bad_input_fails_early(tmp_path):
     with pytest.raises(ValueError, match="unknown reward"):
         run_main(online_vpo, ["--reward", "nope", "--out", str(tmp_path / "a")])

@@ -94,3 +94,31 @@ def build(family, folder, seed=0, scheduler=None, **kw):
         raise ValueError(family)
     pipe.save_pretrained(folder)
     return pipe
+
+
+def build_videoscore(folder, seed=0):
+    """A tiny random checkpoint laid out like VideoScore v1.1: Idefics2 base weights under `model.`
+    plus a 5-way regression head `score.weight`, a tokenizer with the Idefics2 image tokens."""
+    from safetensors.torch import save_file
+    from transformers import Idefics2Config, Idefics2Model
+    tok = word_tokenizer(4096)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>"]})
+    torch.manual_seed(seed)
+    cfg = Idefics2Config(
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+                              resampler_head_dim=8, num_key_value_heads=1),
+        text_config=dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok),
+                         pad_token_id=tok.pad_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), architectures=["Idefics2ForSequenceClassification"])
+    base = Idefics2Model(cfg)
+    state = {f"model.{k}": v.contiguous() for k, v in base.state_dict().items()}
+    state["score.weight"] = torch.randn(5, 32) * 0.2
+    import os
+    os.makedirs(folder, exist_ok=True)
+    cfg.save_pretrained(folder)
+    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(folder)
+    return base, state["score.weight"]
