@@ -7,7 +7,8 @@
     reward.patch_scores(videos, prompts, grid)      # [B, Fp, Hp, Wp] local scores (Gran-DPO), if offered
 
 Spec grammar: `name`, `name:dimension`, `name@/local/weights/folder`, weighted sums
-`toy:quality*0.5+toy:temporal`. Real models: `videoscore[:dimension]` (VideoScore v1.1).
+`toy:quality*0.5+toy:temporal`. Real models: `videoscore[:dimension]` (VideoScore v1.1) and
+`vlm[:qwen2.5-vl|qwen2.5-vl-3b|qwen2.5-vl-72b]` (a yes/no judge: P(yes)).
 The toy world's rewards are analytic and mirror the real reward models' dimensions (VideoScore's
 visual quality / temporal consistency / dynamic degree / text alignment, plus physics) so that
 the algorithms can be run and checked on a laptop CPU.
@@ -358,6 +359,63 @@ class VideoScore:
         return out
 
 
+VLM_ALIASES = {"qwen2.5-vl": "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+               "qwen2.5-vl-72b": "Qwen/Qwen2.5-VL-72B-Instruct"}
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+class VLMJudge:
+    """A Qwen2.5-VL instruct model asked a yes/no question about the video: P(yes) is the softmax mass
+    of the 'yes' tokens against the 'no' tokens at the answer position; `yes` thresholds it at 0.5.
+    The video is prepared in torch (frames sampled, resized to a multiple of patch x merge, CLIP
+    normalisation, and flattened into Qwen2-VL's temporal/spatial patches), so P(yes) is differentiable."""
+    differentiable = True
+    dimensions = ["yes", "p_yes"]
+
+    def __init__(self, path, dimension="yes", device="cpu", dtype=torch.float32, num_frames=8, max_side=448):
+        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+        self.dimension, self.name, self.num_frames, self.max_side = dimension, f"vlm:{dimension}", num_frames, max_side
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "left"  # the answer position is the last one for every row
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.model.requires_grad_(False)
+        vc = self.model.config.vision_config
+        self.patch, self.tpatch, self.merge = vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size
+        ids = lambda words: sorted({self.tokenizer.encode(w, add_special_tokens=False)[0] for w in words})  # noqa: E731
+        self.yes_ids, self.no_ids = ids(["yes", "Yes", " yes", " Yes"]), ids(["no", "No", " no", " No"])
+        self.question_fn = default_question
+
+    def video_inputs(self, videos):
+        """pixel_values_videos [sum(t*h*w), C*tp*p*p] and video_grid_thw [B, 3], as Qwen2-VL's processor makes them."""
+        frames = sample_frames(videos, self.num_frames)
+        if frames.shape[1] % self.tpatch:  # repeat the last frame up to a whole temporal patch
+            frames = torch.cat([frames, frames[:, -1:].expand(-1, self.tpatch - frames.shape[1] % self.tpatch, -1, -1, -1)], 1)
+        B, T, C, H, W = frames.shape
+        unit = self.patch * self.merge
+        scale = min(1.0, self.max_side / max(H, W))
+        h, w = max(unit, round(H * scale / unit) * unit), max(unit, round(W * scale / unit) * unit)
+        x = resize_normalize(frames, (h, w), CLIP_MEAN, CLIP_STD)
+        gt, gh, gw, p, m, tp = T // self.tpatch, h // self.patch, w // self.patch, self.patch, self.merge, self.tpatch
+        x = x.reshape(B, gt, tp, C, gh // m, m, p, gw // m, m, p).permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+        flat = x.reshape(B * gt * gh * gw, C * tp * p * p)
+        return flat, torch.tensor([[gt, gh, gw]] * B, device=videos.device), gt * gh * gw // (m * m)
+
+    def __call__(self, videos, prompts):
+        pixels, grid, n_tokens = self.video_inputs(videos)
+        texts = [f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+                 f"{'<|video_pad|>' * n_tokens}<|vision_end|>{self.question_fn(p)}<|im_end|>\n<|im_start|>assistant\n"
+                 for p in prompts]
+        tok = self.tokenizer(texts, padding=True, return_tensors="pt").to(videos.device)
+        mm_types = (tok.input_ids == self.model.config.video_token_id).int() * 2  # 0 text, 1 image, 2 video
+        logits = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask, mm_token_type_ids=mm_types,
+                            pixel_values_videos=pixels.to(self.model.dtype), video_grid_thw=grid).logits[:, -1].float()
+        probs = torch.softmax(logits[:, self.yes_ids + self.no_ids], -1)
+        p_yes = probs[:, : len(self.yes_ids)].sum(-1)
+        out = {"p_yes": p_yes, "yes": (p_yes > 0.5).float()}
+        out["reward"] = out[self.dimension]
+        return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Specs and weighted sums
 # ----------------------------------------------------------------------------------------------
@@ -366,8 +424,11 @@ REWARDS = {  # name -> constructor(dimension or None, weights path or None, devi
     "judge": lambda dim, path, device, dtype: ToyJudge(dim or "yes"),
     "videoscore": lambda dim, path, device, dtype: VideoScore(resolve_weights(path or "videoscore"),
                                                               dim or "temporal_consistency", device, dtype),
+    # vlm[:model alias][@folder]: the part after ':' names the VLM (qwen2.5-vl, ...), the answer is P(yes)
+    "vlm": lambda alias, path, device, dtype: VLMJudge(resolve_weights(path or VLM_ALIASES[alias or "qwen2.5-vl"]),
+                                                       "yes", device, dtype),
 }
-DIMENSIONS = {"judge": ToyJudge.dimensions, "videoscore": VIDEOSCORE_DIMENSIONS}
+DIMENSIONS = {"judge": ToyJudge.dimensions, "videoscore": VIDEOSCORE_DIMENSIONS, "vlm": sorted(VLM_ALIASES)}
 
 
 class WeightedSum:
@@ -399,7 +460,7 @@ def parse_reward_spec(spec):
     names and dimensions without loading anything."""
     terms = []
     for part in spec.replace(" ", "").split("+"):
-        m = re.fullmatch(r"([A-Za-z0-9_.\-]+)(?::([A-Za-z0-9_\-]+))?(?:@([^*+]+))?(?:\*([0-9.eE+-]+))?", part)
+        m = re.fullmatch(r"([A-Za-z0-9_\-]+)(?::([A-Za-z0-9_.\-]+))?(?:@([^*+]+))?(?:\*([0-9.eE+-]+))?", part)
         if not m:
             raise ValueError(f"cannot parse reward spec {part!r}: use name[:dimension][@weights-folder][*weight] "
                              f"terms joined by '+'")

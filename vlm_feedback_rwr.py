@@ -14,7 +14,7 @@ Reconstructed details: per-batch normalisation; a batch with no accepted video c
 preference and is skipped (never trained on as if it were good).
 
     python vlm_feedback_rwr.py                                   # toy model + toy judge, CPU, ~10 minutes
-    torchrun --nproc_per_node 8 vlm_feedback_rwr.py --model wan2.1-1.3b --judge vlm:qwen2.5-vl --prompts p.txt
+    torchrun --nproc_per_node 8 vlm_feedback_rwr.py --model wan2.1-1.3b --judge vlm:qwen2.5-vl --prompts p.txt --eval-prompts q.txt
 """
 import argparse
 import json
@@ -33,7 +33,7 @@ import toy_world
 p = argparse.ArgumentParser(description="Iterative RWR on binary VLM feedback",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.add_argument("--model", default="toy", help="'toy', an alias (wan2.1-1.3b, cogvideox-2b, ...), a diffusers folder or hub id")
-p.add_argument("--judge", default="judge", help="binary judge spec: 'judge' (the toy world's) or a VLM judge spec from rewards.py")
+p.add_argument("--judge", default="judge", help="binary judge spec: 'judge' (the toy world's) or 'vlm[:qwen2.5-vl][@folder]' (P(yes) of a VLM)")
 p.add_argument("--question", default=None, help="yes/no question template with {prompt}; default: a dynamics question built from the prompt")
 p.add_argument("--prompts", default="toy_dynamics_train", help="training prompts about object dynamics (list name or file)")
 p.add_argument("--eval-prompts", default="toy_dynamics_heldout", help="HELD-OUT dynamics prompts (list name or file)")
@@ -107,6 +107,8 @@ def main(args):
     args.dpo_beta = args.dpo_beta or (100.0 if model.prediction == "flow" else 5000.0)
     judge = rewards.load_reward(args.judge, d.device)
     question = (lambda pr: args.question.format(prompt=pr)) if args.question else rewards.default_question
+    if hasattr(judge, "question_fn"):  # a VLM judge is asked exactly this question
+        judge.question_fn = question
     torch.manual_seed(args.seed)  # LoRA's random init
     params = common.setup_trainable(model, args.lora_rank, args.lora_alpha, args.grad_checkpointing)
     common.broadcast_params(params, d)

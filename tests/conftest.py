@@ -40,3 +40,11 @@ def videoscore_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("videoscore")
     base, head = tiny_models.build_videoscore(str(folder))
     return str(folder), base, head
+
+
+@pytest.fixture(scope="session")
+def qwen_vl_folder(tmp_path_factory):
+    import tiny_models
+    folder = tmp_path_factory.mktemp("qwen_vl")
+    tiny_models.build_qwen_vl(str(folder))
+    return str(folder)

@@ -32,3 +32,18 @@ def test_videoscore_errors(videoscore_folder, tmp_path):
         rewards.parse_reward_spec("videoscore:beauty")
     with pytest.raises(FileNotFoundError, match="pass a local folder"):
         rewards.load_reward(f"videoscore@{tmp_path}/nothing-here")
+
+
+def test_vlm_judge_p_yes(qwen_vl_folder):
+    judge = rewards.load_reward(f"vlm@{qwen_vl_folder}")
+    assert judge.name == "vlm:yes"
+    videos = torch.rand(2, 8, 3, 32, 40, requires_grad=True)
+    out = judge(videos, ["a red square falling", "a blue circle pushing a green square"])
+    assert out["p_yes"].shape == (2,) and ((out["p_yes"] > 0) & (out["p_yes"] < 1)).all()
+    assert set(out["reward"].tolist()) <= {0.0, 1.0} and torch.equal(out["yes"], (out["p_yes"] > 0.5).float())
+    out["p_yes"].sum().backward()  # P(yes) is differentiable: the frames were prepared in torch
+    assert videos.grad.abs().sum() > 0
+    pixels, grid, n = judge.video_inputs(torch.rand(1, 5, 3, 30, 60))
+    assert grid.tolist() == [[3, 2, 4]] and n == 3 * 2 * 4 // 4 and pixels.shape == (24, 3 * 2 * 14 * 14)
+    with pytest.raises(ValueError, match="unknown vlm dimension 'gpt5'"):
+        rewards.parse_reward_spec("vlm:gpt5")

@@ -73,6 +73,15 @@ def test_one_round_end_to_end(tmp_path, toy_model, loss):
     assert os.listdir(os.path.join(out, "samples")) and common.latest_checkpoint(out).endswith("step-000001")
 
 
+def test_one_round_with_a_tiny_transformers_vlm_judge(tmp_path, toy_model, qwen_vl_folder):
+    out = run_main(rwr, FAST + ["--judge", f"vlm@{qwen_vl_folder}", "--out", str(tmp_path / "vlm"),
+                                "--question", "Does {prompt} happen? Answer yes or no."])
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["round"] for r in rows if r.get("eval")] == [0, 1]
+    cache = [json.loads(line) for line in open(os.path.join(out, "judge_cache.rank0.jsonl"))]
+    assert cache[0]["question"].startswith("Does a ") and cache[0]["yes"] in (0.0, 1.0)
+
+
 def test_bad_question_template_fails_early(tmp_path):
     with pytest.raises(ValueError, match="must contain {prompt}"):
         run_main(rwr, ["--question", "Is it good?", "--out", str(tmp_path / "q")])

@@ -122,3 +122,25 @@ def build_videoscore(folder, seed=0):
     save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(folder)
     return base, state["score.weight"]
+
+
+def build_qwen_vl(folder, seed=0):
+    """A tiny random Qwen2.5-VL checkpoint with a chat-style tokenizer (yes/no and the video tokens)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    tok = word_tokenizer(4096)
+    tok.add_tokens(["yes", "no", "Yes", "No", "does", "fall", "downwards", "increasing", "speed", "answer", "or"])
+    specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"]
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    torch.manual_seed(seed)
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
