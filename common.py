@@ -589,6 +589,28 @@ def all_gather_tensor(x, d):
     return torch.cat(out)
 
 
+@torch.no_grad()
+def evaluate(model, reward_fn, prompts, seed, video_kw, d, autocast=None, grid_path=None, extra=None, chunk=32):
+    """Mean of every reward dimension over `prompts`, one fixed seed each, sharded over ranks.
+    `extra(videos, prompts)` may add per-video figures; the first videos are written to `grid_path`."""
+    mine = list(range(d.rank, len(prompts), d.world))
+    sums, n = {}, 0
+    for c in range(0, len(mine), chunk):
+        idx = mine[c: c + chunk]
+        batch = [prompts[i] for i in idx]
+        with (autocast or contextlib.nullcontext()):
+            _, videos = sample(model, batch, [seed_for(seed, "eval", i) for i in idx], **video_kw)
+        scores = dict(reward_fn(videos, batch))
+        scores.update(extra(videos, batch) if extra else {})
+        for k, v in scores.items():
+            sums[k] = sums.get(k, 0.0) + v.float().sum().item()
+        n += len(idx)
+        if c == 0 and grid_path and d.main:
+            save_video_grid(grid_path, videos[:8], batch[:8])
+    totals = all_mean({k: v * d.world for k, v in sums.items()} | {"n": n * d.world}, d)
+    return {k: v / totals["n"] for k, v in totals.items() if k != "n"}
+
+
 # ----------------------------------------------------------------------------------------------
 # Run folder: config, metrics, videos, checkpoints
 # ----------------------------------------------------------------------------------------------

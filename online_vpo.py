@@ -121,24 +121,10 @@ def main(args):
 
     def evaluate(step):
         """Every reward dimension on held-out prompts, one fixed seed each (sharded over ranks)."""
-        mine = list(range(d.rank, len(eval_prompts), d.world))
-        sums, n = {}, 0
-        for chunk in range(0, len(mine), 32):
-            idx = mine[chunk: chunk + 32]
-            with torch.no_grad(), autocast:
-                _, videos = common.sample(model, [eval_prompts[i] for i in idx],
-                                          [common.seed_for(args.seed, "eval", i) for i in idx], **video_kw)
-                scores = reward_fn(videos, [eval_prompts[i] for i in idx])
-            if family == "toy":
-                scores["color_accuracy"] = rewards.ToyReward().color_accuracy(videos, [eval_prompts[i] for i in idx])
-            for k, v in scores.items():
-                sums[k] = sums.get(k, 0.0) + v.float().sum().item()
-            n += len(idx)
-            if chunk == 0 and d.main:
-                common.save_video_grid(os.path.join(out, "samples", f"step-{step:06d}.mp4"), videos[:8],
-                                       [eval_prompts[i] for i in idx[:8]])
-        totals = common.all_mean({k: v * d.world for k, v in sums.items()} | {"n": n * d.world}, d)
-        row = {"step": step, "eval": True} | {f"eval/{k}": v / totals["n"] for k, v in totals.items() if k != "n"}
+        extra = (lambda v, ps: {"color_accuracy": rewards.ToyReward().color_accuracy(v, ps)}) if family == "toy" else None
+        means = common.evaluate(model, reward_fn, eval_prompts, args.seed, video_kw, d, autocast,
+                                os.path.join(out, "samples", f"step-{step:06d}.mp4"), extra)
+        row = {"step": step, "eval": True} | {f"eval/{k}": v for k, v in means.items()}
         log.log(row)
         return row
 

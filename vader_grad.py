@@ -117,27 +117,15 @@ def main(args):
     def evaluate(step):
         """Every reward dimension on held-out prompts, plus diversity: the per-pixel variance across
         seeds of the same prompt (VADER reports diversity falling as the reward is optimised)."""
-        mine = list(range(d.rank, len(eval_prompts), d.world))
-        sums, n = {}, 0
+        means = common.evaluate(model, reward_fn, eval_prompts, args.seed, video_kw, d, autocast,
+                                os.path.join(out, "samples", f"step-{step:06d}.mp4"))
+        div_prompts = eval_prompts[: args.diversity_prompts]
         with torch.no_grad(), autocast:
-            for c in range(0, len(mine), 32):
-                idx = mine[c: c + 32]
-                prompts = [eval_prompts[i] for i in idx]
-                _, videos = common.sample(model, prompts, [common.seed_for(args.seed, "eval", i) for i in idx], **video_kw)
-                scores = reward_fn(videos, prompts)
-                for k, v in scores.items():
-                    sums[k] = sums.get(k, 0.0) + v.float().sum().item()
-                n += len(idx)
-                if c == 0 and d.main:
-                    common.save_video_grid(os.path.join(out, "samples", f"step-{step:06d}.mp4"), videos[:8], prompts[:8])
-            div_prompts = eval_prompts[: args.diversity_prompts]
             _, videos = common.sample(model, [pr for pr in div_prompts for _ in range(args.diversity_seeds)],
                                       [common.seed_for(args.seed, "div", i, s) for i in range(len(div_prompts))
                                        for s in range(args.diversity_seeds)], **video_kw)
-            diversity = videos.reshape(len(div_prompts), args.diversity_seeds, -1).var(1).mean().item()
-        totals = common.all_mean({k: v * d.world for k, v in sums.items()} | {"n": n * d.world}, d)
-        row = {"step": step, "eval": True, "eval/diversity": diversity}
-        row |= {f"eval/{k}": v / totals["n"] for k, v in totals.items() if k != "n"}
+        diversity = videos.reshape(len(div_prompts), args.diversity_seeds, -1).var(1).mean().item()
+        row = {"step": step, "eval": True, "eval/diversity": diversity} | {f"eval/{k}": v for k, v in means.items()}
         log.log(row)
         return row
 
