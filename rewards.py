@@ -65,8 +65,9 @@ def _template(shape, c, r, H, W):
 class ToyReward:
     """Analytic toy-world scores, each in [0, 1], all differentiable w.r.t. the pixels:
     visual_quality (pixels close to the flat palette: noise, speckle and blur lower it),
-    temporal_consistency (stable object area and colour, little frame-to-frame change: flicker lowers
-    it, and so, mildly, does fast motion, as with real consistency metrics), dynamic_degree (how far
+    temporal_consistency (stable object area and colour, little frame-to-frame change, times the
+    object's presence: flicker and vanishing objects lower it, and so, mildly, does fast motion, as
+    with real consistency metrics), dynamic_degree (how far
     the objects move), text_alignment (colour, shape and motion as the prompt says), physics (falls
     accelerate, constant speed otherwise, a pushed object stays ahead of its pusher)."""
     differentiable = True
@@ -115,7 +116,9 @@ class ToyReward:
         mean_col = (v * fg.unsqueeze(2)).sum((3, 4)) / (mass.unsqueeze(2) + 1e-4)  # [B, F, 3]
         col_stab = torch.exp(-(mean_col[:, 1:] - mean_col[:, :-1]).norm(dim=2).mean(1) / 0.1)
         pix_stab = torch.exp(-(v[:, 1:] - v[:, :-1]).abs().mean((1, 2, 3, 4)) / 0.05)
-        temporal = 0.4 * area_stab + 0.3 * col_stab + 0.3 * pix_stab
+        # ... of an object that is THERE: an empty clip is not "consistent" (else blank videos hack it)
+        presence = (area / 0.5).clamp(max=1).mean(1)
+        temporal = (0.4 * area_stab + 0.3 * col_stab + 0.3 * pix_stab) * presence
 
         speed = (cent[:, 1:] - cent[:, :-1]).norm(dim=2)  # px / frame
         dynamic = 1 - torch.exp(-speed.mean(1) / 1.5)

@@ -28,6 +28,12 @@ def test_reward_ranks_clean_above_corrupted(gt, dimension, corruption):
     assert clean[keep].mean() > bad[keep].mean() + 0.1
 
 
+def test_an_empty_video_is_not_temporally_consistent(gt):
+    r = rewards.ToyReward("temporal_consistency")
+    assert (r(torch.zeros_like(gt), PROMPTS)["reward"] < 0.05).all()  # (the soft mask floor)
+    assert (r(gt, PROMPTS)["reward"] > 0.5).all()
+
+
 def test_physics_wants_falls_to_accelerate():
     falls = [p for p in toy_world.ALL_PROMPTS if p.endswith("falling")][:12]
     accelerating = toy_world.render(falls, seed=2)
