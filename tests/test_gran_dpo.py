@@ -43,7 +43,7 @@ def test_patch_loss_equals_hand_computed_value():
 
 
 def test_patch_weight_zero_is_exactly_video_dpo(tmp_path, toy_model):
-    args = FAST + ["--steps", "2", "--reward", "toy:quality"]
+    args = FAST + ["--steps", "2", "--reward", "toy:quality", "--lr", "3e-4"]
     run_main(gran_dpo, args + ["--patch-weight", "0", "--out", str(tmp_path / "g")])
     run_main(online_vpo, args + ["--out", str(tmp_path / "o")])
     assert max_diff(final_params(str(tmp_path / "g")), final_params(str(tmp_path / "o"))) == 0.0
