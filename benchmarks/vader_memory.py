@@ -105,8 +105,9 @@ def main(args):
         build(folder, args)
         rows = []
         for i in range(len(LADDER)):
-            cmd = [sys.executable, __file__, "--child", str(i), "--folder", folder] + \
-                  [a for a in sys.argv[1:] if not a.startswith("--json")]
+            flags = [f"--{k}={getattr(args, k)}" for k in ("device", "frames", "size", "layers", "dim", "steps", "batch",
+                                                          "repeats")]
+            cmd = [sys.executable, __file__, "--child", str(i), "--folder", folder] + flags
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:
                 raise SystemExit(res.stderr[-3000:])
