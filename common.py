@@ -614,8 +614,18 @@ def evaluate(model, reward_fn, prompts, seed, video_kw, d, autocast=None, grid_p
 # ----------------------------------------------------------------------------------------------
 # Run folder: config, metrics, videos, checkpoints
 # ----------------------------------------------------------------------------------------------
-def run_dir(out, script):
-    return out or os.path.join("runs", f"{script}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --mixed-precision -> frozen dtype
+
+
+def prepare_run_dir(out, script, resume, need_checkpoint=True):
+    """The run folder (default runs/<script>-<time>). Refuses to write into an existing run unless
+    --resume names it, so nothing already written is lost; checks the checkpoint exists up front."""
+    out = out or os.path.join("runs", f"{script}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    if resume is None and os.path.exists(os.path.join(out, "metrics.jsonl")):
+        raise FileExistsError(f"{out} already holds a run: pass --resume {out} to continue it, or a new --out")
+    if resume and need_checkpoint:
+        latest_checkpoint(resume)
+    return out
 
 
 def save_json(path, obj):

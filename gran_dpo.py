@@ -124,15 +124,10 @@ def main(args):
     grid = tuple(int(g) for g in args.patch_grid.split(","))
     if len(grid) != 3 or min(grid) < 1:
         raise ValueError(f"--patch-grid {args.patch_grid!r}: give three positive integers, e.g. 2,4,4")
-    out = common.run_dir(args.out, "gran_dpo")
-    if args.resume is None and os.path.exists(os.path.join(out, "metrics.jsonl")):
-        raise FileExistsError(f"{out} already holds a run: pass --resume {out} to continue it, or a new --out")
-    if args.resume:
-        common.latest_checkpoint(args.resume)
+    out = common.prepare_run_dir(args.out, "gran_dpo", args.resume)
 
     # ---- model, reward, trainable weights, reference ---------------------------------------
-    frozen_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    model = common.load_model(args.model, d.device, dtype=frozen_dtype)
+    model = common.load_model(args.model, d.device, dtype=common.DTYPES[args.mixed_precision])
     args.beta = args.beta or (100.0 if model.prediction == "flow" else 5000.0)
     reward_fn = rewards.load_reward(args.reward, d.device)
     if not hasattr(reward_fn, "patch_scores"):

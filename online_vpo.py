@@ -88,15 +88,10 @@ def main(args):
     d = common.setup_distributed(args.device)
     if args.batch_size % d.world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of ranks ({d.world})")
-    out = common.run_dir(args.out, "online_vpo")
-    if args.resume is None and os.path.exists(os.path.join(out, "metrics.jsonl")):
-        raise FileExistsError(f"{out} already holds a run: pass --resume {out} to continue it, or a new --out")
-    if args.resume:
-        common.latest_checkpoint(args.resume)
+    out = common.prepare_run_dir(args.out, "online_vpo", args.resume)
 
     # ---- model, reward, trainable weights, reference ---------------------------------------
-    frozen_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    model = common.load_model(args.model, d.device, dtype=frozen_dtype)
+    model = common.load_model(args.model, d.device, dtype=common.DTYPES[args.mixed_precision])
     args.beta = args.beta or (100.0 if model.prediction == "flow" else 5000.0)
     reward_fn = rewards.load_reward(args.reward, d.device)
     torch.manual_seed(args.seed)  # LoRA's random init

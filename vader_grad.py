@@ -88,15 +88,10 @@ def main(args):
     micro = args.batch_size // (d.world * args.grad_accum)
     if micro * d.world * args.grad_accum != args.batch_size:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by ranks x --grad-accum ({d.world} x {args.grad_accum})")
-    out = common.run_dir(args.out, "vader_grad")
-    if args.resume is None and os.path.exists(os.path.join(out, "metrics.jsonl")):
-        raise FileExistsError(f"{out} already holds a run: pass --resume {out} to continue it, or a new --out")
-    if args.resume:
-        common.latest_checkpoint(args.resume)
+    out = common.prepare_run_dir(args.out, "vader_grad", args.resume)
 
     # ---- model, reward, trainable weights -------------------------------------------------
-    frozen_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    model = common.load_model(args.model, d.device, dtype=frozen_dtype)
+    model = common.load_model(args.model, d.device, dtype=common.DTYPES[args.mixed_precision])
     reward_fn = rewards.load_reward(args.reward, d.device)
     if not reward_fn.differentiable:
         raise ValueError(f"reward {reward_fn.name} is not differentiable: VADER needs gradients to the pixels "

@@ -97,13 +97,10 @@ def main(args):
     if n_items % d.world or args.batch_size % d.world:
         raise ValueError(f"prompts-per-round x videos-per-prompt ({n_items}) and --batch-size must be divisible "
                          f"by the number of ranks ({d.world})")
-    out = common.run_dir(args.out, "vlm_feedback_rwr")
-    if args.resume is None and os.path.exists(os.path.join(out, "metrics.jsonl")):
-        raise FileExistsError(f"{out} already holds a run: pass --resume {out} to continue it, or a new --out")
+    out = common.prepare_run_dir(args.out, "vlm_feedback_rwr", args.resume, need_checkpoint=False)  # (cache-only resume)
 
     # ---- model, judge, trainable weights ---------------------------------------------------
-    frozen_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    model = common.load_model(args.model, d.device, dtype=frozen_dtype)
+    model = common.load_model(args.model, d.device, dtype=common.DTYPES[args.mixed_precision])
     args.dpo_beta = args.dpo_beta or (100.0 if model.prediction == "flow" else 5000.0)
     judge = rewards.load_reward(args.judge, d.device)
     question = (lambda pr: args.question.format(prompt=pr)) if args.question else rewards.default_question
