@@ -8,7 +8,8 @@
 
 Spec grammar: `name`, `name:dimension`, `name@/local/weights/folder`, weighted sums
 `toy:quality*0.5+toy:temporal`. Real models: `videoscore[:dimension]` (VideoScore v1.1) and
-`vlm[:qwen2.5-vl|qwen2.5-vl-3b|qwen2.5-vl-72b]` (a yes/no judge: P(yes)).
+`vlm[:qwen2.5-vl|qwen2.5-vl-3b|qwen2.5-vl-72b]` (a yes/no judge: P(yes)), and the frame-wise
+`pickscore`, `clipscore`, `hpsv2`, `aesthetic` (`:mean` over frames, or `:random`, VADER's one frame).
 The toy world's rewards are analytic and mirror the real reward models' dimensions (VideoScore's
 visual quality / temporal consistency / dynamic degree / text alignment, plus physics) so that
 the algorithms can be run and checked on a laptop CPU.
@@ -362,6 +363,73 @@ class VideoScore:
         return out
 
 
+CLIP_ALIASES = {"pickscore": "yuvalkirstain/PickScore_v1", "clipscore": "openai/clip-vit-large-patch14",
+                "hpsv2": "adams-story/HPSv2-hf", "aesthetic": "openai/clip-vit-large-patch14"}
+
+
+def resize_center_crop(frames, size, mean, std):
+    """CLIP's preprocessing in torch: shortest side to `size` (bicubic, antialiased), centre crop, normalise."""
+    B, F, C, H, W = frames.shape
+    scale = size / min(H, W)
+    h, w = max(size, round(H * scale)), max(size, round(W * scale))
+    x = torch.nn.functional.interpolate(frames.reshape(B * F, C, H, W).float(), size=(h, w), mode="bicubic",
+                                        antialias=True, align_corners=False).clamp(0, 1)
+    top, left = (h - size) // 2, (w - size) // 2
+    x = x[:, :, top: top + size, left: left + size]
+    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return x.reshape(B, F, C, size, size)
+
+
+class CLIPFrameReward:
+    """Frame-wise image rewards from a CLIPModel checkpoint, averaged over frames (or one random frame,
+    VADER's cheap mode): `pickscore` and `hpsv2` = logit_scale * cos(image, text) (HPSv2 converted to a
+    CLIPModel), `clipscore` = 100 * max(cos, 0), `aesthetic` = the LAION improved-aesthetic MLP on the
+    normalised image embedding (its weights `aesthetic_mlp.safetensors` beside the CLIP weights).
+    Preprocessing is CLIP's, written in torch, so every score is differentiable."""
+    differentiable = True
+    num_frames = None  # every frame (or one random frame)
+
+    def __init__(self, path, kind, device="cpu", dtype=torch.float32, frames="mean"):
+        from transformers import AutoTokenizer, CLIPModel
+        self.kind, self.name, self.frames = kind, kind, frames
+        self.dimensions = [kind]
+        self.model = CLIPModel.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.resolution = self.model.config.vision_config.image_size
+        self.mlp = None
+        if kind == "aesthetic":  # Linear 768-1024-128-64-16-1 (dropouts are identities at inference)
+            w = load_head_weights(path, [f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")])
+            dims = [w[f"layers.{i}.weight"] for i in (0, 2, 4, 6, 7)]
+            self.mlp = torch.nn.Sequential(*[torch.nn.Linear(t.shape[1], t.shape[0]) for t in dims]).to(device, dtype)
+            for layer, i in zip(self.mlp, (0, 2, 4, 6, 7)):
+                layer.weight.data.copy_(w[f"layers.{i}.weight"])
+                layer.bias.data.copy_(w[f"layers.{i}.bias"])
+            self.mlp.requires_grad_(False)
+
+    def embed_frames(self, videos):
+        B, F = videos.shape[:2]
+        if self.frames == "random":  # VADER: one random frame per video per call
+            videos = videos[:, torch.randint(F, (1,)).item()][:, None]
+        x = resize_center_crop(videos, self.resolution, CLIP_MEAN, CLIP_STD).flatten(0, 1)
+        img = self.model.get_image_features(pixel_values=x.to(self.model.dtype)).pooler_output.float()
+        return torch.nn.functional.normalize(img, dim=-1).view(B, -1, img.shape[-1])
+
+    def __call__(self, videos, prompts):
+        img = self.embed_frames(videos)  # [B, F, D]
+        if self.kind == "aesthetic":
+            score = self.mlp(img.to(self.mlp[0].weight.dtype)).squeeze(-1).float()
+        else:
+            tok = self.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(videos.device)
+            txt = self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask).pooler_output
+            cos = (img * torch.nn.functional.normalize(txt.float(), dim=-1)[:, None]).sum(-1)  # [B, F]
+            score = 100 * cos.clamp(min=0) if self.kind == "clipscore" else self.model.logit_scale.exp().float() * cos
+        r = score.mean(1)
+        return {self.kind: r, "reward": r}
+
+    def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
+        return VideoScore.patch_scores(self, videos, prompts, grid)
+
+
 VLM_ALIASES = {"qwen2.5-vl": "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
                "qwen2.5-vl-72b": "Qwen/Qwen2.5-VL-72B-Instruct"}
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -373,6 +441,7 @@ class VLMJudge:
     The video is prepared in torch (frames sampled, resized to a multiple of patch x merge, CLIP
     normalisation, and flattened into Qwen2-VL's temporal/spatial patches), so P(yes) is differentiable."""
     differentiable = True
+    resolution = None  # resized to a multiple of 28, longest side at most `max_side`
     dimensions = ["yes", "p_yes"]
 
     def __init__(self, path, dimension="yes", device="cpu", dtype=torch.float32, num_frames=8, max_side=448):
@@ -427,11 +496,14 @@ REWARDS = {  # name -> constructor(dimension or None, weights path or None, devi
     "judge": lambda dim, path, device, dtype: ToyJudge(dim or "yes"),
     "videoscore": lambda dim, path, device, dtype: VideoScore(resolve_weights(path or "videoscore"),
                                                               dim or "temporal_consistency", device, dtype),
+    **{kind: (lambda kind: lambda frames, path, device, dtype: CLIPFrameReward(
+        resolve_weights(path or CLIP_ALIASES[kind]), kind, device, dtype, frames or "mean"))(kind) for kind in CLIP_ALIASES},
     # vlm[:model alias][@folder]: the part after ':' names the VLM (qwen2.5-vl, ...), the answer is P(yes)
     "vlm": lambda alias, path, device, dtype: VLMJudge(resolve_weights(path or VLM_ALIASES[alias or "qwen2.5-vl"]),
                                                        "yes", device, dtype),
 }
-DIMENSIONS = {"judge": ToyJudge.dimensions, "videoscore": VIDEOSCORE_DIMENSIONS, "vlm": sorted(VLM_ALIASES)}
+DIMENSIONS = {"judge": ToyJudge.dimensions, "videoscore": VIDEOSCORE_DIMENSIONS, "vlm": sorted(VLM_ALIASES),
+              **{kind: ["mean", "random"] for kind in CLIP_ALIASES}}  # frame-wise rewards: how frames are aggregated
 
 
 class WeightedSum:

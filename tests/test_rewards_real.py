@@ -47,3 +47,48 @@ def test_vlm_judge_p_yes(qwen_vl_folder):
     assert grid.tolist() == [[3, 2, 4]] and n == 3 * 2 * 4 // 4 and pixels.shape == (24, 3 * 2 * 14 * 14)
     with pytest.raises(ValueError, match="unknown vlm dimension 'gpt5'"):
         rewards.parse_reward_spec("vlm:gpt5")
+
+
+def test_clip_frame_rewards(tmp_path):
+    import tiny_models
+    model = tiny_models.build_clip(str(tmp_path / "clip"), aesthetic=True)
+    videos = torch.rand(2, 3, 3, 20, 36, requires_grad=True)
+    prompts = ["a red square falling", "a cat"]
+    pick = rewards.load_reward(f"pickscore@{tmp_path / 'clip'}")
+    out = pick(videos, prompts)
+    # by hand: CLIP preprocessing (shortest side 28, centre crop), logit_scale * cosine, mean over frames
+    x = rewards.resize_center_crop(videos.detach(), 28, rewards.CLIP_MEAN, rewards.CLIP_STD)
+    assert x.shape == (2, 3, 3, 28, 28)
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(model.get_image_features(pixel_values=x.flatten(0, 1)).pooler_output, dim=-1)
+        tok = pick.tokenizer(prompts, padding=True, return_tensors="pt")
+        txt = torch.nn.functional.normalize(model.get_text_features(**tok).pooler_output, dim=-1)
+    want = (model.logit_scale.exp() * (img.view(2, 3, -1) * txt[:, None]).sum(-1)).mean(1)
+    assert torch.allclose(out["reward"], want, atol=1e-5)
+    out["reward"].sum().backward()
+    assert videos.grad.abs().sum() > 0  # differentiable, for VADER
+    clip = rewards.load_reward(f"clipscore@{tmp_path / 'clip'}")(videos.detach(), prompts)["reward"]
+    assert torch.allclose(clip, (100 * ((img.view(2, 3, -1) * txt[:, None]).sum(-1)).clamp(min=0)).mean(1), atol=1e-4)
+    aes = rewards.load_reward(f"aesthetic:random@{tmp_path / 'clip'}")
+    assert aes(videos.detach(), prompts)["reward"].shape == (2,) and aes.mlp is not None
+    both = rewards.load_reward(f"pickscore@{tmp_path / 'clip'}*0.5+toy:quality")
+    assert both.differentiable
+
+
+def test_vader_with_a_real_frame_reward_end_to_end(tmp_path, tiny_folders):
+    import json
+    import os
+
+    import tiny_models
+    import vader_grad
+    from helpers import run_main
+    tiny_models.build_clip(str(tmp_path / "clip"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat playing piano\na dog surfing\n")
+    out = run_main(vader_grad, ["--model", tiny_folders["wan"], "--reward", f"pickscore:random@{tmp_path / 'clip'}",
+                                "--prompts", str(prompts), "--eval-prompts", str(prompts), "--num-frames", "9",
+                                "--height", "16", "--width", "16", "--steps", "2", "--batch-size", "2",
+                                "--sample-steps", "2", "--lora-rank", "4", "--diversity-prompts", "1",
+                                "--diversity-seeds", "2", "--decode-frames", "alternate", "--out", str(tmp_path / "v")])
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert rows[-1]["eval"] and "eval/pickscore" in rows[0] and rows[1]["grad_norm"] > 0

@@ -144,3 +144,26 @@ def build_qwen_vl(folder, seed=0):
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
+
+
+def build_clip(folder, seed=0, aesthetic=False):
+    """A tiny random CLIPModel checkpoint (+ the LAION aesthetic MLP's weights when asked)."""
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPModel
+    tok = word_tokenizer(77)
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      vocab_size=len(tok), max_position_embeddings=32, eos_token_id=1, bos_token_id=0,
+                                      pad_token_id=0),
+                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=28, patch_size=14), projection_dim=8)
+    model = CLIPModel(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    if aesthetic:
+        sizes = [8, 32, 16, 8, 4, 1]
+        w = {}
+        for (i, a, b) in zip((0, 2, 4, 6, 7), sizes[:-1], sizes[1:]):
+            w[f"layers.{i}.weight"], w[f"layers.{i}.bias"] = torch.randn(b, a) * 0.3, torch.randn(b) * 0.1
+        save_file(w, f"{folder}/aesthetic_mlp.safetensors")
+    return model
