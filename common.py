@@ -18,7 +18,6 @@ import json
 import os
 import random
 import shutil
-import sys
 
 import torch
 import torch.distributed as dist
@@ -138,7 +137,6 @@ class VideoModel:
     vae: object  # None in pixel space (the toy model)
     scheduler: object
     max_sequence_length: int
-    defaults: dict  # num_frames, height, width, sample_steps, guidance that suit the model
     expand_timesteps: bool = False  # Wan 2.2 TI2V gives the timestep per token
     prompt_cache: dict = dataclasses.field(default_factory=dict)
 
@@ -174,9 +172,8 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, denoiser_dtype=t
         ("v" if scheduler.config.get("prediction_type") == "v_prediction" else "eps")
     max_len = {"toy": index.get("max_sequence_length", 16), "wan": 512, "cogvideox": 226, "ltx": 128,
                "modelscope": tokenizer.model_max_length}[family]
-    defaults = model_defaults(path, family)
     return VideoModel(path, family, prediction, tokenizer, text_encoder, denoiser, vae, scheduler, max_len,
-                      defaults, expand_timesteps=bool(index.get("expand_timesteps", False)))
+                      expand_timesteps=bool(index.get("expand_timesteps", False)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,6 +283,12 @@ def denoise(model, latents, timestep, embeds, mask=None):
     return den(x, timestep, encoder_hidden_states=embeds, return_dict=False)[0]  # modelscope UNet3D
 
 
+def _causal_prefix(frame, stride):
+    """Latent frames a causal video VAE needs to decode pixel frame `frame` (latent 0 -> pixel 0,
+    latent k -> pixels stride*(k-1)+1 .. stride*k)."""
+    return -(-frame // stride) + 1
+
+
 def decode(model, latents, frames=None):
     """Latents -> videos [B, F, C, H, W] in [0, 1]. `frames` (pixel-frame indices) decodes only what a
     reward needs: exactly those frames for pixel/2D-VAE models, the causal prefix up to the last one
@@ -298,13 +301,13 @@ def decode(model, latents, frames=None):
     x = latents.to(vae.dtype)
     if model.family == "wan":
         if frames is not None:
-            x = x[:, :, : max(frames) // vae.config.scale_factor_temporal + 1 + (max(frames) % vae.config.scale_factor_temporal > 0)]
+            x = x[:, :, : _causal_prefix(max(frames), vae.config.scale_factor_temporal)]
         mean = torch.tensor(vae.config.latents_mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1, 1)
         std = torch.tensor(vae.config.latents_std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1, 1)
         video = vae.decode(x * std + mean, return_dict=False)[0].permute(0, 2, 1, 3, 4)
     elif model.family == "cogvideox":
         if frames is not None:
-            x = x[:, : max(frames) // vae.config.temporal_compression_ratio + 1 + (max(frames) % vae.config.temporal_compression_ratio > 0)]
+            x = x[:, : _causal_prefix(max(frames), vae.config.temporal_compression_ratio)]
         video = vae.decode(x.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor).sample.permute(0, 2, 1, 3, 4)
     elif model.family == "ltx":
         mean = vae.latents_mean.view(1, -1, 1, 1, 1).to(x)
@@ -741,4 +744,4 @@ def load_checkpoint(path, params, optimizer):
 
 def print0(d, *a):
     if d.main:
-        print(*a, file=sys.stderr if a and str(a[0]).startswith("error") else sys.stdout, flush=True)
+        print(*a, flush=True)

@@ -40,3 +40,15 @@ def final_params(out):
     import common
     state = torch.load(os.path.join(common.latest_checkpoint(out), "state.pt"), weights_only=False)
     return state["params"]
+
+
+def assert_ranks_agree_with_one_process(script, argv, tmp_path, tol=1e-5):
+    """torchrun 2 ranks: identical weights on both, equal to one process on the union of the data.
+    Returns (rank-0 weights, single-process weights)."""
+    torchrun(script, argv + ["--out", str(tmp_path / "ddp")])
+    r0, r1 = load_rank(str(tmp_path / "ddp"), 0), load_rank(str(tmp_path / "ddp"), 1)
+    assert max_diff(r0, r1) == 0.0  # every rank holds the same weights
+    single(script, argv + ["--out", str(tmp_path / "one")])
+    one = load_rank(str(tmp_path / "one"), 0)
+    assert max_diff(r0, one) < tol  # = one process on the union of the data
+    return r0, one

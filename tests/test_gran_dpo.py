@@ -7,7 +7,7 @@ import torch
 
 import gran_dpo
 import online_vpo
-from helpers import final_params, load_rank, max_diff, run_main, single, torchrun
+from helpers import assert_ranks_agree_with_one_process, final_params, max_diff, run_main
 
 FAST = ["--batch-size", "2", "--num-candidates", "2", "--sample-steps", "2", "--num-eval-prompts", "2",
         "--lora-rank", "4", "--min-margin", "0", "--eval-every", "99"]
@@ -70,8 +70,4 @@ def test_bad_grid_and_reward_without_patches(tmp_path):
 
 def test_torchrun_two_ranks(tmp_path, toy_model):
     args = FAST + ["--steps", "2"]
-    torchrun("gran_dpo", args + ["--out", str(tmp_path / "ddp")])
-    r0, r1 = load_rank(str(tmp_path / "ddp"), 0), load_rank(str(tmp_path / "ddp"), 1)
-    assert max_diff(r0, r1) == 0.0
-    single("gran_dpo", args + ["--out", str(tmp_path / "one")])
-    assert max_diff(r0, load_rank(str(tmp_path / "one"), 0)) < 1e-5
+    assert_ranks_agree_with_one_process("gran_dpo", args, tmp_path)

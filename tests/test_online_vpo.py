@@ -8,7 +8,7 @@ import torch
 
 import common
 import online_vpo
-from helpers import final_params, load_rank, max_diff, run_main, single, torchrun
+from helpers import assert_ranks_agree_with_one_process, final_params, load_rank, max_diff, run_main, torchrun
 
 FAST = ["--batch-size", "2", "--num-candidates", "2", "--sample-steps", "2", "--num-eval-prompts", "2",
         "--lora-rank", "4", "--min-margin", "0"]
@@ -142,12 +142,7 @@ def test_bad_input_fails_early(tmp_path):
 
 def test_torchrun_two_ranks_average_gradients(tmp_path, toy_model):
     args = FAST + ["--steps", "2", "--eval-every", "99", "--ref-update-interval", "0"]
-    torchrun("online_vpo", args + ["--out", str(tmp_path / "ddp")])
-    r0, r1 = load_rank(str(tmp_path / "ddp"), 0), load_rank(str(tmp_path / "ddp"), 1)
-    assert max_diff(r0, r1) == 0.0  # every rank holds the same weights
-    single("online_vpo", args + ["--out", str(tmp_path / "one")])
-    one = load_rank(str(tmp_path / "one"), 0)
-    assert max_diff(r0, one) < 1e-5  # = one process on the union of the data
+    _, one = assert_ranks_agree_with_one_process("online_vpo", args, tmp_path)
     # negative control: without gradient averaging the ranks drift apart and the test above would fail
     torchrun("online_vpo", args + ["--out", str(tmp_path / "noavg")], extra=["--no-grad-average"])
     n0, n1 = load_rank(str(tmp_path / "noavg"), 0), load_rank(str(tmp_path / "noavg"), 1)

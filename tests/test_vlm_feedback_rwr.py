@@ -9,7 +9,7 @@ import torch
 import common
 import rewards
 import vlm_feedback_rwr as rwr
-from helpers import load_rank, max_diff, run_main, single, torchrun
+from helpers import assert_ranks_agree_with_one_process, max_diff, run_main
 
 FAST = ["--rounds", "1", "--prompts-per-round", "4", "--videos-per-prompt", "2", "--batch-size", "4",
         "--sample-steps", "2", "--eval-seeds", "1", "--num-train-eval-prompts", "2", "--lora-rank", "4",
@@ -90,12 +90,7 @@ def test_bad_question_template_fails_early(tmp_path):
 
 def test_torchrun_two_ranks(tmp_path, toy_model):
     args = FAST + ["--judge", "judge:p_yes"]
-    torchrun("vlm_feedback_rwr", args + ["--out", str(tmp_path / "ddp")])
-    r0, r1 = load_rank(str(tmp_path / "ddp"), 0), load_rank(str(tmp_path / "ddp"), 1)
-    assert max_diff(r0, r1) == 0.0
-    single("vlm_feedback_rwr", args + ["--out", str(tmp_path / "one")])
-    one = load_rank(str(tmp_path / "one"), 0)
-    assert max_diff(r0, one) < 1e-5
+    _, one = assert_ranks_agree_with_one_process("vlm_feedback_rwr", args, tmp_path)
     torch.manual_seed(0)  # the same LoRA init the scripts draw: training must have moved the weights
     m = common.load_model("toy")
     init = common.setup_trainable(m, 4)
