@@ -33,6 +33,7 @@ TOY_DIMENSIONS = {  # dimension -> short aliases accepted in specs
     "text_alignment": ["text", "ta", "alignment"],
     "physics": ["phys"],
     "mean": ["global", "all"],
+    "frame": ["framewise", "image"],
 }
 
 
@@ -65,12 +66,14 @@ def _template(shape, c, r, H, W):
 
 class ToyReward:
     """Analytic toy-world scores, each in [0, 1], all differentiable w.r.t. the pixels:
-    visual_quality (pixels close to the flat palette: noise, speckle and blur lower it),
+    visual_quality (pixels close to the flat palette: noise, speckle and blur lower it; times the
+    object's presence),
     temporal_consistency (stable object area and colour, little frame-to-frame change, times the
     object's presence: flicker and vanishing objects lower it, and so, mildly, does fast motion, as
     with real consistency metrics), dynamic_degree (how far
     the objects move), text_alignment (colour, shape and motion as the prompt says), physics (falls
-    accelerate, constant speed otherwise, a pushed object stays ahead of its pusher)."""
+    accelerate, constant speed otherwise, a pushed object stays ahead of its pusher); frame, the
+    image-style reward (per-frame quality and colour/shape alignment, blind to frame order)."""
     differentiable = True
     num_frames = None  # takes the video as it comes
     resolution = None
@@ -109,16 +112,17 @@ class ToyReward:
         cent, mass = _soft_centroid(fg)
         shape_area = (2 * toy_world.HALF_SIZE * W / 32) ** 2
 
-        quality = self.pixel_quality(v).mean((1, 2, 3))
+        # an object must be THERE for any video-level score: an empty clip is neither "consistent" nor
+        # "high quality" (else blank videos hack both, as the first OnlineVPO and Gran-DPO runs found)
+        area = mass / shape_area
+        presence = (area / 0.5).clamp(max=1).mean(1)
+        quality = self.pixel_quality(v).mean((1, 2, 3)) * presence
 
         # temporal consistency: area and colour stability + small raw frame-to-frame change
-        area = mass / shape_area
         area_stab = torch.exp(-(area[:, 1:] - area[:, :-1]).abs().mean(1) / 0.15)
         mean_col = (v * fg.unsqueeze(2)).sum((3, 4)) / (mass.unsqueeze(2) + 1e-4)  # [B, F, 3]
         col_stab = torch.exp(-(mean_col[:, 1:] - mean_col[:, :-1]).norm(dim=2).mean(1) / 0.1)
         pix_stab = torch.exp(-(v[:, 1:] - v[:, :-1]).abs().mean((1, 2, 3, 4)) / 0.05)
-        # ... of an object that is THERE: an empty clip is not "consistent" (else blank videos hack it)
-        presence = (area / 0.5).clamp(max=1).mean(1)
         temporal = (0.4 * area_stab + 0.3 * col_stab + 0.3 * pix_stab) * presence
 
         speed = (cent[:, 1:] - cent[:, :-1]).norm(dim=2)  # px / frame
@@ -147,6 +151,9 @@ class ToyReward:
         out = {"visual_quality": quality, "temporal_consistency": temporal, "dynamic_degree": dynamic,
                "text_alignment": text, "physics": physics, "color": color, "shape": shape, "motion": motion}
         out["mean"] = (quality + temporal + dynamic + text + physics) / 5
+        # what an image reward model (PickScore, HPSv2, aesthetic) scored frame by frame would see: quality
+        # and image-text alignment of each frame, averaged; blind to frame order, hence to motion
+        out["frame"] = (quality + color + shape) / 3
         out["reward"] = out[self.dimension]
         return out
 

@@ -28,8 +28,19 @@ def test_reward_ranks_clean_above_corrupted(gt, dimension, corruption):
     assert clean[keep].mean() > bad[keep].mean() + 0.1
 
 
-def test_an_empty_video_is_not_temporally_consistent(gt):
-    r = rewards.ToyReward("temporal_consistency")
+def test_the_frame_wise_reward_is_blind_to_time_the_video_rewards_are_not(gt):
+    r = rewards.ToyReward("frame")
+    shuffled = gt[:, torch.randperm(gt.shape[1], generator=torch.Generator().manual_seed(0))]
+    a, b = r(gt, PROMPTS), r(shuffled, PROMPTS)
+    assert torch.allclose(a["frame"], b["frame"], atol=1e-5)  # an image reward per frame cannot see order
+    assert (a["temporal_consistency"] - b["temporal_consistency"]).abs().max() > 0.1
+    noisy = r(toy_world.corrupt(gt, "noise"), PROMPTS)["frame"]
+    assert (a["frame"] > noisy).all()  # ... but it does see per-frame quality
+
+
+@pytest.mark.parametrize("dimension", ["temporal_consistency", "visual_quality"])
+def test_an_empty_video_scores_low(gt, dimension):
+    r = rewards.ToyReward(dimension)  # an empty clip is perfectly flat and still: both would be hackable
     assert (r(torch.zeros_like(gt), PROMPTS)["reward"] < 0.05).all()  # (the soft mask floor)
     assert (r(gt, PROMPTS)["reward"] > 0.5).all()
 

@@ -1,0 +1,304 @@
+"""Rerun the papers' checkable claims (../shared/ALGORITHMS.md) in the toy world, 3 seeds each.
+
+    python benchmarks/claims.py                          # all 8 experiments (~2 h on 2 CPU cores)
+    python benchmarks/claims.py --only online_vs_offline num_candidates
+    python benchmarks/claims.py --smoke --out /tmp/c     # 1-2 steps, 1 seed: the plumbing only (CI)
+
+Every experiment is a set of runs of the four scripts through their ordinary command lines (shared
+runs are run once: the default OnlineVPO configuration serves five experiments). Runs go to
+runs/claims/<config>_s<seed>/ (--runs) and are skipped once finished, so an interrupted sweep continues where it
+stopped. Each experiment writes <out>/<name>.json (the claim, every run's figures, per-seed mean and
+spread, and whether the claim held) and <name>.png. Figures are changes on HELD-OUT prompts between
+step 0 and the end of the run, paired per seed (a seed fixes prompts, candidates and evaluation noise).
+The scale is set by what 2 CPU cores can run, not by the papers: 30 steps of 4 prompts (toy model).
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--only", nargs="*", default=None, help="experiments to run (default: all); names below")
+p.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
+p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU thread each)")
+p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "claims"), help="where JSON, PNG and runs go")
+p.add_argument("--runs", default=os.path.join(ROOT, "runs", "claims"), help="where the runs' folders go (not committed)")
+p.add_argument("--smoke", action="store_true", help="1-2 steps, 1 seed, 4 eval prompts: checks the plumbing, no figures")
+p.add_argument("--aggregate-only", action="store_true", help="write JSON/PNG from finished runs, start none")
+
+# ---- configurations: a script and its flags; experiments below name them --------------------
+DPO = {"script": "online_vpo.py", "--steps": 30, "--batch-size": 4, "--num-candidates": 4,
+       "--ref-update-interval": 10, "--eval-every": 10, "--save-every": 1000}
+GRAN = DPO | {"script": "gran_dpo.py"}
+VADER = {"script": "vader_grad.py", "--reward": "toy:temporal", "--steps": 60, "--batch-size": 4,
+         "--eval-every": 10, "--save-every": 1000}
+RWR = {"script": "vlm_feedback_rwr.py", "--rounds": 2, "--prompts-per-round": 24, "--videos-per-prompt": 4,
+       "--epochs": 2, "--batch-size": 16}
+CONFIGS = {
+    "dpo": DPO,  # OnlineVPO as the paper runs it (toy scale): online, N = 4, curriculum every 10 steps, temporal
+    "dpo_offline": DPO | {"--offline": True},
+    "dpo_ref_never": DPO | {"--ref-update-interval": 0},
+    "dpo_ref_3": DPO | {"--ref-update-interval": 3},
+    "dpo_ref_20": DPO | {"--ref-update-interval": 20},
+    "dpo_n2": DPO | {"--num-candidates": 2},
+    "dpo_n6": DPO | {"--num-candidates": 6},
+    "dpo_n8": DPO | {"--num-candidates": 8},
+    "dpo_dynamic": DPO | {"--reward": "toy:dynamic"},
+    "dpo_text": DPO | {"--reward": "toy:text"},
+    "dpo_quality": DPO | {"--reward": "toy:quality"},
+    "dpo_mean": DPO | {"--reward": "toy:mean"},
+    "dpo_frame": DPO | {"--reward": "toy:frame"},
+    "vader": VADER,
+    "gran": GRAN | {"--reward": "toy:quality"},
+    "gran_video_only": GRAN | {"--reward": "toy:quality", "--patch-weight": 0},
+    "rwr": RWR,
+    "rwr_dpo": RWR | {"--loss": "dpo"},
+}
+DIMS = ["visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment", "physics", "color_accuracy"]
+
+EXPERIMENTS = {  # name -> (claim, configurations, the figure compared)
+    "online_vs_offline": ("online DPO beats offline DPO on the same reward at equal samples (OnlineVPO)",
+                          ["dpo", "dpo_offline"], "reward"),
+    "ref_interval": ("the reference-update interval I has an interior optimum (OnlineVPO: 200 of 100-600)",
+                     ["dpo_ref_never", "dpo_ref_3", "dpo", "dpo_ref_20"], "reward"),
+    "num_candidates": ("candidates N: 2 < 4 <= 6 ~ 8, gains flatten from 4 (OnlineVPO)",
+                       ["dpo_n2", "dpo", "dpo_n6", "dpo_n8"], "reward"),
+    "gradient_vs_dpo": ("reward gradients (VADER) climb fastest per reward query, lower diversity, and over long "
+                        "runs hack the reward", ["vader", "dpo"], "reward"),
+    "feedback_dimension": ("temporal-consistency feedback raises consistency but LOWERS dynamic degree; the mean of "
+                           "all dimensions is worse than the single best dimension (OnlineVPO)",
+                           ["dpo", "dpo_dynamic", "dpo_text", "dpo_quality", "dpo_mean"], "dims"),
+    "frame_vs_video_reward": ("frame-wise (image) rewards improve image-level metrics far more than temporal ones "
+                              "(OnlineVPO)", ["dpo_frame", "dpo"], "dims"),
+    "gran_vs_video_dpo": ("Gran-DPO reduces defective patches faster than video-level DPO at equal samples (HALO)",
+                          ["gran", "gran_video_only"], "defective_patches"),
+    "rwr_vs_dpo": ("binary AI feedback raises the judged pass rate; gains concentrate on falling objects and "
+                   "interactions (RWR seed paper); RWR vs DPO side by side", ["rwr", "rwr_dpo"], "pass_rate"),
+}
+
+
+def argv_of(cfg, seed, out, smoke):
+    cfg = dict(cfg)
+    if smoke:  # the plumbing only: shortest runs that still evaluate, train and write everything
+        for k, v in {"--steps": 2, "--eval-every": 1, "--rounds": 1, "--prompts-per-round": 4,
+                     "--videos-per-prompt": 2, "--epochs": 1, "--batch-size": 2 if "--rounds" not in cfg else 4}.items():
+            if k in cfg:
+                cfg[k] = v
+        cfg["--num-train-eval-prompts" if "--rounds" in cfg else "--num-eval-prompts"] = 4
+    argv = [sys.executable, os.path.join(ROOT, cfg.pop("script"))]
+    for k, v in cfg.items():
+        argv += [k] if v is True else [k, str(v)]
+    return argv + ["--seed", str(seed), "--out", out]
+
+
+def run_one(name, seed, args):
+    out = os.path.join(args.runs, f"{name}_s{seed}")
+    if os.path.exists(os.path.join(out, "done")):
+        return out, 0.0
+    shutil.rmtree(out, ignore_errors=True)  # an interrupted run starts over (it is short)
+    os.makedirs(out)
+    t0 = time.time()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    with open(os.path.join(out, "log.txt"), "w") as log:
+        rc = subprocess.run(argv_of(CONFIGS[name], seed, out, args.smoke), cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise RuntimeError(f"{name} seed {seed} failed (exit {rc}): see {out}/log.txt")
+    open(os.path.join(out, "done"), "w").write(f"{time.time() - t0:.1f}\n")
+    return out, time.time() - t0
+
+
+def read_run(out):
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return [r for r in rows if r.get("eval")], [r for r in rows if not r.get("eval")], json.load(open(os.path.join(out, "config.json")))
+
+
+def mean_std(xs):
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
+
+
+def verdict(a, b, more_is_better=True):
+    """'held' when a beats b by more than the seeds' spread, 'not held' when it does not beat it at all."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    if len(a) < 2:
+        return "one seed: no spread to judge by"
+    gap = (ma - mb) if more_is_better else (mb - ma)
+    if gap <= 0:
+        return "not held"
+    return "held" if gap > max(sa, sb) else "inconclusive (within the seeds' spread)"
+
+
+def diversity(out, seed, n_prompts=4, n_seeds=4):
+    """Per-pixel variance across seeds of the same held-out prompt, for a finished run's final weights."""
+    import torch
+    sys.path.insert(0, ROOT)
+    import common
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    model = common.load_model(cfg["model"], "cpu")
+    params = common.setup_trainable(model, cfg["lora_rank"], cfg["lora_alpha"])
+    state = torch.load(os.path.join(common.latest_checkpoint(out), "state.pt"), weights_only=False)
+    with torch.no_grad():
+        for q, v in zip(params, state["params"]):
+            q.copy_(v)
+        prompts = common.load_prompts(cfg["eval_prompts"])[:n_prompts]
+        _, videos = common.sample(model, [pr for pr in prompts for _ in range(n_seeds)],
+                                  [common.seed_for(seed, "div", i, s) for i in range(n_prompts) for s in range(n_seeds)],
+                                  cfg["num_frames"], cfg["height"], cfg["width"], cfg["sample_steps"], cfg["guidance"])
+    return videos.reshape(n_prompts, n_seeds, -1).var(1).mean().item()
+
+
+def summarise(name, runs, args):
+    """Figures of one experiment from its finished runs: {config: {figure: [per seed]}}, and the verdict."""
+    claim, configs, kind = EXPERIMENTS[name]
+    figs = {}
+    for c in configs:
+        per = {}
+        for seed, out in runs[c]:
+            evals, train, cfg = read_run(out)
+            first, last = evals[0], evals[-1]
+            if kind == "pass_rate":
+                keys = [k for k in last if k.startswith(("eval/pass_rate", "train/pass_rate"))]
+                f = {k: last[k] - first.get(k, 0.0) for k in keys}
+                f |= {f"{k}@start": first.get(k, 0.0) for k in keys} | {f"{k}@end": last[k] for k in keys}
+            else:
+                f = {f"delta/{k}": last[f"eval/{k}"] - first[f"eval/{k}"] for k in DIMS + ["reward", "defective_patches"]
+                     if f"eval/{k}" in last}
+                f |= {f"end/{k}": last[f"eval/{k}"] for k in DIMS + ["reward"] if f"eval/{k}" in last}
+                per_query = cfg["batch_size"] * cfg.get("num_candidates", 1)  # videos scored per step
+                f["curve"] = [(r["step"] * per_query, r["eval/reward"]) for r in evals]
+                f["sec"] = float(open(os.path.join(out, "done")).read())
+                if name == "gradient_vs_dpo" and not args.smoke:
+                    f["diversity"] = diversity(out, seed)
+            for k, v in f.items():
+                per.setdefault(k, []).append(v)
+        figs[c] = per
+    stats = {c: {k: mean_std(v) for k, v in per.items() if k != "curve"} for c, per in figs.items()}
+    return claim, figs, stats, judge_claim(name, figs)
+
+
+def judge_claim(name, figs):
+    d = lambda c, k="delta/reward": figs[c][k]  # noqa: E731 (per-seed values)
+    if name == "online_vs_offline":
+        return {"online > offline (held-out reward gain)": verdict(d("dpo"), d("dpo_offline"))}
+    if name == "ref_interval":
+        best = max(["dpo_ref_never", "dpo_ref_3", "dpo", "dpo_ref_20"], key=lambda c: mean_std(d(c))[0])
+        return {"interior optimum (best of never/3/10/20 is 3 or 10)": "held" if best in ("dpo_ref_3", "dpo") else
+                f"not held (best: {best})", "curriculum (I=10) > fixed reference": verdict(d("dpo"), d("dpo_ref_never"))}
+    if name == "num_candidates":
+        return {"N=4 > N=2": verdict(d("dpo"), d("dpo_n2")),
+                "N=8 > N=4 (gains continue)": verdict(d("dpo_n8"), d("dpo"))}
+    if name == "gradient_vs_dpo":
+        curves = figs["vader"]["curve"] + figs["dpo"]["curve"]
+        q_eq = min([160] + [cv[-1][0] for cv in curves])  # equal reward queries: DPO's first evaluation (10 x 4 x 4)
+        at_q = lambda c: [next(r for q, r in cv if q >= q_eq) - cv[0][1] for cv in figs[c]["curve"]]  # noqa: E731
+        out = {f"VADER climbs faster per reward query (held-out gain after {q_eq} queries)": verdict(at_q("vader"), at_q("dpo"))}
+        if "diversity" in figs["vader"]:
+            out["VADER lowers diversity more than DPO"] = verdict(figs["vader"]["diversity"], figs["dpo"]["diversity"], False)
+        peak_then_drop = [max(r for _, r in cv) - cv[-1][1] for cv in figs["vader"]["curve"]]
+        out["VADER's held-out reward falls from its peak (hacking)"] = "held" if min(peak_then_drop) > 0.01 else "not held"
+        return out
+    if name == "feedback_dimension":
+        best_single = max(["dpo", "dpo_dynamic", "dpo_text", "dpo_quality"],
+                          key=lambda c: mean_std([sum(v) for v in zip(*[figs[c][f"delta/{k}"] for k in DIMS[:5]])])[0])
+        all_dims = lambda c: [sum(v) for v in zip(*[figs[c][f"delta/{k}"] for k in DIMS[:5]])]  # noqa: E731
+        return {"temporal feedback raises consistency": verdict(d("dpo", "delta/temporal_consistency"), [0.0] * len(d("dpo"))),
+                "temporal feedback lowers dynamic degree": verdict(d("dpo", "delta/dynamic_degree"), [0.0] * len(d("dpo")), False),
+                f"the mean of all dimensions is worse than the best single one ({best_single}) on the sum of "
+                "all five dimensions' gains": verdict(all_dims(best_single), all_dims("dpo_mean"))}
+    if name == "frame_vs_video_reward":
+        img = lambda c: [a + b for a, b in zip(d(c, "delta/visual_quality"), d(c, "delta/color_accuracy"))]  # noqa: E731
+        tmp = lambda c: [a + b for a, b in zip(d(c, "delta/temporal_consistency"), d(c, "delta/physics"))]  # noqa: E731
+        return {"frame-wise reward: image-level gain (quality + colour accuracy) > temporal gain (consistency + physics)":
+                verdict(img("dpo_frame"), tmp("dpo_frame")),
+                "video reward moves temporal metrics more than the frame-wise reward": verdict(tmp("dpo"), tmp("dpo_frame"))}
+    if name == "gran_vs_video_dpo":
+        return {"Gran-DPO removes more defective patches": verdict(d("gran", "delta/defective_patches"),
+                                                                   d("gran_video_only", "delta/defective_patches"), False)}
+    if name == "rwr_vs_dpo":
+        zero = [0.0] * len(figs["rwr"]["eval/pass_rate"])
+        return {"RWR raises the held-out pass rate": verdict(figs["rwr"]["eval/pass_rate"], zero),
+                "DPO raises the held-out pass rate": verdict(figs["rwr_dpo"]["eval/pass_rate"], zero)}
+    raise KeyError(name)
+
+
+def plot(name, figs, stats, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    configs = list(figs)
+    if EXPERIMENTS[name][2] in ("reward", "defective_patches") and all("curve" in figs[c] for c in configs):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        key = "delta/defective_patches" if EXPERIMENTS[name][2] == "defective_patches" else None
+        for c in configs:
+            for i, cv in enumerate(figs[c]["curve"]):
+                ax.plot(*zip(*cv), color=f"C{configs.index(c)}", alpha=0.8, label=c if i == 0 else None)
+        ax.set_xlabel("reward queries (videos scored)")
+        ax.set_ylabel("held-out reward" + ("" if key is None else " (defects: see JSON)"))
+    else:
+        keys = sorted({k for c in configs for k in stats[c] if k.startswith(("delta/", "eval/pass_rate")) and "@" not in k})
+        fig, ax = plt.subplots(figsize=(max(6, len(keys) * 1.2), 4))
+        w = 0.8 / len(configs)
+        for j, c in enumerate(configs):
+            ax.bar([i + j * w for i in range(len(keys))], [stats[c].get(k, (0, 0))[0] for k in keys], w,
+                   yerr=[stats[c].get(k, (0, 0))[1] for k in keys], label=c)
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(keys))], [k.split("/", 1)[1] for k in keys], rotation=30, ha="right")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_ylabel("change from step 0 (mean over seeds, bar = std)")
+    ax.set_title(name)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(args):
+    names = args.only or list(EXPERIMENTS)
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise SystemExit(f"unknown experiment(s) {unknown}: valid are {list(EXPERIMENTS)}")
+    seeds = list(range(1 if args.smoke else args.seeds))
+    needed = sorted({c for n in names for c in EXPERIMENTS[n][1]})
+    jobs = [(c, s) for s in seeds for c in needed]  # all configs of seed 0 first: early figures for every claim
+    runs = {c: [] for c in needed}
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {} if args.aggregate_only else {pool.submit(run_one, c, s, args): (c, s) for c, s in jobs}
+        for fut in concurrent.futures.as_completed(futures):
+            c, s = futures[fut]
+            out, sec = fut.result()
+            print(f"{c} seed {s}: {'done' if sec else 'already done'} ({sec:.0f} s)", flush=True)
+    for c, s in jobs:
+        out = os.path.join(args.runs, f"{c}_s{s}")
+        if os.path.exists(os.path.join(out, "done")):
+            runs[c].append((s, out))
+    for n in names:
+        if any(not runs[c] for c in EXPERIMENTS[n][1]):
+            print(f"{n}: runs missing, skipped")
+            continue
+        claim, figs, stats, held = summarise(n, runs, args)
+        cmd = f"python benchmarks/claims.py --only {n}"
+        save = {"experiment": n, "claim": claim, "command": cmd, "seeds": [s for s, _ in runs[EXPERIMENTS[n][1][0]]],
+                "configs": {c: {k: v for k, v in CONFIGS[c].items()} for c in figs}, "verdict": held,
+                "mean_std": {c: {k: list(v) for k, v in st.items()} for c, st in stats.items()}, "per_seed": figs}
+        with open(os.path.join(args.out, f"{n}.json"), "w") as f:
+            json.dump(save, f, indent=1)
+        plot(n, figs, stats, os.path.join(args.out, f"{n}.png"))
+        print(f"\n## {n}: {claim}")
+        for c, st in stats.items():
+            shown = {k: f"{m:+.3f}±{s:.3f}" for k, (m, s) in st.items() if k.startswith(("delta/", "eval/pass_rate", "diversity"))
+                     and "@" not in k}
+            print(f"  {c}: {shown}")
+        for k, v in held.items():
+            print(f"  -> {k}: {v}")
+
+
+if __name__ == "__main__":
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    main(a)
