@@ -7,13 +7,23 @@
     reward.patch_scores(videos, prompts, grid)      # [B, Fp, Hp, Wp] local scores (Gran-DPO), if offered
 
 Spec grammar: `name`, `name:dimension`, `name@/local/weights/folder`, weighted sums
-`toy:quality*0.5+toy:temporal`. Real models: `videoscore[:dimension]` (VideoScore v1.1) and
-`vlm[:qwen2.5-vl|qwen2.5-vl-3b|qwen2.5-vl-72b]` (a yes/no judge: P(yes)), and the frame-wise
-`pickscore`, `clipscore`, `hpsv2`, `aesthetic` (`:mean` over frames, or `:random`, VADER's one frame).
+`toy:quality*0.5+toy:temporal`. Real models (every one loads from a local folder given after '@', or
+its public hub id when the machine is online):
+  videoscore[:dimension]      VideoScore v1.1 (Idefics2 + regression head), 5 dimensions, scores 1-4
+  videoscore2[:dimension]     VideoScore2 or any Qwen2/2.5-VL: expected score 1-5 from the score tokens
+  videoreward[:dimension]     VideoAlign's VideoReward (Qwen2-VL + head at special tokens): VQ, MQ, TA, overall
+  vlm[:alias]                 a local Qwen2/2.5-VL asked a yes/no question: P(yes)
+  api:<model>@<url>           the same question to an OpenAI-compatible server (vLLM, hosted APIs)
+  pickscore, clipscore, hpsv2, aesthetic [:mean|:random]   frame-wise image rewards (CLIPModel)
+  videomae[:class_label]      VADER's action reward: P(target Kinetics class)
+  vjepa2                      temporal feature consistency under V-JEPA 2
+Every real reward but the API judge prepares frames in torch and is differentiable; every one offers
+crop-based patch scores (`crop_patch_scores`) for Gran-DPO.
 The toy world's rewards are analytic and mirror the real reward models' dimensions (VideoScore's
 visual quality / temporal consistency / dynamic degree / text alignment, plus physics) so that
 the algorithms can be run and checked on a laptop CPU.
 """
+import math
 import os
 import re
 
@@ -92,10 +102,8 @@ class ToyReward:
 
     def patch_scores(self, videos, prompts, grid=(2, 4, 4)):
         """Visual quality per patch [B, Fp, Hp, Wp] (Fp groups of frames x Hp x Wp cells)."""
-        q = self.pixel_quality(videos)
-        B, F, H, W = q.shape
-        gf, gh, gw = grid
-        return q.reshape(B, gf, F // gf, gh, H // gh, gw, W // gw).mean((2, 4, 6))
+        q = self.pixel_quality(videos)  # [B, F, H, W]; cells need not divide the video evenly
+        return torch.nn.functional.adaptive_avg_pool3d(q[:, None], tuple(grid))[:, 0]
 
     def color_masks(self, videos):
         """Soft membership of every pixel in each palette colour [B, F, K, H, W] (K without black)."""
@@ -302,11 +310,27 @@ def load_head_weights(path, names):
     return out
 
 
-def sample_frames(videos, n):
-    """n frames spread uniformly over the clip (all of them when the clip is shorter)."""
+def sample_frames(videos, n, exact=False):
+    """n frames spread uniformly over the clip (all of them when the clip is shorter, unless `exact`:
+    then frames repeat, for models that take a fixed clip length such as VideoMAE)."""
     F = videos.shape[1]
-    idx = torch.linspace(0, F - 1, min(n, F)).round().long().to(videos.device)
+    idx = torch.linspace(0, F - 1, n if exact else min(n, F)).round().long().to(videos.device)
     return videos[:, idx]
+
+
+def crop_patch_scores(reward, videos, prompts, grid=(2, 2, 2)):
+    """[B, gf, gh, gw]: the reward's selected score of each spatio-temporal crop, scored as a video of its
+    own (HALO's patch reward is the video reward model applied locally). Differentiable when it is."""
+    B, F, C, H, W = videos.shape
+    gf, gh, gw = grid
+    cells = []
+    for i in range(gf):
+        for j in range(gh):
+            for k in range(gw):
+                crop = videos[:, i * F // gf: (i + 1) * F // gf, :, j * H // gh: (j + 1) * H // gh,
+                              k * W // gw: (k + 1) * W // gw]
+                cells.append(reward(crop, prompts)["reward"].float())
+    return torch.stack(cells, 1).view(B, gf, gh, gw)
 
 
 def resize_normalize(frames, size, mean, std):
@@ -357,17 +381,7 @@ class VideoScore:
         return out
 
     def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
-        """[B, gf, gh, gw]: the selected dimension of each spatio-temporal crop, scored as a video."""
-        B, F, C, H, W = videos.shape
-        gf, gh, gw = grid
-        out = torch.zeros(B, gf, gh, gw, device=videos.device)
-        for i in range(gf):
-            for j in range(gh):
-                for k in range(gw):
-                    crop = videos[:, i * F // gf: (i + 1) * F // gf, :, j * H // gh: (j + 1) * H // gh,
-                                  k * W // gw: (k + 1) * W // gw]
-                    out[:, i, j, k] = self(crop, prompts)["reward"]
-        return out
+        return crop_patch_scores(self, videos, prompts, grid)
 
 
 CLIP_ALIASES = {"pickscore": "yuvalkirstain/PickScore_v1", "clipscore": "openai/clip-vit-large-patch14",
@@ -434,7 +448,7 @@ class CLIPFrameReward:
         return {self.kind: r, "reward": r}
 
     def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
-        return VideoScore.patch_scores(self, videos, prompts, grid)
+        return crop_patch_scores(self, videos, prompts, grid)
 
 
 VLM_ALIASES = {"qwen2.5-vl": "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
@@ -442,27 +456,29 @@ VLM_ALIASES = {"qwen2.5-vl": "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-3b": "Qw
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
 
-class VLMJudge:
-    """A Qwen2.5-VL instruct model asked a yes/no question about the video: P(yes) is the softmax mass
-    of the 'yes' tokens against the 'no' tokens at the answer position; `yes` thresholds it at 0.5.
-    The video is prepared in torch (frames sampled, resized to a multiple of patch x merge, CLIP
-    normalisation, and flattened into Qwen2-VL's temporal/spatial patches), so P(yes) is differentiable."""
+class QwenVLVideo:
+    """Shared by the rewards built on a Qwen2-VL / Qwen2.5-VL checkpoint (the yes/no judge, VideoScore2,
+    VideoReward): the video is prepared in torch (frames sampled, resized to a multiple of patch x merge,
+    CLIP normalisation, flattened into Qwen-VL's temporal/spatial patches, as its processor does), so
+    every score below is differentiable w.r.t. the pixels."""
     differentiable = True
     resolution = None  # resized to a multiple of 28, longest side at most `max_side`
-    dimensions = ["yes", "p_yes"]
 
-    def __init__(self, path, dimension="yes", device="cpu", dtype=torch.float32, num_frames=8, max_side=448):
-        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-        self.dimension, self.name, self.num_frames, self.max_side = dimension, f"vlm:{dimension}", num_frames, max_side
+    def load(self, path, device, dtype, num_frames, max_side):
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+        self.num_frames, self.max_side = num_frames, max_side
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"  # the answer position is the last one for every row
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
         self.model.requires_grad_(False)
+        if self.model.config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
+            raise ValueError(f"{path} is a {self.model.config.model_type} model: the local VLM rewards take Qwen2-VL "
+                             f"or Qwen2.5-VL checkpoints (serve others behind an OpenAI-compatible server: --reward api)")
         vc = self.model.config.vision_config
         self.patch, self.tpatch, self.merge = vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size
-        ids = lambda words: sorted({self.tokenizer.encode(w, add_special_tokens=False)[0] for w in words})  # noqa: E731
-        self.yes_ids, self.no_ids = ids(["yes", "Yes", " yes", " Yes"]), ids(["no", "No", " no", " No"])
-        self.question_fn = default_question
+
+    def first_token_ids(self, words):
+        return sorted({self.tokenizer.encode(w, add_special_tokens=False)[0] for w in words})
 
     def video_inputs(self, videos):
         """pixel_values_videos [sum(t*h*w), C*tp*p*p] and video_grid_thw [B, 3], as Qwen2-VL's processor makes them."""
@@ -479,17 +495,292 @@ class VLMJudge:
         flat = x.reshape(B * gt * gh * gw, C * tp * p * p)
         return flat, torch.tensor([[gt, gh, gw]] * B, device=videos.device), gt * gh * gw // (m * m)
 
-    def __call__(self, videos, prompts):
+    def forward(self, videos, user_texts, answer_prefix="", hidden=False):
+        """One chat turn per video (the video, then `user_texts[i]`), the assistant's answer started with
+        `answer_prefix`. Returns the next-token logits [B, V], or the last hidden states [B, L, D] and ids."""
         pixels, grid, n_tokens = self.video_inputs(videos)
         texts = [f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
-                 f"{'<|video_pad|>' * n_tokens}<|vision_end|>{self.question_fn(p)}<|im_end|>\n<|im_start|>assistant\n"
-                 for p in prompts]
+                 f"{'<|video_pad|>' * n_tokens}<|vision_end|>{t}<|im_end|>\n<|im_start|>assistant\n{answer_prefix}"
+                 for t in user_texts]
         tok = self.tokenizer(texts, padding=True, return_tensors="pt").to(videos.device)
         mm_types = (tok.input_ids == self.model.config.video_token_id).int() * 2  # 0 text, 1 image, 2 video
-        logits = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask, mm_token_type_ids=mm_types,
-                            pixel_values_videos=pixels.to(self.model.dtype), video_grid_thw=grid).logits[:, -1].float()
+        kw = dict(input_ids=tok.input_ids, attention_mask=tok.attention_mask, mm_token_type_ids=mm_types,
+                  pixel_values_videos=pixels.to(self.model.dtype), video_grid_thw=grid)
+        if hidden:
+            return self.model.model(**kw).last_hidden_state, tok.input_ids
+        return self.model(**kw).logits[:, -1].float()
+
+
+class VLMJudge(QwenVLVideo):
+    """A Qwen2-VL / Qwen2.5-VL instruct model asked a yes/no question about the video: P(yes) is the
+    softmax mass of the 'yes' tokens against the 'no' tokens at the answer position; `yes` thresholds it."""
+    dimensions = ["yes", "p_yes"]
+
+    def __init__(self, path, dimension="yes", device="cpu", dtype=torch.float32, num_frames=8, max_side=448):
+        self.load(path, device, dtype, num_frames, max_side)
+        self.dimension, self.name = dimension, f"vlm:{dimension}"
+        self.yes_ids = self.first_token_ids(["yes", "Yes", " yes", " Yes"])
+        self.no_ids = self.first_token_ids(["no", "No", " no", " No"])
+        self.question_fn = default_question
+
+    def __call__(self, videos, prompts):
+        logits = self.forward(videos, [self.question_fn(p) for p in prompts])
         probs = torch.softmax(logits[:, self.yes_ids + self.no_ids], -1)
         p_yes = probs[:, : len(self.yes_ids)].sum(-1)
+        out = {"p_yes": p_yes, "yes": (p_yes > 0.5).float()}
+        out["reward"] = out[self.dimension]
+        return out
+
+    def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
+        return crop_patch_scores(self, videos, prompts, grid)
+
+
+VIDEOSCORE2_DIMENSIONS = {"visual_quality": "visual quality", "text_alignment": "text-to-video alignment",
+                          "physical_consistency": "physical/common-sense consistency"}
+VIDEOSCORE2_QUERY = (  # our wording of VideoScore2's three-dimension rating request (integers 1-5)
+    "You are an expert in evaluating AI-generated videos. The video was generated from the text prompt "
+    "\"{prompt}\". Rate it on three dimensions, each an integer from 1 (bad) to 5 (perfect): visual quality, "
+    "text-to-video alignment, and physical/common-sense consistency.")
+
+
+class VideoScore2(QwenVLVideo):
+    """VideoScore2 (TIGER-Lab, a Qwen2.5-VL fine-tune), or any Qwen-VL instruct model, as a generative
+    scorer: the answer is teacher-forced up to "<dimension>: " and the score is the EXPECTED value of
+    the score tokens 1..5 under the model's next-token distribution (smooth and differentiable, unlike
+    the sampled digit; the model's optional reasoning is skipped: one forward pass per dimension)."""
+    dimensions = list(VIDEOSCORE2_DIMENSIONS)
+
+    def __init__(self, path, dimension="visual_quality", device="cpu", dtype=torch.float32, num_frames=16,
+                 max_side=448, scores=(1, 2, 3, 4, 5)):
+        self.load(path, device, dtype, num_frames, max_side)
+        self.dimension, self.name = dimension, f"videoscore2:{dimension}"
+        self.score_values = torch.tensor(scores, dtype=torch.float32)
+        self.score_ids = [self.tokenizer.encode(str(k), add_special_tokens=False)[0] for k in scores]
+
+    def expected_score(self, logits):
+        p = torch.softmax(logits[:, self.score_ids], -1)
+        return (p * self.score_values.to(p.device)).sum(-1)
+
+    def __call__(self, videos, prompts):
+        queries = [VIDEOSCORE2_QUERY.format(prompt=p) for p in prompts]
+        out = {dim: self.expected_score(self.forward(videos, queries, f"{label}: "))  # each dimension on its own
+               for dim, label in VIDEOSCORE2_DIMENSIONS.items()}
+        out["reward"] = out[self.dimension]
+        return out
+
+    def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
+        return crop_patch_scores(self, videos, prompts, grid)
+
+
+VIDEOREWARD_DIMENSIONS = {"visual_quality": "VQ", "motion_quality": "MQ", "text_alignment": "TA"}
+VIDEOREWARD_PROMPT = (  # VideoAlign's "detailed_special" template, shortened to its structure: one special token
+    # per dimension whose last hidden state the reward head reads
+    "\nYou are tasked with evaluating a generated video based on three distinct criteria: Visual Quality, Motion "
+    "Quality, and Text Alignment. Please provide a rating from 0 to 10 for each of the three categories, with 0 "
+    "being the worst and 10 being the best. Each evaluation should be independent of the others.\n\n"
+    "**Visual Quality:**\nPlease provide the ratings of Visual Quality: <|VQ_reward|>\nEND\n\n"
+    "**Motion Quality:**\nPlease provide the ratings of Motion Quality: <|MQ_reward|>\nEND\n\n"
+    "**Text Alignment:**\nTextual prompt - {prompt}\nPlease provide the ratings of Text Alignment: <|TA_reward|>\nEND\n")
+
+
+class VideoReward:
+    """VideoAlign's VideoReward (KwaiVGI): Qwen2-VL + a linear reward head `rm_head` read at the special
+    tokens <|VQ_reward|>, <|MQ_reward|>, <|TA_reward|> (visual quality, motion quality, text alignment),
+    each normalised by the mean/std in the checkpoint's model_config.json when present; overall = their
+    sum. The folder is a Qwen2-VL checkpoint whose safetensors also hold `rm_head.weight` [1 or 3, D]."""
+    differentiable = True
+    resolution = None
+    dimensions = list(VIDEOREWARD_DIMENSIONS) + ["overall"]
+
+    def __init__(self, path, dimension="overall", device="cpu", dtype=torch.float32, num_frames=8, max_side=448):
+        import json
+        self.vlm = QwenVLVideo()
+        self.vlm.load(path, device, dtype, num_frames, max_side)
+        self.vlm.tokenizer.padding_side = "right"
+        self.dimension, self.name, self.num_frames = dimension, f"videoreward:{dimension}", num_frames
+        w = load_head_weights(path, ["rm_head.weight"])["rm_head.weight"]
+        self.head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False).to(device, torch.float32).requires_grad_(False)
+        self.head.weight.data.copy_(w)  # kept in float32, as VideoAlign does
+        self.special_ids = [self.vlm.tokenizer.convert_tokens_to_ids(f"<|{k}_reward|>") for k in ("VQ", "MQ", "TA")]
+        if self.vlm.tokenizer.unk_token_id in self.special_ids or None in self.special_ids:
+            raise ValueError(f"{path}'s tokenizer lacks <|VQ_reward|>/<|MQ_reward|>/<|TA_reward|>: not a VideoReward checkpoint")
+        cfg_file = os.path.join(path, "model_config.json")
+        inf = json.load(open(cfg_file)).get("inference_config") or {} if os.path.exists(cfg_file) else {}
+        self.norm = {k: (inf.get(f"{k}_mean", 0.0), inf.get(f"{k}_std", 1.0)) for k in ("VQ", "MQ", "TA")}
+
+    def __call__(self, videos, prompts):
+        hidden, ids = self.vlm.forward(videos, [VIDEOREWARD_PROMPT.format(prompt=p) for p in prompts], hidden=True)
+        rows = []
+        for sid in self.special_ids:  # the hidden state at each dimension's token, in order VQ, MQ, TA
+            pos = (ids == sid).float().argmax(1)
+            rows.append(hidden[torch.arange(len(prompts), device=hidden.device), pos])
+        logits = self.head(torch.stack(rows, 1).float())  # [B, 3, out]
+        scores = logits.diagonal(dim1=1, dim2=2) if logits.shape[-1] == 3 else logits[..., 0]  # [B, 3]
+        out = {}
+        for i, (dim, key) in enumerate(VIDEOREWARD_DIMENSIONS.items()):
+            mean, std = self.norm[key]
+            out[dim] = (scores[:, i] - mean) / std
+        out["overall"] = out["visual_quality"] + out["motion_quality"] + out["text_alignment"]
+        out["reward"] = out[self.dimension]
+        return out
+
+    def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
+        return crop_patch_scores(self, videos, prompts, grid)
+
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+class VideoMAEAction:
+    """VADER's action reward: the probability a VideoMAE Kinetics classifier gives the target action.
+    The target is the spec's class (`videomae:playing_guitar`), or else the class named in each prompt
+    (the longest label found in it). 16 frames (repeated when the clip is shorter), shortest side to
+    224 and centre crop, ImageNet normalisation, all in torch: differentiable."""
+    differentiable = True
+    dimensions = ["probability"]
+
+    def __init__(self, path, label=None, device="cpu", dtype=torch.float32):
+        from transformers import VideoMAEForVideoClassification
+        self.model = VideoMAEForVideoClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.model.requires_grad_(False)
+        self.labels = {v.lower(): int(k) for k, v in self.model.config.id2label.items()}
+        self.label = label.replace("_", " ").lower() if label else None
+        if self.label is not None and self.label not in self.labels:
+            raise ValueError(f"videomae: no class {self.label!r} in {path}; e.g. {sorted(self.labels)[:5]}")
+        self.name = f"videomae:{label or 'prompt'}"
+        self.num_frames, self.resolution = self.model.config.num_frames, self.model.config.image_size
+
+    def target(self, prompt):
+        if self.label is not None:
+            return self.labels[self.label]
+        found = [lab for lab in self.labels if lab in prompt.lower()]
+        if not found:
+            raise ValueError(f"videomae: the prompt {prompt!r} names no action class of the model; name one in the "
+                             f"spec, e.g. --reward videomae:{sorted(self.labels)[0].replace(' ', '_')}")
+        return self.labels[max(found, key=len)]
+
+    def __call__(self, videos, prompts):
+        frames = sample_frames(videos, self.num_frames, exact=True)
+        x = resize_center_crop(frames, self.resolution, IMAGENET_MEAN, IMAGENET_STD)
+        probs = torch.softmax(self.model(pixel_values=x.to(self.model.dtype)).logits.float(), -1)
+        p = probs[torch.arange(len(prompts), device=probs.device), torch.tensor([self.target(q) for q in prompts])]
+        return {"probability": p, "reward": p}
+
+    def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
+        return crop_patch_scores(self, videos, prompts, grid)
+
+
+class VJEPA2Consistency:
+    """Temporal feature consistency under V-JEPA 2: the mean cosine similarity between each patch's
+    encoder features at consecutive time steps (tubelets). High for smooth, stable video; flicker,
+    identity swaps and jumps lower it. Frames resized to the model's crop size, ImageNet normalisation,
+    in torch: differentiable."""
+    differentiable = True
+    dimensions = ["consistency"]
+
+    def __init__(self, path, dimension=None, device="cpu", dtype=torch.float32, num_frames=16):
+        from transformers import VJEPA2Model
+        self.model = VJEPA2Model.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+        cfg = self.model.config
+        self.tubelet, self.patch, self.resolution = cfg.tubelet_size, cfg.patch_size, cfg.crop_size
+        self.num_frames = min(num_frames, cfg.frames_per_clip)
+        self.name = "vjepa2:consistency"
+
+    def __call__(self, videos, prompts):
+        n = max(2 * self.tubelet, self.num_frames // self.tubelet * self.tubelet)  # at least two time steps
+        frames = sample_frames(videos, n, exact=True)
+        x = resize_center_crop(frames, self.resolution, IMAGENET_MEAN, IMAGENET_STD)
+        feats = self.model(pixel_values_videos=x.to(self.model.dtype), skip_predictor=True).last_hidden_state.float()
+        B, T = x.shape[0], n // self.tubelet
+        feats = torch.nn.functional.normalize(feats.view(B, T, -1, feats.shape[-1]), dim=-1)  # [B, T, patches, D]
+        c = (feats[:, 1:] * feats[:, :-1]).sum(-1).mean((1, 2))
+        return {"consistency": c, "reward": c}
+
+    def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
+        return crop_patch_scores(self, videos, prompts, grid)
+
+
+class APIJudge:
+    """A yes/no judge behind any OpenAI-compatible chat-completions server (vLLM, hosted APIs). Each video
+    goes as `num_frames` PNG frames (base64 data URLs) plus the question; P(yes) comes from the first
+    answer token's top logprobs when the server returns them (yes mass / (yes + no) mass), else from the
+    answer text (1 or 0). The API key is read from the environment variable `api_key_env` and never
+    logged. Requests time out, and 429/5xx answers and dropped connections are retried with exponential
+    back-off before a clear error. Not differentiable (binary feedback for RWR/DPO)."""
+    differentiable = False
+    resolution = None
+    dimensions = ["yes", "p_yes"]
+
+    def __init__(self, url, model="default", dimension="yes", num_frames=8, timeout=60.0, retries=4, backoff=1.0,
+                 api_key_env="OPENAI_API_KEY", workers=8):
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"api judge: {url!r} is not an http(s) URL; e.g. --judge api:Qwen2.5-VL-7B-Instruct@http://localhost:8000/v1")
+        self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
+        self.model, self.dimension, self.name = model, dimension, f"api:{model}"
+        self.num_frames, self.timeout, self.retries, self.backoff, self.workers = num_frames, timeout, retries, backoff, workers
+        self.api_key_env = api_key_env
+        self.question_fn = default_question
+
+    def frame_urls(self, video):
+        import base64
+        import io
+        from PIL import Image
+        urls = []
+        for f in sample_frames(video[None], self.num_frames)[0]:
+            buf = io.BytesIO()
+            Image.fromarray((f.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()).save(buf, "PNG")
+            urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+        return urls
+
+    def post(self, body):
+        import json
+        import time
+        import urllib.error
+        import urllib.request
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        data, last = json.dumps(body).encode(), None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                with urllib.request.urlopen(urllib.request.Request(self.url, data, headers), timeout=self.timeout) as r:
+                    return json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                if e.code not in (429, 500, 502, 503, 504):  # the request itself is wrong: retrying will not help
+                    hint = f" (is ${self.api_key_env} set to a valid key?)" if e.code in (401, 403) else ""
+                    raise RuntimeError(f"judge server {self.url} refused the request: HTTP {e.code} "
+                                       f"{e.read()[:300].decode(errors='replace')}{hint}") from None
+                last = f"HTTP {e.code}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                last = str(getattr(e, "reason", e))
+        raise ConnectionError(f"judge server {self.url} unreachable after {self.retries + 1} tries ({last}): start it "
+                              f"(e.g. `vllm serve Qwen/Qwen2.5-VL-7B-Instruct`) or fix the URL in the spec") from None
+
+    def ask(self, video, prompt):
+        content = [{"type": "image_url", "image_url": {"url": u}} for u in self.frame_urls(video)]
+        content.append({"type": "text", "text": self.question_fn(prompt)})
+        resp = self.post({"model": self.model, "messages": [{"role": "user", "content": content}], "max_tokens": 1,
+                          "temperature": 0.0, "logprobs": True, "top_logprobs": 20})
+        choice = resp["choices"][0]
+        top = (((choice.get("logprobs") or {}).get("content") or [{}])[0]).get("top_logprobs") or []
+        mass = {"yes": 0.0, "no": 0.0}
+        for t in top:
+            word = t["token"].strip().lower()
+            if word in mass:
+                mass[word] += math.exp(t["logprob"])
+        if mass["yes"] + mass["no"] > 0:
+            return mass["yes"] / (mass["yes"] + mass["no"])
+        answer = (choice.get("message") or {}).get("content") or ""
+        return 1.0 if answer.strip().lower().startswith("yes") else 0.0
+
+    @torch.no_grad()
+    def __call__(self, videos, prompts):
+        import concurrent.futures
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+            p_yes = torch.tensor(list(pool.map(self.ask, videos, prompts)))
         out = {"p_yes": p_yes, "yes": (p_yes > 0.5).float()}
         out["reward"] = out[self.dimension]
         return out
@@ -498,6 +789,8 @@ class VLMJudge:
 # ----------------------------------------------------------------------------------------------
 # Specs and weighted sums
 # ----------------------------------------------------------------------------------------------
+REWARD_ALIASES.update({"videoscore2": "TIGER-Lab/VideoScore2", "videoreward": "KwaiVGI/VideoReward",
+                       "videomae": "MCG-NJU/videomae-base-finetuned-kinetics", "vjepa2": "facebook/vjepa2-vitl-fpc64-256"})
 REWARDS = {  # name -> constructor(dimension or None, weights path or None, device, dtype)
     "toy": lambda dim, path, device, dtype: ToyReward(dim or "temporal_consistency"),
     "judge": lambda dim, path, device, dtype: ToyJudge(dim or "yes"),
@@ -508,9 +801,19 @@ REWARDS = {  # name -> constructor(dimension or None, weights path or None, devi
     # vlm[:model alias][@folder]: the part after ':' names the VLM (qwen2.5-vl, ...), the answer is P(yes)
     "vlm": lambda alias, path, device, dtype: VLMJudge(resolve_weights(path or VLM_ALIASES[alias or "qwen2.5-vl"]),
                                                        "yes", device, dtype),
+    "videoscore2": lambda dim, path, device, dtype: VideoScore2(resolve_weights(path or "videoscore2"),
+                                                                dim or "visual_quality", device, dtype),
+    "videoreward": lambda dim, path, device, dtype: VideoReward(resolve_weights(path or "videoreward"),
+                                                                dim or "overall", device, dtype),
+    "videomae": lambda label, path, device, dtype: VideoMAEAction(resolve_weights(path or "videomae"), label, device, dtype),
+    "vjepa2": lambda dim, path, device, dtype: VJEPA2Consistency(resolve_weights(path or "vjepa2"), dim, device, dtype),
+    # api:<served model name>@<base URL>: a yes/no judge behind an OpenAI-compatible server (no weights here)
+    "api": lambda model, url, device, dtype: APIJudge(url or "http://localhost:8000/v1", model or "default"),
 }
 DIMENSIONS = {"judge": ToyJudge.dimensions, "videoscore": VIDEOSCORE_DIMENSIONS, "vlm": sorted(VLM_ALIASES),
-              **{kind: ["mean", "random"] for kind in CLIP_ALIASES}}  # frame-wise rewards: how frames are aggregated
+              **{kind: ["mean", "random"] for kind in CLIP_ALIASES},  # frame-wise rewards: how frames are aggregated
+              "videoscore2": VideoScore2.dimensions, "videoreward": VideoReward.dimensions,
+              "vjepa2": VJEPA2Consistency.dimensions}  # videomae: any class label of the checkpoint; api: any model name
 
 
 class WeightedSum:
@@ -542,7 +845,7 @@ def parse_reward_spec(spec):
     names and dimensions without loading anything."""
     terms = []
     for part in spec.replace(" ", "").split("+"):
-        m = re.fullmatch(r"([A-Za-z0-9_\-]+)(?::([A-Za-z0-9_.\-]+))?(?:@([^*+]+))?(?:\*([0-9.eE+-]+))?", part)
+        m = re.fullmatch(r"([A-Za-z0-9_\-]+)(?::([A-Za-z0-9_.\-/]+))?(?:@([^*+]+))?(?:\*([0-9.eE+-]+))?", part)
         if not m:
             raise ValueError(f"cannot parse reward spec {part!r}: use name[:dimension][@weights-folder][*weight] "
                              f"terms joined by '+'")

@@ -265,7 +265,11 @@ def main(args):
         raise SystemExit(f"unknown experiment(s) {unknown}: valid are {list(EXPERIMENTS)}")
     seeds = list(range(1 if args.smoke else args.seeds))
     needed = sorted({c for n in names for c in EXPERIMENTS[n][1]})
-    jobs = [(c, s) for s in seeds for c in needed]  # all configs of seed 0 first: early figures for every claim
+    # seed 0 of every configuration first (a first figure for every claim), then the other seeds of the
+    # configurations the central claims rest on, then the rest: an interrupted sweep still says the most
+    core = [c for c in needed if c in ("dpo", "dpo_offline", "vader", "gran", "gran_video_only", "rwr", "rwr_dpo")]
+    jobs = [(c, seeds[0]) for c in needed] + [(c, s) for s in seeds[1:] for c in core] + \
+        [(c, s) for s in seeds[1:] for c in needed if c not in core]
     runs = {c: [] for c in needed}
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = {} if args.aggregate_only else {pool.submit(run_one, c, s, args): (c, s) for c, s in jobs}

@@ -92,3 +92,187 @@ def test_vader_with_a_real_frame_reward_end_to_end(tmp_path, tiny_folders):
                                 "--diversity-seeds", "2", "--decode-frames", "alternate", "--out", str(tmp_path / "v")])
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert rows[-1]["eval"] and "eval/pickscore" in rows[0] and rows[1]["grad_norm"] > 0
+
+
+# ---- VideoScore2 / VideoReward / VideoMAE / V-JEPA 2 -----------------------------------------
+@pytest.fixture(scope="module")
+def more_models(tmp_path_factory):
+    import tiny_models
+    d = tmp_path_factory.mktemp("more_rewards")
+    tiny_models.build_videomae(str(d / "mae"))
+    tiny_models.build_vjepa2(str(d / "jepa"))
+    _, head = tiny_models.build_qwen_vl(str(d / "vr"), version="2", reward_head=1)
+    return d, head
+
+
+def test_videoscore2_is_the_expected_score_token(qwen_vl_folder):
+    r = rewards.load_reward(f"videoscore2:physical_consistency@{qwen_vl_folder}")
+    videos = torch.rand(2, 6, 3, 28, 28, requires_grad=True)
+    prompts = ["a red square falling", "a cat"]
+    out = r(videos, prompts)
+    assert set(rewards.VIDEOSCORE2_DIMENSIONS) <= set(out) and torch.equal(out["reward"], out["physical_consistency"])
+    # by hand: softmax over the tokens "1".."5" after "physical/common-sense consistency: ", expectation of 1..5
+    logits = r.forward(videos.detach(), [rewards.VIDEOSCORE2_QUERY.format(prompt=p) for p in prompts],
+                       "physical/common-sense consistency: ")
+    ids = [r.tokenizer.convert_tokens_to_ids(str(k)) for k in range(1, 6)]
+    want = (torch.softmax(logits[:, ids], -1) * torch.arange(1.0, 6.0)).sum(-1)
+    assert torch.allclose(out["reward"], want, atol=1e-5) and ((want > 1) & (want < 5)).all()
+    out["reward"].sum().backward()
+    assert videos.grad.abs().sum() > 0
+
+
+def test_videoreward_head_special_tokens_and_normalisation(more_models):
+    import json
+    d, head = more_models
+    r = rewards.load_reward(f"videoreward@{d / 'vr'}")
+    assert torch.equal(r.head.weight, head) and r.name == "videoreward:overall"
+    videos = torch.rand(2, 4, 3, 28, 56, requires_grad=True)
+    raw = r(videos, ["a red square falling", "a cat"])
+    assert torch.allclose(raw["overall"], raw["visual_quality"] + raw["motion_quality"] + raw["text_alignment"])
+    # by hand: the last hidden state at each special token through the head
+    hidden, ids = r.vlm.forward(videos.detach(), [rewards.VIDEOREWARD_PROMPT.format(prompt=p) for p in ["a red square falling", "a cat"]], hidden=True)
+    pos = (ids == r.special_ids[1]).float().argmax(1)
+    assert torch.allclose(raw["motion_quality"], (hidden[torch.arange(2), pos] @ head.T)[:, 0], atol=1e-5)
+    raw["overall"].sum().backward()
+    assert videos.grad.abs().sum() > 0
+    json.dump({"inference_config": {"VQ_mean": 1.0, "VQ_std": 2.0, "MQ_mean": 0.0, "MQ_std": 1.0, "TA_mean": -1.0,
+                                    "TA_std": 0.5}}, open(d / "vr" / "model_config.json", "w"))
+    normed = rewards.load_reward(f"videoreward:text_alignment@{d / 'vr'}")(videos.detach(), ["a red square falling", "a cat"])
+    assert torch.allclose(normed["visual_quality"], (raw["visual_quality"] - 1.0) / 2.0, atol=1e-5)
+    assert torch.allclose(normed["reward"], (raw["text_alignment"] + 1.0) / 0.5, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown videoreward dimension 'beauty'"):
+        rewards.parse_reward_spec("videoreward:beauty")
+
+
+def test_videomae_action_probability(more_models):
+    d, _ = more_models
+    r = rewards.load_reward(f"videomae@{d / 'mae'}")  # the target class is the one the prompt names
+    videos = torch.rand(2, 3, 3, 20, 30, requires_grad=True)
+    out = r(videos, ["a man playing guitar on a stage", "a dog juggling balls"])
+    x = rewards.resize_center_crop(rewards.sample_frames(videos.detach(), 4, exact=True), 32, rewards.IMAGENET_MEAN,
+                                   rewards.IMAGENET_STD)
+    with torch.no_grad():
+        probs = torch.softmax(r.model(pixel_values=x).logits, -1)
+    assert torch.allclose(out["reward"], probs[[0, 1], [0, 1]], atol=1e-6)
+    out["reward"].sum().backward()
+    assert videos.grad.abs().sum() > 0
+    fixed = rewards.load_reward(f"videomae:bouncing_ball@{d / 'mae'}")(videos.detach(), ["anything", "at all"])
+    assert torch.allclose(fixed["reward"], probs[:, 3], atol=1e-6)
+    with pytest.raises(ValueError, match="names no action class"):
+        r(videos.detach(), ["a red square falling", "x"])
+    with pytest.raises(ValueError, match="no class 'ballet'"):
+        rewards.load_reward(f"videomae:ballet@{d / 'mae'}")
+
+
+def test_vjepa2_consistency_ranks_a_steady_clip_above_flicker(more_models):
+    d, _ = more_models
+    r = rewards.load_reward(f"vjepa2@{d / 'jepa'}")
+    g = torch.Generator().manual_seed(0)
+    frame = torch.rand(3, 1, 3, 32, 32, generator=g)
+    steady = frame.expand(3, 8, 3, 32, 32).clone().requires_grad_(True)
+    flicker = torch.rand(3, 8, 3, 32, 32, generator=g)
+    a, b = r(steady, ["x"] * 3)["reward"], r(flicker, ["x"] * 3)["reward"]
+    assert (a > b).all(), (a, b)
+    a.sum().backward()
+    assert steady.grad.abs().sum() > 0
+    assert r.patch_scores(flicker, ["x"] * 3, (1, 2, 2)).shape == (3, 1, 2, 2)
+
+
+# ---- a judge behind an OpenAI-compatible server, tested against one on loopback --------------
+class FakeServer:
+    """A chat-completions server on 127.0.0.1: answers in the OpenAI format with top logprobs, after
+    `fail_first` 503s; records every request it saw (headers and JSON bodies)."""
+
+    def __init__(self, fail_first=0, logprobs=True, p_yes=0.8):
+        import http.server
+        import json
+        import math
+        import threading
+        self.requests, self.fail_left = [], fail_first
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append((self.path, dict(self.headers), body))
+                if server.fail_left > 0:
+                    server.fail_left -= 1
+                    self.send_response(503)
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "overloaded"}')
+                    return
+                top = [{"token": "Yes", "logprob": math.log(p_yes * 0.9)}, {"token": " yes", "logprob": math.log(p_yes * 0.1)},
+                       {"token": "No", "logprob": math.log(1 - p_yes)}, {"token": "Maybe", "logprob": -9.0}]
+                choice = {"index": 0, "message": {"role": "assistant", "content": "Yes"}, "finish_reason": "length",
+                          "logprobs": {"content": [{"token": "Yes", "logprob": top[0]["logprob"], "top_logprobs": top}]}
+                          if logprobs else None}
+                data = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"], "choices": [choice]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_api_judge_reads_p_yes_from_logprobs_and_sends_frames(monkeypatch):
+    import base64
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
+    srv = FakeServer(p_yes=0.8)
+    try:
+        judge = rewards.load_reward(f"api:Qwen/Qwen2.5-VL-7B-Instruct@{srv.url}")
+        assert not judge.differentiable and judge.name == "api:Qwen/Qwen2.5-VL-7B-Instruct"
+        out = judge(torch.rand(2, 6, 3, 16, 24), ["a red square falling", "a blue circle bouncing"])
+        assert torch.allclose(out["p_yes"], torch.tensor([0.8, 0.8]), atol=1e-6)  # (0.72 + 0.08) / (0.8 + 0.2)
+        assert torch.equal(out["yes"], torch.ones(2)) and torch.equal(out["reward"], out["yes"])
+        path, headers, body = srv.requests[0]
+        assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer sk-secret-123"
+        assert body["model"] == "Qwen/Qwen2.5-VL-7B-Instruct" and body["logprobs"] and body["max_tokens"] == 1
+        content = body["messages"][0]["content"]
+        images = [c for c in content if c["type"] == "image_url"]
+        assert len(images) == 6 and images[0]["image_url"]["url"].startswith("data:image/png;base64,")
+        assert base64.b64decode(images[0]["image_url"]["url"].split(",", 1)[1])[:4] == b"\x89PNG"
+        assert content[-1]["text"] in ("Does the red square fall downwards with increasing speed? Answer yes or no.",
+                                       "Does the blue circle fall, hit the ground and bounce back up? Answer yes or no.")
+    finally:
+        srv.close()
+
+
+def test_api_judge_retries_a_503_then_answers_from_text_without_logprobs():
+    srv = FakeServer(fail_first=2, logprobs=False)
+    try:
+        judge = rewards.APIJudge(srv.url, "m", backoff=0.01)
+        out = judge(torch.rand(1, 4, 3, 8, 8), ["a red square falling"])
+        assert out["p_yes"].tolist() == [1.0] and len(srv.requests) == 3  # two 503s, then the answer "Yes"
+    finally:
+        srv.close()
+    srv = FakeServer(fail_first=10)
+    try:
+        with pytest.raises(ConnectionError, match="unreachable after 3 tries \\(HTTP 503\\)"):
+            rewards.APIJudge(srv.url, "m", retries=2, backoff=0.01)(torch.rand(1, 4, 3, 8, 8), ["x"])
+    finally:
+        srv.close()
+
+
+def test_api_judge_fails_clearly_on_a_refused_connection(monkeypatch):
+    import socket
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-never-print-me")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    judge = rewards.APIJudge(f"http://127.0.0.1:{port}/v1", "m", retries=1, backoff=0.01, timeout=5)
+    with pytest.raises(ConnectionError, match=f"judge server http://127.0.0.1:{port}/v1/chat/completions unreachable") as e:
+        judge(torch.rand(1, 4, 3, 8, 8), ["x"])
+    assert "sk-never-print-me" not in str(e.value) and "vllm serve" in str(e.value)
+    with pytest.raises(ValueError, match="not an http"):
+        rewards.load_reward("api:m@localhost:8000")

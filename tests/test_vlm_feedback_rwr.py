@@ -82,6 +82,21 @@ def test_one_round_with_a_tiny_transformers_vlm_judge(tmp_path, toy_model, qwen_
     assert cache[0]["question"].startswith("Does a ") and cache[0]["yes"] in (0.0, 1.0)
 
 
+def test_one_round_with_a_judge_behind_an_openai_compatible_server(tmp_path, toy_model):
+    from test_rewards_real import FakeServer
+    srv = FakeServer(p_yes=0.3)  # answers "no" (P(yes) 0.3) to every question
+    try:
+        out = run_main(rwr, FAST + ["--judge", f"api:judge-model@{srv.url}", "--out", str(tmp_path / "api")])
+    finally:
+        srv.close()
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    evals = [r for r in rows if r.get("eval")]
+    assert [r["round"] for r in evals] == [0, 1] and evals[0]["eval/pass_rate"] == 0.0
+    assert all(r["batches_skipped_no_yes"] > 0 and r["batches"] == 0 for r in rows if "epoch" in r)  # all "no": no update
+    questions = {b["messages"][0]["content"][-1]["text"] for _, _, b in srv.requests}
+    assert all(q.startswith("Does the ") and q.endswith("Answer yes or no.") for q in questions)
+
+
 def test_bad_question_template_fails_early(tmp_path):
     with pytest.raises(ValueError, match="must contain {prompt}"):
         run_main(rwr, ["--question", "Is it good?", "--out", str(tmp_path / "q")])

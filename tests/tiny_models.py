@@ -1,6 +1,8 @@
 """Tiny random text-to-video pipelines of every supported family, built from config classes and
 saved with the stock pipeline's save_pretrained, so tests load them back through the production
 from_pretrained path (no weights can be downloaded here)."""
+import os
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
@@ -124,26 +126,64 @@ def build_videoscore(folder, seed=0):
     return base, state["score.weight"]
 
 
-def build_qwen_vl(folder, seed=0):
-    """A tiny random Qwen2.5-VL checkpoint with a chat-style tokenizer (yes/no and the video tokens)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def build_qwen_vl(folder, seed=0, version="2.5", reward_head=None):
+    """A tiny random Qwen2.5-VL (or Qwen2-VL) checkpoint with a chat-style tokenizer (yes/no, the score
+    digits, the video tokens). `reward_head=k` makes it a VideoReward checkpoint: the three special
+    reward tokens, and `rm_head.weight` [k, hidden] saved beside the model's own weights."""
+    import transformers as T
+    from safetensors.torch import load_file, save_file
     tok = word_tokenizer(4096)
-    tok.add_tokens(["yes", "no", "Yes", "No", "does", "fall", "downwards", "increasing", "speed", "answer", "or"])
+    tok.add_tokens(["yes", "no", "Yes", "No", "does", "fall", "downwards", "increasing", "speed", "answer", "or",
+                    "1", "2", "3", "4", "5", "visual", "quality", ":"])
     specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"]
+    if reward_head:
+        specials += ["<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>"]
     tok.add_special_tokens({"additional_special_tokens": specials})
     ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
     torch.manual_seed(seed)
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=2048,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                           fullatt_block_indexes=[0]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(folder)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                vocab_size=len(tok), max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    token_ids = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                     vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if version == "2.5":
+        cfg = T.Qwen2_5_VLConfig(text_config=text, vision_config=dict(
+            depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0]), **token_ids)
+        model = T.Qwen2_5_VLForConditionalGeneration(cfg)
+    else:
+        cfg = T.Qwen2VLConfig(text_config=text, vision_config=dict(
+            depth=1, embed_dim=16, hidden_size=32, mlp_ratio=2, num_heads=2, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2), **token_ids)
+        model = T.Qwen2VLForConditionalGeneration(cfg)
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
+    if reward_head:  # VideoReward keeps its head in the same state dict as the backbone
+        f = [n for n in os.listdir(folder) if n.endswith(".safetensors")][0]
+        state = load_file(os.path.join(folder, f))
+        state["rm_head.weight"] = torch.randn(reward_head, 32) * 0.2
+        save_file(state, os.path.join(folder, f), metadata={"format": "pt"})
+        return model, state["rm_head.weight"]
+    return model
+
+
+def build_videomae(folder, seed=0):
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+    torch.manual_seed(seed)
+    labels = ["playing guitar", "juggling balls", "falling off chair", "bouncing ball"]
+    cfg = VideoMAEConfig(image_size=32, patch_size=16, num_frames=4, tubelet_size=2, hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=32, use_mean_pooling=True, num_labels=len(labels),
+                         id2label=dict(enumerate(labels)), label2id={v: k for k, v in enumerate(labels)})
+    VideoMAEForVideoClassification(cfg).save_pretrained(folder)
+
+
+def build_vjepa2(folder, seed=0):
+    from transformers import VJEPA2Config, VJEPA2Model
+    torch.manual_seed(seed)
+    cfg = VJEPA2Config(patch_size=16, crop_size=32, frames_per_clip=8, tubelet_size=2, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, mlp_ratio=2.0, pred_hidden_size=16, pred_num_hidden_layers=1,
+                       pred_num_attention_heads=2, pred_num_mask_tokens=2)
+    VJEPA2Model(cfg).save_pretrained(folder)
 
 
 def build_clip(folder, seed=0, aesthetic=False):
