@@ -167,6 +167,7 @@ def summarise(name, runs, args):
                 keys = [k for k in last if k.startswith(("eval/pass_rate", "train/pass_rate"))]
                 f = {k: last[k] - first.get(k, 0.0) for k in keys}
                 f |= {f"{k}@start": first.get(k, 0.0) for k in keys} | {f"{k}@end": last[k] for k in keys}
+                f["sec"] = float(open(os.path.join(out, "done")).read())
             else:
                 f = {f"delta/{k}": last[f"eval/{k}"] - first[f"eval/{k}"] for k in DIMS + ["reward", "defective_patches"]
                      if f"eval/{k}" in last}
@@ -258,6 +259,28 @@ def plot(name, figs, stats, path):
     plt.close(fig)
 
 
+def markdown(name, save):
+    """The experiment as a README section: claim, command, a mean ± std table per configuration, verdicts."""
+    stats, n = save["mean_std"], len(save["seeds"])
+    keys = [k for k in next(iter(stats.values())) if k.startswith(("delta/", "eval/pass_rate", "diversity"))
+            and "@" not in k and k != "delta/reward"]
+    if EXPERIMENTS[name][2] == "pass_rate":  # the level at the start, then the changes
+        keys = ["eval/pass_rate@start"] + [k for k in keys if k.startswith("eval/")]
+    head = ["configuration"] + (["trained reward"] if EXPERIMENTS[name][2] != "pass_rate" else []) + \
+        [k.split("/", 1)[1] if k.startswith("delta/") else k.replace("eval/pass_rate", "held-out pass rate").replace(
+            "@start", " at start") for k in keys] + ["s/run"]
+    lines = [f"**Claim** ({EXPERIMENTS[name][0]}). `{save['command']}`, {n} seed{'s' * (n > 1)}; "
+             "change from step 0 to the end on held-out prompts, mean ± std over seeds.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c, st in stats.items():
+        cells = [f"`{c}`"] + ([f"{st['delta/reward'][0]:+.3f} ± {st['delta/reward'][1]:.3f}"] if "delta/reward" in st else [])
+        cells += [f"{st[k][0]:+.3f} ± {st[k][1]:.3f}" if k in st else "" for k in keys]
+        cells += [f"{st['sec'][0]:.0f}" if "sec" in st else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [""] + [f"- {k}: **{v}**" for k, v in save["verdict"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def main(args):
     names = args.only or list(EXPERIMENTS)
     unknown = [n for n in names if n not in EXPERIMENTS]
@@ -293,6 +316,8 @@ def main(args):
         with open(os.path.join(args.out, f"{n}.json"), "w") as f:
             json.dump(save, f, indent=1)
         plot(n, figs, stats, os.path.join(args.out, f"{n}.png"))
+        with open(os.path.join(args.out, f"{n}.md"), "w") as f:
+            f.write(markdown(n, save))
         print(f"\n## {n}: {claim}")
         for c, st in stats.items():
             shown = {k: f"{m:+.3f}±{s:.3f}" for k, (m, s) in st.items() if k.startswith(("delta/", "eval/pass_rate", "diversity"))

@@ -276,3 +276,16 @@ def test_api_judge_fails_clearly_on_a_refused_connection(monkeypatch):
     assert "sk-never-print-me" not in str(e.value) and "vllm serve" in str(e.value)
     with pytest.raises(ValueError, match="not an http"):
         rewards.load_reward("api:m@localhost:8000")
+
+
+def test_weighted_sum_of_real_rewards(more_models):
+    d, _ = more_models
+    both = rewards.load_reward(f"vjepa2@{d / 'jepa'}*2+videomae:juggling_balls@{d / 'mae'}*0.5")
+    videos = torch.rand(2, 8, 3, 32, 32)
+    out = both(videos, ["a", "b"])
+    a = rewards.load_reward(f"vjepa2@{d / 'jepa'}")(videos, ["a", "b"])["reward"]
+    b = rewards.load_reward(f"videomae:juggling_balls@{d / 'mae'}")(videos, ["a", "b"])["reward"]
+    assert torch.allclose(out["reward"], 2 * a + 0.5 * b, atol=1e-6) and both.differentiable
+    assert torch.allclose(out["vjepa2:consistency/consistency"], a)
+    assert both.patch_scores(videos, ["a", "b"], (1, 1, 2)).shape == (2, 1, 1, 2)
+    assert not rewards.load_reward("api:m@http://127.0.0.1:9/v1+toy:quality").differentiable
