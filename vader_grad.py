@@ -31,7 +31,7 @@ p.add_argument("--reward", default="toy:quality", help="a DIFFERENTIABLE reward 
 p.add_argument("--reward-target", type=float, default=None, help="minimise |target - reward| instead of maximising the reward")
 p.add_argument("--prompts", default="toy_train", help="training prompts: a built-in list name or a text file, one per line")
 p.add_argument("--eval-prompts", default="toy_heldout", help="HELD-OUT evaluation prompts (list name or file)")
-p.add_argument("--steps", type=int, default=60, help="optimisation steps")
+p.add_argument("--steps", type=int, default=30, help="optimisation steps (toy: the held-out reward peaks near 30 and then falls, README)")
 p.add_argument("--batch-size", type=int, default=8, help="videos per optimisation step, summed over ranks and accumulation")
 p.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimisation step")
 p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3 on the toy model, 2e-4 otherwise: VADER)")
