@@ -190,8 +190,10 @@ def judge_claim(name, figs):
         return {"online > offline (held-out reward gain)": verdict(d("dpo"), d("dpo_offline"))}
     if name == "ref_interval":
         best = max(["dpo_ref_never", "dpo_ref_3", "dpo", "dpo_ref_20"], key=lambda c: mean_std(d(c))[0])
-        return {"interior optimum (best of never/3/10/20 is 3 or 10)": "held" if best in ("dpo_ref_3", "dpo") else
-                f"not held (best: {best})", "curriculum (I=10) > fixed reference": verdict(d("dpo"), d("dpo_ref_never"))}
+        # from short to long: 3, 10, 20, never; an interior optimum is 10 or 20 beating both ends
+        return {"interior optimum (I = 10 or 20 best of 3/10/20/never)": "held" if best in ("dpo", "dpo_ref_20") else
+                f"not held (best: {best})", "curriculum (I=10) > fixed reference": verdict(d("dpo"), d("dpo_ref_never")),
+                "shortest interval (I=3) > fixed reference": verdict(d("dpo_ref_3"), d("dpo_ref_never"))}
     if name == "num_candidates":
         return {"N=4 > N=2": verdict(d("dpo"), d("dpo_n2")),
                 "N=8 > N=4 (gains continue)": verdict(d("dpo_n8"), d("dpo"))}
