@@ -204,8 +204,13 @@ def judge_claim(name, figs):
         out = {f"VADER climbs faster per reward query (held-out gain after {q_eq} queries)": verdict(at_q("vader"), at_q("dpo"))}
         if "diversity" in figs["vader"]:
             out["VADER lowers diversity more than DPO"] = verdict(figs["vader"]["diversity"], figs["dpo"]["diversity"], False)
+        # hacking: the trained reward rises while what it does not measure (motion, prompt faithfulness) falls
+        unmeasured = [a + b for a, b in zip(figs["vader"]["delta/dynamic_degree"], figs["vader"]["delta/text_alignment"])]
+        out["VADER hacks: trained reward up, dynamic degree + text alignment down"] = \
+            verdict(figs["vader"]["delta/reward"], [0.0] * len(unmeasured)) if verdict([0.0] * len(unmeasured), unmeasured) == "held" \
+            else "not held"
         peak_then_drop = [max(r for _, r in cv) - cv[-1][1] for cv in figs["vader"]["curve"]]
-        out["VADER's held-out reward falls from its peak (hacking)"] = "held" if min(peak_then_drop) > 0.01 else "not held"
+        out["VADER's held-out reward falls back from its peak"] = "held" if min(peak_then_drop) > 0.01 else "not held"
         return out
     if name == "feedback_dimension":
         best_single = max(["dpo", "dpo_dynamic", "dpo_text", "dpo_quality"],
@@ -270,13 +275,14 @@ def markdown(name, save):
         keys = ["eval/pass_rate@start"] + [k for k in keys if k.startswith("eval/")]
     head = ["configuration"] + (["trained reward"] if EXPERIMENTS[name][2] != "pass_rate" else []) + \
         [k.split("/", 1)[1] if k.startswith("delta/") else k.replace("eval/pass_rate", "held-out pass rate").replace(
-            "@start", " at start") for k in keys] + ["s/run"]
+            "@start", " at start").replace("diversity", "diversity at end") for k in keys] + ["s/run"]
     lines = [f"**Claim** ({EXPERIMENTS[name][0]}). `{save['command']}`, {n} seed{'s' * (n > 1)}; "
              "change from step 0 to the end on held-out prompts, mean ± std over seeds.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c, st in stats.items():
         cells = [f"`{c}`"] + ([f"{st['delta/reward'][0]:+.3f} ± {st['delta/reward'][1]:.3f}"] if "delta/reward" in st else [])
-        cells += [f"{st[k][0]:+.3f} ± {st[k][1]:.3f}" if k in st else "" for k in keys]
+        cells += [(f"{st[k][0]:.4f} ± {st[k][1]:.4f}" if k == "diversity" else f"{st[k][0]:+.3f} ± {st[k][1]:.3f}")
+                  if k in st else "" for k in keys]
         cells += [f"{st['sec'][0]:.0f}" if "sec" in st else ""]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [""] + [f"- {k}: **{v}**" for k, v in save["verdict"].items()]
