@@ -173,7 +173,8 @@ def summarise(name, runs, args):
                      if f"eval/{k}" in last}
                 f |= {f"end/{k}": last[f"eval/{k}"] for k in DIMS + ["reward"] if f"eval/{k}" in last}
                 per_query = cfg["batch_size"] * cfg.get("num_candidates", 1)  # videos scored per step
-                f["curve"] = [(r["step"] * per_query, r["eval/reward"]) for r in evals]
+                f["curve"] = [(r["step"] * per_query, r["eval/defective_patches" if kind == "defective_patches" else "eval/reward"])
+                              for r in evals]
                 f["sec"] = float(open(os.path.join(out, "done")).read())
                 if name == "gradient_vs_dpo" and not args.smoke:
                     f["diversity"] = diversity(out, seed)
@@ -243,12 +244,12 @@ def plot(name, figs, stats, path):
     configs = list(figs)
     if EXPERIMENTS[name][2] in ("reward", "defective_patches") and all("curve" in figs[c] for c in configs):
         fig, ax = plt.subplots(figsize=(6, 4))
-        key = "delta/defective_patches" if EXPERIMENTS[name][2] == "defective_patches" else None
         for c in configs:
             for i, cv in enumerate(figs[c]["curve"]):
                 ax.plot(*zip(*cv), color=f"C{configs.index(c)}", alpha=0.8, label=c if i == 0 else None)
         ax.set_xlabel("reward queries (videos scored)")
-        ax.set_ylabel("held-out reward" + ("" if key is None else " (defects: see JSON)"))
+        ax.set_ylabel("defective patches per held-out video" if EXPERIMENTS[name][2] == "defective_patches"
+                      else "held-out trained reward")
     else:
         keys = sorted({k for c in configs for k in stats[c] if k.startswith(("delta/", "eval/pass_rate")) and "@" not in k})
         fig, ax = plt.subplots(figsize=(max(6, len(keys) * 1.2), 4))
