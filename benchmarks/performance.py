@@ -90,11 +90,15 @@ def run_one(algorithm, folder, json_out, args):
 
     def timed(key, fn, count=None):
         def wrapper(*a, **kw):
-            if depth["excluded"]:
+            if depth["excluded"] or depth.get(key):  # excluded, or nested in a timer of the same kind
                 return fn(*a, **kw)
             sync()
             t0 = time.perf_counter()
-            out = fn(*a, **kw)
+            depth[key] = 1
+            try:
+                out = fn(*a, **kw)
+            finally:
+                depth[key] = 0
             sync()
             T[key] += time.perf_counter() - t0
             if count:
@@ -130,6 +134,8 @@ def run_one(algorithm, folder, json_out, args):
         r = load_reward(*a, **kw)
         cls = type(r)
         cls.__call__ = timed("reward", cls.__call__)
+        if hasattr(cls, "patch_scores"):  # Gran-DPO's patch map is reward compute too
+            cls.patch_scores = timed("reward", cls.patch_scores)
         return r
     rewards.load_reward = timed_reward
 
