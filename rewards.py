@@ -333,6 +333,13 @@ def crop_patch_scores(reward, videos, prompts, grid=(2, 2, 2)):
     return torch.stack(cells, 1).view(B, gf, gh, gw)
 
 
+class CropPatchScores:
+    """Mixin of the real rewards: patch scores are the same model applied to crops."""
+
+    def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
+        return crop_patch_scores(self, videos, prompts, grid)
+
+
 def resize_normalize(frames, size, mean, std):
     """[B, F, C, H, W] in [0, 1] -> resized and normalised, in torch (differentiable; no torchvision)."""
     B, F, C, H, W = frames.shape
@@ -342,7 +349,7 @@ def resize_normalize(frames, size, mean, std):
     return x.reshape(B, F, C, *x.shape[-2:])
 
 
-class VideoScore:
+class VideoScore(CropPatchScores):
     """VideoScore v1.1 (TIGER-Lab): Idefics2 + a 5-way linear regression head pooled at the last
     non-pad token; scores 1-4 for visual quality, temporal consistency, dynamic degree, text-to-video
     alignment, factual consistency. The base is the stock transformers Idefics2Model; the head is
@@ -380,9 +387,6 @@ class VideoScore:
         out["reward"] = out[self.dimension]
         return out
 
-    def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
-        return crop_patch_scores(self, videos, prompts, grid)
-
 
 CLIP_ALIASES = {"pickscore": "yuvalkirstain/PickScore_v1", "clipscore": "openai/clip-vit-large-patch14",
                 "hpsv2": "adams-story/HPSv2-hf", "aesthetic": "openai/clip-vit-large-patch14"}
@@ -401,7 +405,7 @@ def resize_center_crop(frames, size, mean, std):
     return x.reshape(B, F, C, size, size)
 
 
-class CLIPFrameReward:
+class CLIPFrameReward(CropPatchScores):
     """Frame-wise image rewards from a CLIPModel checkpoint, averaged over frames (or one random frame,
     VADER's cheap mode): `pickscore` and `hpsv2` = logit_scale * cos(image, text) (HPSv2 converted to a
     CLIPModel), `clipscore` = 100 * max(cos, 0), `aesthetic` = the LAION improved-aesthetic MLP on the
@@ -447,16 +451,13 @@ class CLIPFrameReward:
         r = score.mean(1)
         return {self.kind: r, "reward": r}
 
-    def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
-        return crop_patch_scores(self, videos, prompts, grid)
-
 
 VLM_ALIASES = {"qwen2.5-vl": "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
                "qwen2.5-vl-72b": "Qwen/Qwen2.5-VL-72B-Instruct"}
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
 
-class QwenVLVideo:
+class QwenVLVideo(CropPatchScores):
     """Shared by the rewards built on a Qwen2-VL / Qwen2.5-VL checkpoint (the yes/no judge, VideoScore2,
     VideoReward): the video is prepared in torch (frames sampled, resized to a multiple of patch x merge,
     CLIP normalisation, flattened into Qwen-VL's temporal/spatial patches, as its processor does), so
@@ -531,9 +532,6 @@ class VLMJudge(QwenVLVideo):
         out["reward"] = out[self.dimension]
         return out
 
-    def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
-        return crop_patch_scores(self, videos, prompts, grid)
-
 
 VIDEOSCORE2_DIMENSIONS = {"visual_quality": "visual quality", "text_alignment": "text-to-video alignment",
                           "physical_consistency": "physical/common-sense consistency"}
@@ -568,9 +566,6 @@ class VideoScore2(QwenVLVideo):
         out["reward"] = out[self.dimension]
         return out
 
-    def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
-        return crop_patch_scores(self, videos, prompts, grid)
-
 
 VIDEOREWARD_DIMENSIONS = {"visual_quality": "VQ", "motion_quality": "MQ", "text_alignment": "TA"}
 VIDEOREWARD_PROMPT = (  # VideoAlign's "detailed_special" template, shortened to its structure: one special token
@@ -583,33 +578,29 @@ VIDEOREWARD_PROMPT = (  # VideoAlign's "detailed_special" template, shortened to
     "**Text Alignment:**\nTextual prompt - {prompt}\nPlease provide the ratings of Text Alignment: <|TA_reward|>\nEND\n")
 
 
-class VideoReward:
+class VideoReward(QwenVLVideo):
     """VideoAlign's VideoReward (KwaiVGI): Qwen2-VL + a linear reward head `rm_head` read at the special
     tokens <|VQ_reward|>, <|MQ_reward|>, <|TA_reward|> (visual quality, motion quality, text alignment),
     each normalised by the mean/std in the checkpoint's model_config.json when present; overall = their
     sum. The folder is a Qwen2-VL checkpoint whose safetensors also hold `rm_head.weight` [1 or 3, D]."""
-    differentiable = True
-    resolution = None
     dimensions = list(VIDEOREWARD_DIMENSIONS) + ["overall"]
 
     def __init__(self, path, dimension="overall", device="cpu", dtype=torch.float32, num_frames=8, max_side=448):
         import json
-        self.vlm = QwenVLVideo()
-        self.vlm.load(path, device, dtype, num_frames, max_side)
-        self.vlm.tokenizer.padding_side = "right"
-        self.dimension, self.name, self.num_frames = dimension, f"videoreward:{dimension}", num_frames
+        self.load(path, device, dtype, num_frames, max_side)
+        self.dimension, self.name = dimension, f"videoreward:{dimension}"
         w = load_head_weights(path, ["rm_head.weight"])["rm_head.weight"]
         self.head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False).to(device, torch.float32).requires_grad_(False)
         self.head.weight.data.copy_(w)  # kept in float32, as VideoAlign does
-        self.special_ids = [self.vlm.tokenizer.convert_tokens_to_ids(f"<|{k}_reward|>") for k in ("VQ", "MQ", "TA")]
-        if self.vlm.tokenizer.unk_token_id in self.special_ids or None in self.special_ids:
+        self.special_ids = [self.tokenizer.convert_tokens_to_ids(f"<|{k}_reward|>") for k in ("VQ", "MQ", "TA")]
+        if self.tokenizer.unk_token_id in self.special_ids or None in self.special_ids:
             raise ValueError(f"{path}'s tokenizer lacks <|VQ_reward|>/<|MQ_reward|>/<|TA_reward|>: not a VideoReward checkpoint")
         cfg_file = os.path.join(path, "model_config.json")
-        inf = json.load(open(cfg_file)).get("inference_config") or {} if os.path.exists(cfg_file) else {}
+        inf = (json.load(open(cfg_file)).get("inference_config") or {}) if os.path.exists(cfg_file) else {}
         self.norm = {k: (inf.get(f"{k}_mean", 0.0), inf.get(f"{k}_std", 1.0)) for k in ("VQ", "MQ", "TA")}
 
     def __call__(self, videos, prompts):
-        hidden, ids = self.vlm.forward(videos, [VIDEOREWARD_PROMPT.format(prompt=p) for p in prompts], hidden=True)
+        hidden, ids = self.forward(videos, [VIDEOREWARD_PROMPT.format(prompt=p) for p in prompts], hidden=True)
         rows = []
         for sid in self.special_ids:  # the hidden state at each dimension's token, in order VQ, MQ, TA
             pos = (ids == sid).float().argmax(1)
@@ -624,14 +615,11 @@ class VideoReward:
         out["reward"] = out[self.dimension]
         return out
 
-    def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
-        return crop_patch_scores(self, videos, prompts, grid)
-
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-class VideoMAEAction:
+class VideoMAEAction(CropPatchScores):
     """VADER's action reward: the probability a VideoMAE Kinetics classifier gives the target action.
     The target is the spec's class (`videomae:playing_guitar`), or else the class named in each prompt
     (the longest label found in it). 16 frames (repeated when the clip is shorter), shortest side to
@@ -666,11 +654,8 @@ class VideoMAEAction:
         p = probs[torch.arange(len(prompts), device=probs.device), torch.tensor([self.target(q) for q in prompts])]
         return {"probability": p, "reward": p}
 
-    def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
-        return crop_patch_scores(self, videos, prompts, grid)
 
-
-class VJEPA2Consistency:
+class VJEPA2Consistency(CropPatchScores):
     """Temporal feature consistency under V-JEPA 2: the mean cosine similarity between each patch's
     encoder features at consecutive time steps (tubelets). High for smooth, stable video; flicker,
     identity swaps and jumps lower it. Frames resized to the model's crop size, ImageNet normalisation,
@@ -695,9 +680,6 @@ class VJEPA2Consistency:
         feats = torch.nn.functional.normalize(feats.view(B, T, -1, feats.shape[-1]), dim=-1)  # [B, T, patches, D]
         c = (feats[:, 1:] * feats[:, :-1]).sum(-1).mean((1, 2))
         return {"consistency": c, "reward": c}
-
-    def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
-        return crop_patch_scores(self, videos, prompts, grid)
 
 
 class APIJudge:

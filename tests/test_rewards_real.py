@@ -130,7 +130,7 @@ def test_videoreward_head_special_tokens_and_normalisation(more_models):
     raw = r(videos, ["a red square falling", "a cat"])
     assert torch.allclose(raw["overall"], raw["visual_quality"] + raw["motion_quality"] + raw["text_alignment"])
     # by hand: the last hidden state at each special token through the head
-    hidden, ids = r.vlm.forward(videos.detach(), [rewards.VIDEOREWARD_PROMPT.format(prompt=p) for p in ["a red square falling", "a cat"]], hidden=True)
+    hidden, ids = r.forward(videos.detach(), [rewards.VIDEOREWARD_PROMPT.format(prompt=p) for p in ["a red square falling", "a cat"]], hidden=True)
     pos = (ids == r.special_ids[1]).float().argmax(1)
     assert torch.allclose(raw["motion_quality"], (hidden[torch.arange(2), pos] @ head.T)[:, 0], atol=1e-5)
     raw["overall"].sum().backward()
