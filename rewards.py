@@ -10,9 +10,9 @@ Spec grammar: `name`, `name:dimension`, `name@/local/weights/folder`, weighted s
 `toy:quality*0.5+toy:temporal`. Real models (every one loads from a local folder given after '@', or
 its public hub id when the machine is online):
   videoscore[:dimension]      VideoScore v1.1 (Idefics2 + regression head), 5 dimensions, scores 1-4
-  videoscore2[:dimension]     VideoScore2 or any Qwen2/2.5-VL: expected score 1-5 from the score tokens
+  videoscore2[:dimension]     VideoScore2 or any Qwen2/2.5/3-VL: expected score 1-5 from the score tokens
   videoreward[:dimension]     VideoAlign's VideoReward (Qwen2-VL + head at special tokens): VQ, MQ, TA, overall
-  vlm[:alias]                 a local Qwen2/2.5-VL asked a yes/no question: P(yes)
+  vlm[:alias]                 a local Qwen2/2.5/3-VL asked a yes/no question: P(yes)
   api:<model>@<url>           the same question to an OpenAI-compatible server (vLLM, hosted APIs)
   pickscore, clipscore, hpsv2, aesthetic [:mean|:random]   frame-wise image rewards (CLIPModel)
   videomae[:class_label]      VADER's action reward: P(target Kinetics class)
@@ -310,12 +310,14 @@ def load_head_weights(path, names):
     return out
 
 
+def frame_indices(F, n, exact=False):
+    """n frame indices spread uniformly over F frames (all of them when the clip is shorter, unless
+    `exact`: then frames repeat, for models that take a fixed clip length such as VideoMAE)."""
+    return torch.linspace(0, F - 1, n if exact else min(n, F)).round().long()
+
+
 def sample_frames(videos, n, exact=False):
-    """n frames spread uniformly over the clip (all of them when the clip is shorter, unless `exact`:
-    then frames repeat, for models that take a fixed clip length such as VideoMAE)."""
-    F = videos.shape[1]
-    idx = torch.linspace(0, F - 1, n if exact else min(n, F)).round().long().to(videos.device)
-    return videos[:, idx]
+    return videos[:, frame_indices(videos.shape[1], n, exact).to(videos.device)]
 
 
 def crop_patch_scores(reward, videos, prompts, grid=(2, 2, 2)):
@@ -453,57 +455,105 @@ class CLIPFrameReward(CropPatchScores):
 
 
 VLM_ALIASES = {"qwen2.5-vl": "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
-               "qwen2.5-vl-72b": "Qwen/Qwen2.5-VL-72B-Instruct"}
+               "qwen2.5-vl-72b": "Qwen/Qwen2.5-VL-72B-Instruct", "qwen3-vl": "Qwen/Qwen3-VL-8B-Instruct",
+               "qwen3-vl-4b": "Qwen/Qwen3-VL-4B-Instruct", "qwen3-vl-30b-a3b": "Qwen/Qwen3-VL-30B-A3B-Instruct"}
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
 
-class QwenVLVideo(CropPatchScores):
-    """Shared by the rewards built on a Qwen2-VL / Qwen2.5-VL checkpoint (the yes/no judge, VideoScore2,
-    VideoReward): the video is prepared in torch (frames sampled, resized to a multiple of patch x merge,
-    CLIP normalisation, flattened into Qwen-VL's temporal/spatial patches, as its processor does), so
-    every score below is differentiable w.r.t. the pixels."""
-    differentiable = True
-    resolution = None  # resized to a multiple of 28, longest side at most `max_side`
+QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+VIDEO_SLOT = "<|vision_start|><|video_pad|><|vision_end|>"  # what the Qwen-VL chat templates put for a video
 
-    def load(self, path, device, dtype, num_frames, max_side):
-        from transformers import AutoModelForImageTextToText, AutoTokenizer
-        self.num_frames, self.max_side = num_frames, max_side
+
+class QwenVLVideo(CropPatchScores):
+    """Shared by the rewards built on a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (the yes/no judge,
+    VideoScore2, VideoReward): the video is prepared in torch (frames sampled, resized to a multiple of
+    patch x merge, normalised, flattened into Qwen-VL's temporal/spatial patches, as its processor does),
+    so every score below is differentiable w.r.t. the pixels. The chat turn is the checkpoint's own chat
+    template when it ships one. Qwen3-VL reads time from text: each temporal patch (2 frames) gets its own
+    `<t seconds><|vision_start|>...<|vision_end|>` block, t from the frame indices and `fps`."""
+    differentiable = True
+    resolution = None  # resized to a multiple of patch x merge (28, or 32 for Qwen3-VL), longest side <= max_side
+
+    def load(self, path, device, dtype, num_frames, max_side, fps=16.0):
+        import json
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+        self.num_frames, self.max_side, self.fps = num_frames, max_side, fps
+        model_type = AutoConfig.from_pretrained(path).model_type  # checked before the weights load
+        if model_type not in QWEN_VL_FAMILIES:
+            raise ValueError(f"{path} is a {model_type} model: the local VLM rewards take {', '.join(QWEN_VL_FAMILIES)} "
+                             f"checkpoints (serve others behind an OpenAI-compatible server: --reward api)")
+        self.timestamps = model_type.startswith("qwen3")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"  # the answer position is the last one for every row
         self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
         self.model.requires_grad_(False)
-        if self.model.config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
-            raise ValueError(f"{path} is a {self.model.config.model_type} model: the local VLM rewards take Qwen2-VL "
-                             f"or Qwen2.5-VL checkpoints (serve others behind an OpenAI-compatible server: --reward api)")
         vc = self.model.config.vision_config
         self.patch, self.tpatch, self.merge = vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size
+        # normalisation: the checkpoint's processor config, else the family's (CLIP for Qwen2/2.5, 0.5 for Qwen3)
+        self.mean, self.std = ([0.5] * 3, [0.5] * 3) if self.timestamps else (CLIP_MEAN, CLIP_STD)
+        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+            if os.path.exists(os.path.join(path, name)):
+                cfg = json.load(open(os.path.join(path, name)))
+                self.mean, self.std = cfg.get("image_mean", self.mean), cfg.get("image_std", self.std)
+                break
+        self.chat_template = self.tokenizer.chat_template
+        for name in ("chat_template.jinja", "chat_template.json"):  # the processor's template, if saved apart
+            if self.chat_template is None and os.path.exists(os.path.join(path, name)):
+                text = open(os.path.join(path, name)).read()
+                self.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
 
     def first_token_ids(self, words):
         return sorted({self.tokenizer.encode(w, add_special_tokens=False)[0] for w in words})
 
     def video_inputs(self, videos):
-        """pixel_values_videos [sum(t*h*w), C*tp*p*p] and video_grid_thw [B, 3], as Qwen2-VL's processor makes them."""
-        frames = sample_frames(videos, self.num_frames)
-        if frames.shape[1] % self.tpatch:  # repeat the last frame up to a whole temporal patch
-            frames = torch.cat([frames, frames[:, -1:].expand(-1, self.tpatch - frames.shape[1] % self.tpatch, -1, -1, -1)], 1)
+        """pixel_values_videos [sum(t*h*w), C*tp*p*p], video_grid_thw [B, 3] and the video's placeholder
+        text (the same for every row), as the model's processor makes them."""
+        F = videos.shape[1]
+        idx = frame_indices(F, self.num_frames)
+        frames = videos[:, idx.to(videos.device)]
+        if len(idx) % self.tpatch:  # repeat the last frame up to a whole temporal patch
+            pad = self.tpatch - len(idx) % self.tpatch
+            frames = torch.cat([frames, frames[:, -1:].expand(-1, pad, -1, -1, -1)], 1)
+            idx = torch.cat([idx, idx[-1:].expand(pad)])
         B, T, C, H, W = frames.shape
         unit = self.patch * self.merge
         scale = min(1.0, self.max_side / max(H, W))
         h, w = max(unit, round(H * scale / unit) * unit), max(unit, round(W * scale / unit) * unit)
-        x = resize_normalize(frames, (h, w), CLIP_MEAN, CLIP_STD)
+        x = resize_normalize(frames, (h, w), self.mean, self.std)
         gt, gh, gw, p, m, tp = T // self.tpatch, h // self.patch, w // self.patch, self.patch, self.merge, self.tpatch
         x = x.reshape(B, gt, tp, C, gh // m, m, p, gw // m, m, p).permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
         flat = x.reshape(B * gt * gh * gw, C * tp * p * p)
-        return flat, torch.tensor([[gt, gh, gw]] * B, device=videos.device), gt * gh * gw // (m * m)
+        pads_per_frame = gh * gw // (m * m)
+        if self.timestamps:  # Qwen3-VL: one block per temporal patch, at the mean time of its frames
+            seconds = (idx.float() / self.fps).view(gt, tp)[:, [0, -1]].mean(1)
+            text = "".join(f"<{t:.1f} seconds><|vision_start|>{'<|video_pad|>' * pads_per_frame}<|vision_end|>"
+                           for t in seconds.tolist())
+        else:
+            text = f"<|vision_start|>{'<|video_pad|>' * (gt * pads_per_frame)}<|vision_end|>"
+        return flat, torch.tensor([[gt, gh, gw]] * B, device=videos.device), text
+
+    def chat(self, user_text, answer_prefix=""):
+        """One user turn (a video, then the text) and the start of the assistant's answer, with VIDEO_SLOT
+        where the video goes: the checkpoint's chat template, else the family's default."""
+        if self.chat_template:
+            msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": user_text}]}]
+            text = self.tokenizer.apply_chat_template(msgs, chat_template=self.chat_template, tokenize=False,
+                                                      add_generation_prompt=True)
+            if VIDEO_SLOT not in text:
+                raise ValueError(f"the checkpoint's chat template does not render a video as {VIDEO_SLOT}")
+            if text.endswith("<think>\n"):  # a Thinking checkpoint: skip the reasoning, read the answer
+                text += "\n</think>\n\n"
+        else:
+            system = "" if self.timestamps else "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+            text = f"{system}<|im_start|>user\n{VIDEO_SLOT}{user_text}<|im_end|>\n<|im_start|>assistant\n"
+        return text + answer_prefix
 
     def forward(self, videos, user_texts, answer_prefix="", hidden=False):
         """One chat turn per video (the video, then `user_texts[i]`), the assistant's answer started with
         `answer_prefix`. Returns the next-token logits [B, V], or the last hidden states [B, L, D] and ids."""
-        pixels, grid, n_tokens = self.video_inputs(videos)
-        texts = [f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
-                 f"{'<|video_pad|>' * n_tokens}<|vision_end|>{t}<|im_end|>\n<|im_start|>assistant\n{answer_prefix}"
-                 for t in user_texts]
-        tok = self.tokenizer(texts, padding=True, return_tensors="pt").to(videos.device)
+        pixels, grid, video_text = self.video_inputs(videos)
+        texts = [self.chat(t, answer_prefix).replace(VIDEO_SLOT, video_text, 1) for t in user_texts]
+        tok = self.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt").to(videos.device)
         mm_types = (tok.input_ids == self.model.config.video_token_id).int() * 2  # 0 text, 1 image, 2 video
         kw = dict(input_ids=tok.input_ids, attention_mask=tok.attention_mask, mm_token_type_ids=mm_types,
                   pixel_values_videos=pixels.to(self.model.dtype), video_grid_thw=grid)
@@ -513,7 +563,7 @@ class QwenVLVideo(CropPatchScores):
 
 
 class VLMJudge(QwenVLVideo):
-    """A Qwen2-VL / Qwen2.5-VL instruct model asked a yes/no question about the video: P(yes) is the
+    """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL instruct model asked a yes/no question about the video: P(yes) is the
     softmax mass of the 'yes' tokens against the 'no' tokens at the answer position; `yes` thresholds it."""
     dimensions = ["yes", "p_yes"]
 

@@ -33,7 +33,7 @@ import toy_world
 p = argparse.ArgumentParser(description="Iterative RWR on binary VLM feedback",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.add_argument("--model", default="toy", help="'toy', an alias (wan2.1-1.3b, cogvideox-2b, ...), a diffusers folder or hub id")
-p.add_argument("--judge", default="judge", help="binary judge spec: 'judge' (the toy world's), 'vlm[:qwen2.5-vl][@folder]' (P(yes) of a local VLM) or 'api:<model>@<url>' (an OpenAI-compatible server)")
+p.add_argument("--judge", default="judge", help="binary judge spec: 'judge' (the toy world's), 'vlm[:qwen2.5-vl|qwen3-vl][@folder]' (P(yes) of a local Qwen-VL) or 'api:<model>@<url>' (an OpenAI-compatible server)")
 p.add_argument("--question", default=None, help="yes/no question template with {prompt}; default: a dynamics question built from the prompt")
 p.add_argument("--prompts", default="toy_dynamics_train", help="training prompts about object dynamics (list name or file)")
 p.add_argument("--eval-prompts", default="toy_dynamics_heldout", help="HELD-OUT dynamics prompts (list name or file)")

@@ -43,10 +43,83 @@ def test_vlm_judge_p_yes(qwen_vl_folder):
     assert set(out["reward"].tolist()) <= {0.0, 1.0} and torch.equal(out["yes"], (out["p_yes"] > 0.5).float())
     out["p_yes"].sum().backward()  # P(yes) is differentiable: the frames were prepared in torch
     assert videos.grad.abs().sum() > 0
-    pixels, grid, n = judge.video_inputs(torch.rand(1, 5, 3, 30, 60))
-    assert grid.tolist() == [[3, 2, 4]] and n == 3 * 2 * 4 // 4 and pixels.shape == (24, 3 * 2 * 14 * 14)
+    pixels, grid, text = judge.video_inputs(torch.rand(1, 5, 3, 30, 60))
+    assert grid.tolist() == [[3, 2, 4]] and pixels.shape == (24, 3 * 2 * 14 * 14)
+    assert text == "<|vision_start|>" + "<|video_pad|>" * (3 * 2 * 4 // 4) + "<|vision_end|>"  # no timestamps
+    assert judge.chat("Is it?", "A: ") == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                                           f"{rewards.VIDEO_SLOT}Is it?<|im_end|>\n<|im_start|>assistant\nA: ")
     with pytest.raises(ValueError, match="unknown vlm dimension 'gpt5'"):
         rewards.parse_reward_spec("vlm:gpt5")
+
+
+QWEN_STYLE_TEMPLATE = (  # the shape of the Qwen-VL chat templates, with a system prompt of its own and a think block
+    "{{ '<|im_start|>system\\nJudge videos.<|im_end|>\\n' }}{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}"
+    "{% for c in m.content %}{% if c.type == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% else %}{{ c.text }}{% endif %}{% endfor %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("version", ["3", "3-moe"])
+def test_qwen3_vl_judge_matches_the_processors_input(tmp_path, version):
+    """Qwen3-VL: every temporal patch is its own <t seconds><|vision_start|>...<|vision_end|> block. Our
+    torch preprocessing must give the model exactly what transformers' Qwen3-VL processor code gives it."""
+    import types
+    import tiny_models
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    from transformers.video_utils import VideoMetadata
+    tiny_models.build_qwen_vl(str(tmp_path / "q3"), version=version)
+    judge = rewards.load_reward(f"vlm@{tmp_path / 'q3'}")
+    assert judge.model.config.model_type == {"3": "qwen3_vl", "3-moe": "qwen3_vl_moe"}[version]
+    assert judge.timestamps and judge.patch == 16 and judge.mean == [0.5] * 3
+    videos = torch.rand(2, 9, 3, 32, 64, requires_grad=True)  # multiples of 32: no resize, so exact comparison
+    prompts = ["a red square falling", "a cat"]
+    out = judge(videos, prompts)
+    assert out["p_yes"].shape == (2,) and ((out["p_yes"] > 0) & (out["p_yes"] < 1)).all()
+    out["p_yes"].sum().backward()
+    assert videos.grad.abs().sum() > 0
+    # the reference: transformers' own patchify and placeholder code (its classes need torchvision to be
+    # built here, so their methods are called on stand-ins), with the frames our judge samples (8 of 9)
+    idx = [0, 1, 2, 3, 5, 6, 7, 8]
+    x = (videos.detach()[:, idx] - 0.5) / 0.5
+    pixels = Qwen3VLVideoProcessor.patchify(None, x, patch_size=16, merge_size=2, temporal_patch_size=2)[0]
+    proc = types.SimpleNamespace(video_processor=types.SimpleNamespace(merge_size=2, temporal_patch_size=2),
+                                 vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>",
+                                 video_token="<|video_pad|>")
+    proc._calculate_timestamps = lambda *a: Qwen3VLProcessor._calculate_timestamps(proc, *a)
+    grid = torch.tensor([[4, 2, 4]] * 2)
+    placeholder = Qwen3VLProcessor.replace_video_token(
+        proc, {"video_grid_thw": grid, "video_metadata": [VideoMetadata(total_num_frames=9, fps=16, frames_indices=idx)]}, 0)
+    assert placeholder.startswith("<0.0 seconds><|vision_start|><|video_pad|><|video_pad|><|vision_end|><0.2 seconds>")
+    ours_pixels, ours_grid, ours_text = judge.video_inputs(videos.detach())
+    assert ours_text == placeholder and torch.equal(ours_grid, grid) and torch.allclose(ours_pixels, pixels.flatten(0, 1))
+    # ... and the logits of a hand-built Qwen3-VL chat turn (no default system prompt), one video at a time
+    for i, prompt in enumerate(prompts):
+        text = (f"<|im_start|>user\n{placeholder}{rewards.default_question(prompt)}<|im_end|>\n"
+                f"<|im_start|>assistant\n")
+        ids = judge.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = judge.model(input_ids=ids, mm_token_type_ids=(ids == judge.model.config.video_token_id).int() * 2,
+                                 pixel_values_videos=pixels[i], video_grid_thw=grid[:1]).logits[0, -1]
+        p = torch.softmax(logits[judge.yes_ids + judge.no_ids], -1)[: len(judge.yes_ids)].sum()
+        assert torch.allclose(out["p_yes"][i], p, atol=1e-5)
+    # timestamps follow the clip's frame rate
+    judge.fps = 4.0
+    assert judge.video_inputs(videos.detach())[2].startswith("<0.1 seconds><|vision_start|>")
+
+
+def test_qwen_vl_uses_the_checkpoints_chat_template(tmp_path):
+    import tiny_models
+    tiny_models.build_qwen_vl(str(tmp_path / "q"), version="3", chat_template=QWEN_STYLE_TEMPLATE)
+    r = rewards.load_reward(f"videoscore2@{tmp_path / 'q'}")
+    assert r.chat("Rate it.", "visual quality: ") == (
+        "<|im_start|>system\nJudge videos.<|im_end|>\n<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>"
+        "Rate it.<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nvisual quality: ")  # think block closed
+    out = r(torch.rand(1, 4, 3, 32, 32), ["a cat"])
+    assert 1 < out["visual_quality"].item() < 5
+    tiny_models.build_clip(str(tmp_path / "clip"))  # not a Qwen-VL: refused before its weights load
+    with pytest.raises(ValueError, match="clip model: the local VLM rewards take qwen2_vl"):
+        rewards.load_reward(f"vlm@{tmp_path / 'clip'}")
 
 
 def test_clip_frame_rewards(tmp_path):

@@ -126,10 +126,11 @@ def build_videoscore(folder, seed=0):
     return base, state["score.weight"]
 
 
-def build_qwen_vl(folder, seed=0, version="2.5", reward_head=None):
-    """A tiny random Qwen2.5-VL (or Qwen2-VL) checkpoint with a chat-style tokenizer (yes/no, the score
-    digits, the video tokens). `reward_head=k` makes it a VideoReward checkpoint: the three special
-    reward tokens, and `rm_head.weight` [k, hidden] saved beside the model's own weights."""
+def build_qwen_vl(folder, seed=0, version="2.5", reward_head=None, chat_template=None):
+    """A tiny random Qwen2.5-VL (or Qwen2-VL, Qwen3-VL) checkpoint with a chat-style tokenizer (yes/no, the
+    score digits, the video tokens), and `chat_template` saved with it when given. `reward_head=k` makes it
+    a VideoReward checkpoint: the three special reward tokens, and `rm_head.weight` [k, hidden] saved
+    beside the model's own weights."""
     import transformers as T
     from safetensors.torch import load_file, save_file
     tok = word_tokenizer(4096)
@@ -146,7 +147,16 @@ def build_qwen_vl(folder, seed=0, version="2.5", reward_head=None):
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
     token_ids = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                      vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    if version == "2.5":
+    if version in ("3", "3-moe"):
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
+        if version == "3-moe":
+            text.update(moe_intermediate_size=16, num_experts_per_tok=2, num_local_experts=4)
+            model = T.Qwen3VLMoeForConditionalGeneration(T.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **token_ids))
+        else:
+            model = T.Qwen3VLForConditionalGeneration(T.Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids))
+    elif version == "2.5":
         cfg = T.Qwen2_5_VLConfig(text_config=text, vision_config=dict(
             depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=14,
             spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0]), **token_ids)
@@ -157,6 +167,7 @@ def build_qwen_vl(folder, seed=0, version="2.5", reward_head=None):
             temporal_patch_size=2), **token_ids)
         model = T.Qwen2VLForConditionalGeneration(cfg)
     model.save_pretrained(folder)
+    tok.chat_template = chat_template
     tok.save_pretrained(folder)
     if reward_head:  # VideoReward keeps its head in the same state dict as the backbone
         f = [n for n in os.listdir(folder) if n.endswith(".safetensors")][0]
