@@ -459,6 +459,13 @@ def autocast_context(mixed_precision, device):
                           dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
 
 
+def grad_scaler(mixed_precision, device):
+    """Dynamic loss scaling for fp16, whose small gradients underflow to zero without it (a no-op for bf16
+    and fp32). The loops scale the loss, average gradients across ranks, THEN unscale: every rank sees the
+    same averaged gradients, so every rank skips the same overflowing steps."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=mixed_precision == "fp16")
+
+
 # ----------------------------------------------------------------------------------------------
 # Trainable weights: LoRA or full fine-tune, and the frozen reference
 # ----------------------------------------------------------------------------------------------
@@ -703,7 +710,7 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder, step, model, params, optimizer, extra=None, lora=True):
+def save_checkpoint(folder, step, model, params, optimizer, extra=None, lora=True, scaler=None):
     """checkpoints/step-<k>/ with trainable weights, optimizer, RNG, step (+ `extra`), and the LoRA in
     diffusers format; written to a temporary folder and renamed, so a crash never leaves half of one."""
     final = os.path.join(folder, f"step-{step:06d}")
@@ -711,7 +718,8 @@ def save_checkpoint(folder, step, model, params, optimizer, extra=None, lora=Tru
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     torch.save({"step": step, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
-                "rng": rng_state(), "extra": extra or {}}, os.path.join(tmp, "state.pt"))
+                "rng": rng_state(), "extra": extra or {}, "scaler": scaler.state_dict() if scaler else {}},
+               os.path.join(tmp, "state.pt"))
     if lora:
         save_lora(model, os.path.join(tmp, "lora"))
     shutil.rmtree(final, ignore_errors=True)
@@ -731,13 +739,15 @@ def latest_checkpoint(path):
     raise FileNotFoundError(f"--resume {path!r}: no checkpoint (state.pt) found there")
 
 
-def load_checkpoint(path, params, optimizer):
-    """Restore trainable weights, optimizer and RNG; returns (step, extra)."""
+def load_checkpoint(path, params, optimizer, scaler=None):
+    """Restore trainable weights, optimizer, RNG (and the fp16 loss scale); returns (step, extra)."""
     state = torch.load(os.path.join(latest_checkpoint(path), "state.pt"), weights_only=False, map_location="cpu")
     with torch.no_grad():
         for p, v in zip(params, state["params"]):
             p.copy_(v)
     optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     return state["step"], state["extra"]
 

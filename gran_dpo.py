@@ -56,7 +56,7 @@ p.add_argument("--width", type=int, default=None, help="video width (default: th
 p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 10 on the toy model, 30 otherwise)")
 p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
 p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the denoiser (saves memory)")
-p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype for forward passes")
+p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype for forward passes (fp16 adds dynamic loss scaling)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, candidates, DPO noise")
 p.add_argument("--out", default=None, help="run folder (default runs/online_vpo-<time>)")
 p.add_argument("--eval-every", type=int, default=30, help="held-out evaluation interval (also at step 0 and the end)")
@@ -142,9 +142,10 @@ def main(args):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     ref = common.Reference(params)  # f_ref: starts as the initial policy
     autocast = common.autocast_context(args.mixed_precision, d.device)
+    scaler = common.grad_scaler(args.mixed_precision, d.device)
     start_step = 0
     if args.resume:
-        start_step, extra = common.load_checkpoint(args.resume, params, optimizer)
+        start_step, extra = common.load_checkpoint(args.resume, params, optimizer, scaler)
         with torch.no_grad():
             for w, v in zip(ref.weights, extra["ref"]):
                 w.copy_(v)
@@ -232,14 +233,16 @@ def main(args):
                 p_losses, inside_p = patch_dpo_loss(pe_w, pe_l, pr_w, pr_l, sign, args.patch_beta, weight)
                 losses = v_losses + args.patch_weight * p_losses  # L = L_video + lambda * mean_p L_p
                 # sum / global count * world: after averaging over ranks this is the mean over ALL pairs
-                (losses.sum() / n_global * d.world).backward()
+                scaler.scale(losses.sum() / n_global * d.world).backward()
                 loss_value, acc, inside_mean = losses.mean().item(), (inside > 0).float().mean().item(), inside.mean().item()
                 video_loss, patch_loss = v_losses.mean().item(), p_losses.mean().item()
                 patch_acc = ((inside_p > 0) & (sign != 0)).float().sum().item() / max((sign != 0).sum().item(), 1)
                 disagree = (sign < 0).float().mean().item()
             common.average_gradients(params, d)
+            scaler.unscale_(optimizer)  # fp16: clip the true gradients (a no-op otherwise)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
-            optimizer.step()
+            scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
         else:
             grad_norm = 0.0
@@ -272,7 +275,7 @@ def main(args):
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             if d.main:
                 common.save_checkpoint(os.path.join(out, "checkpoints"), step + 1, model, params, optimizer,
-                                       extra={"ref": [w.cpu() for w in ref.weights]}, lora=args.lora_rank > 0)
+                                       extra={"ref": [w.cpu() for w in ref.weights]}, lora=args.lora_rank > 0, scaler=scaler)
     final = evaluate(args.steps)
     if d.main:
         first = next(r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))

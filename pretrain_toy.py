@@ -36,6 +36,13 @@ p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
 p.add_argument("--save-every", type=int, default=250, help="checkpoint interval (steps)")
 p.add_argument("--ckpt", default=None, help="training checkpoint path (default: toy_pretrain_ckpt.pt beside --out)")
+p.add_argument("--sampling", default="uniform", choices=["uniform", "balanced"],
+               help="uniform over the train prompts (the shipped base: 2/3 are pushes) or balanced over the motion categories")
+p.add_argument("--init-from", default=None, help="start from this training checkpoint's weights (fresh optimiser and schedule)")
+
+
+BY_CATEGORY = [[p for p in toy_world.TRAIN_PROMPTS if toy_world.CATEGORY[toy_world.parse_prompt(p)["motion"]] == c]
+               for c in sorted(set(toy_world.CATEGORY.values()))]
 
 
 def build_components(seed):
@@ -82,6 +89,12 @@ def main(args):
     ema = [p.detach().clone() for p in params]
     ckpt_path = args.ckpt or os.path.join(os.path.dirname(os.path.abspath(args.out)), "toy_pretrain_ckpt.pt")
     start, losses = 0, []
+    if args.init_from:
+        ck = torch.load(args.init_from, weights_only=False)
+        for p_, v, e in zip(params, ck["ema"], ema):  # the shipped (EMA) weights
+            p_.data.copy_(v)
+            e.copy_(v)
+        print(f"initialised from {args.init_from} (step {ck['step']})")
     if args.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, weights_only=False)
         for p_, v in zip(params, ck["params"]):
@@ -97,7 +110,10 @@ def main(args):
     for step in bar:
         rng = random.Random(args.seed * 1_000_003 + step)  # data, dropout and noise are a function of the step
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        prompts = [rng.choice(toy_world.TRAIN_PROMPTS) for _ in range(args.batch_size)]
+        if args.sampling == "balanced":  # a motion category first (moving, falling, still, interaction), then a prompt
+            prompts = [rng.choice(rng.choice(BY_CATEGORY)) for _ in range(args.batch_size)]
+        else:
+            prompts = [rng.choice(toy_world.TRAIN_PROMPTS) for _ in range(args.batch_size)]
         x0 = toy_world.render(prompts, args.num_frames, args.size, args.size, seed=rng.randrange(2**31))
         x0 = x0.permute(0, 2, 1, 3, 4) * 2 - 1  # [B, C, F, H, W] in [-1, 1]
         captions = ["" if rng.random() < args.cfg_dropout else p for p in prompts]

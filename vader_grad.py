@@ -50,7 +50,7 @@ p.add_argument("--height", type=int, default=None, help="video height (default: 
 p.add_argument("--width", type=int, default=None, help="video width (default: the model's)")
 p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 10 on the toy model, 25 otherwise)")
 p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype for forward passes")
+p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype for forward passes (fp16 adds dynamic loss scaling)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, sampler noise, cut-offs")
 p.add_argument("--out", default=None, help="run folder (default runs/vader_grad-<time>)")
 p.add_argument("--eval-every", type=int, default=30, help="held-out evaluation interval (also at step 0 and the end)")
@@ -101,7 +101,8 @@ def main(args):
     common.broadcast_params(params, d)
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     autocast = common.autocast_context(args.mixed_precision, d.device)
-    start_step = common.load_checkpoint(args.resume, params, optimizer)[0] if args.resume else 0
+    scaler = common.grad_scaler(args.mixed_precision, d.device)
+    start_step = common.load_checkpoint(args.resume, params, optimizer, scaler)[0] if args.resume else 0
     video_kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, steps=args.sample_steps,
                     guidance=args.guidance)
     if d.main:
@@ -164,12 +165,14 @@ def main(args):
             r = reward_fn(videos, prompts)["reward"].float()
             per_video = (args.reward_target - r).abs() if args.reward_target is not None else -r  # loss = -R
             # sum / global batch * world: after averaging over ranks this is the mean over the global batch
-            (per_video.sum() / args.batch_size * d.world).backward()
+            scaler.scale(per_video.sum() / args.batch_size * d.world).backward()
             reward_sum += r.sum().item()
             loss_sum += per_video.sum().item()
         common.average_gradients(params, d)
+        scaler.unscale_(optimizer)  # fp16: clip the true gradients (a no-op otherwise)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
-        optimizer.step()
+        scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
         dt = time.time() - t0
@@ -185,7 +188,7 @@ def main(args):
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             if d.main:
                 common.save_checkpoint(os.path.join(out, "checkpoints"), step + 1, model, params, optimizer,
-                                       lora=args.lora_rank > 0)
+                                       lora=args.lora_rank > 0, scaler=scaler)
     final = evaluate(args.steps)
     if d.main:
         first = next(r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r.get("eval"))

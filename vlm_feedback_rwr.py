@@ -56,7 +56,7 @@ p.add_argument("--width", type=int, default=None, help="video width (default: th
 p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 10 on the toy model, 30 otherwise)")
 p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
 p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the denoiser (saves memory)")
-p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype for forward passes")
+p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype for forward passes (fp16 adds dynamic loss scaling)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, videos, training noise")
 p.add_argument("--out", default=None, help="run folder (default runs/vlm_feedback_rwr-<time>)")
 p.add_argument("--eval-seeds", type=int, default=2, help="videos per held-out prompt in evaluation")
@@ -112,10 +112,11 @@ def main(args):
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     ref = common.Reference(params) if args.loss == "dpo" else None
     autocast = common.autocast_context(args.mixed_precision, d.device)
+    scaler = common.grad_scaler(args.mixed_precision, d.device)
     start_round, opt_steps = 0, 0
     if args.resume:
         try:
-            start_round, extra = common.load_checkpoint(args.resume, params, optimizer)
+            start_round, extra = common.load_checkpoint(args.resume, params, optimizer, scaler)
             opt_steps = extra["opt_steps"]
         except FileNotFoundError:  # crashed inside round 1: no checkpoint yet, but its judge answers are cached
             if not os.path.isdir(args.resume):
@@ -251,10 +252,12 @@ def main(args):
                         err = common.per_sample_mse(common.denoise(model, x_t, t, emb, mask), target)
                     inside = -args.dpo_beta / 2 * ((err[0::2] - ref_err[0::2]) - (err[1::2] - ref_err[1::2]))
                     loss = -F.logsigmoid(inside).sum() / args.batch_size * d.world
-                loss.backward()
+                scaler.scale(loss).backward()
                 common.average_gradients(params, d)
+                scaler.unscale_(optimizer)  # fp16: clip the true gradients (a no-op otherwise)
                 torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
+                scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 opt_steps += 1
                 ep_loss += loss.item() / d.world
@@ -266,7 +269,7 @@ def main(args):
         # (4) the next round samples from the fine-tuned model
         if d.main:
             common.save_checkpoint(os.path.join(out, "checkpoints"), rnd + 1, model, params, optimizer,
-                                   extra={"opt_steps": opt_steps}, lora=args.lora_rank > 0)
+                                   extra={"opt_steps": opt_steps}, lora=args.lora_rank > 0, scaler=scaler)
         final = evaluate(rnd + 1)
     if d.main and args.rounds > start_round:
         first = next(r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r.get("eval"))

@@ -180,6 +180,30 @@ def test_checkpoint_round_trip_and_atomicity(tiny_folders, tmp_path):
     assert os.path.exists(os.path.join(path, "lora", "pytorch_lora_weights.safetensors"))
 
 
+def test_fp16_loss_scaling_keeps_small_gradients_and_is_checkpointed(tmp_path):
+    # a trainable fp32 weight (as LoRA is) used in half precision: its true gradient, 1e-8, is below fp16's
+    # smallest subnormal (6e-8), so without loss scaling it underflows to zero
+    grads = {}
+    for mp in ("bf16", "fp16"):  # bf16 needs no scaling: its scaler is a no-op
+        w = torch.nn.Parameter(torch.ones(4))
+        opt = torch.optim.SGD([w], lr=1.0)
+        scaler = common.grad_scaler(mp, "cpu")
+        assert scaler.is_enabled() == (mp == "fp16")
+        activation = torch.full((4,), 1e-4).half() * w.half()  # half-precision forward, fp32 loss (as per_sample_mse)
+        scaler.scale((activation.float() * 1e-4).sum()).backward()
+        scaler.unscale_(opt)
+        grads[mp] = w.grad.clone()
+    assert torch.equal(grads["bf16"], torch.zeros(4))  # the unscaled half-precision backward lost it
+    assert torch.allclose(grads["fp16"], torch.full((4,), 1e-8), rtol=1e-2)
+    scaler.step(opt)
+    scaler.update()
+    scaler.update(2.0 ** 7)  # a non-default scale must survive save and resume
+    common.save_checkpoint(str(tmp_path / "ck"), 1, None, [w], opt, lora=False, scaler=scaler)
+    resumed = common.grad_scaler("fp16", "cpu")
+    common.load_checkpoint(str(tmp_path / "ck"), [w], opt, resumed)
+    assert resumed.get_scale() == 2.0 ** 7
+
+
 def test_video_grid_and_metrics(tmp_path):
     videos = torch.rand(3, 4, 3, 16, 16)
     out = common.save_video_grid(str(tmp_path / "grid.mp4"), videos, ["a red square falling"] * 3)
