@@ -38,6 +38,10 @@ p.add_argument("--save-every", type=int, default=250, help="checkpoint interval 
 p.add_argument("--ckpt", default=None, help="training checkpoint path (default: toy_pretrain_ckpt.pt beside --out)")
 p.add_argument("--sampling", default="uniform", choices=["uniform", "balanced"],
                help="uniform over the train prompts (the shipped base: 2/3 are pushes) or balanced over the motion categories")
+p.add_argument("--heads", type=int, default=4, help="attention heads of the denoiser (heads x head-dim = 64)")
+p.add_argument("--head-dim", type=int, default=16, help="attention head dim; Wan's 3D RoPE gives H and W 2*(head_dim//6) dims each")
+p.add_argument("--timesteps", default="logit-normal", choices=["logit-normal", "uniform"],
+               help="training noise levels: SD3's logit-normal (the shipped base; rarely sigma > 0.9) or uniform in [0, 1]")
 p.add_argument("--init-from", default=None, help="start from this training checkpoint's weights (fresh optimiser and schedule)")
 
 
@@ -45,7 +49,7 @@ BY_CATEGORY = [[p for p in toy_world.TRAIN_PROMPTS if toy_world.CATEGORY[toy_wor
                for c in sorted(set(toy_world.CATEGORY.values()))]
 
 
-def build_components(seed):
+def build_components(seed, heads=4, head_dim=16):
     """Fresh tokenizer, text encoder, denoiser and scheduler of the toy model (random weights)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -62,7 +66,7 @@ def build_components(seed):
                                                num_heads=4, relative_attention_num_buckets=8,
                                                relative_attention_max_distance=16, dropout_rate=0.0,
                                                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    denoiser = WanTransformer3DModel(patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=16,
+    denoiser = WanTransformer3DModel(patch_size=(1, 4, 4), num_attention_heads=heads, attention_head_dim=head_dim,
                                      in_channels=3, out_channels=3, text_dim=32, freq_dim=64, ffn_dim=128,
                                      num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                                      rope_max_seq_len=64)
@@ -79,15 +83,16 @@ def encode(tokenizer, text_encoder, prompts, max_len=16):
 
 def main(args):
     torch.set_num_threads(args.threads)
-    tokenizer, text_encoder, denoiser, scheduler = build_components(args.seed)
+    tokenizer, text_encoder, denoiser, scheduler = build_components(args.seed, args.heads, args.head_dim)
     params = list(denoiser.parameters()) + list(text_encoder.parameters())
     print(f"denoiser {sum(p.numel() for p in denoiser.parameters()) / 1e6:.3f} M params, "
           f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.3f} M")
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))
+        opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s / max(args.steps, 1), 1.0))))
     ema = [p.detach().clone() for p in params]
     ckpt_path = args.ckpt or os.path.join(os.path.dirname(os.path.abspath(args.out)), "toy_pretrain_ckpt.pt")
+    os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
     start, losses = 0, []
     if args.init_from:
         ck = torch.load(args.init_from, weights_only=False)
@@ -117,7 +122,10 @@ def main(args):
         x0 = toy_world.render(prompts, args.num_frames, args.size, args.size, seed=rng.randrange(2**31))
         x0 = x0.permute(0, 2, 1, 3, 4) * 2 - 1  # [B, C, F, H, W] in [-1, 1]
         captions = ["" if rng.random() < args.cfg_dropout else p for p in prompts]
-        sigma = torch.sigmoid(torch.randn(args.batch_size, generator=g))  # logit-normal t (SD3)
+        if args.timesteps == "uniform":  # every noise level equally: the layout is decided at sigma near 1
+            sigma = torch.rand(args.batch_size, generator=g)
+        else:
+            sigma = torch.sigmoid(torch.randn(args.batch_size, generator=g))  # logit-normal t (SD3)
         eps = torch.randn(x0.shape, generator=g)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * eps  # flow matching: x_t = (1 - s) x0 + s eps, target eps - x0
@@ -154,10 +162,11 @@ def main(args):
                    "max_sequence_length": 16, "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
                    "text_encoder": ["transformers", "UMT5EncoderModel"], "transformer": ["diffusers", "WanTransformer3DModel"],
                    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": [None, None]}, f, indent=2)
+    final_loss = sum(losses[-50:]) / len(losses[-50:]) if losses else float("nan")
     with open(os.path.join(args.out, "pretrain_log.json"), "w") as f:
-        json.dump({"args": vars(args), "final_loss_avg50": sum(losses[-50:]) / len(losses[-50:]),
+        json.dump({"args": vars(args), "final_loss_avg50": final_loss,
                    "loss_every_100": losses[::100], "seconds_this_session": time.time() - t0}, f)
-    print(f"saved {args.out}; final loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    print(f"saved {args.out}; final loss {final_loss:.4f}")
 
 
 if __name__ == "__main__":

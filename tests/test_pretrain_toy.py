@@ -1,0 +1,43 @@
+"""pretrain_toy.py: its options build what they say, a fine-tune starts from the given weights, the output loads."""
+import collections
+import json
+import os
+
+import torch
+
+import common
+import pretrain_toy
+import toy_world
+from helpers import run_main
+
+TINY = ["--batch-size", "2", "--num-frames", "4", "--size", "16", "--threads", "1"]
+
+
+def test_balanced_sampling_covers_every_train_prompt_by_category():
+    categories = [[toy_world.CATEGORY[toy_world.parse_prompt(p)["motion"]] for p in group] for group in pretrain_toy.BY_CATEGORY]
+    assert sorted(c[0] for c in categories) == sorted(set(toy_world.CATEGORY.values()))
+    assert all(len(set(c)) == 1 for c in categories)  # each group is one category
+    assert sorted(p for g in pretrain_toy.BY_CATEGORY for p in g) == sorted(toy_world.TRAIN_PROMPTS)
+    # uniform sampling is dominated by pushes; balanced gives each category a quarter
+    counts = collections.Counter(toy_world.CATEGORY[toy_world.parse_prompt(p)["motion"]] for p in toy_world.TRAIN_PROMPTS)
+    assert counts["interaction"] > 0.5 * len(toy_world.TRAIN_PROMPTS)
+
+
+def test_options_and_init_from(tmp_path):
+    first = tmp_path / "a" / "toy"
+    run_main(pretrain_toy, TINY + ["--steps", "2", "--heads", "2", "--head-dim", "32", "--sampling", "balanced",
+                                   "--timesteps", "uniform", "--out", str(first)])
+    model = common.load_model(str(first))  # the ordinary loading path
+    assert model.denoiser.config.num_attention_heads == 2 and model.denoiser.config.attention_head_dim == 32
+    log = json.load(open(first / "pretrain_log.json"))
+    assert log["args"]["timesteps"] == "uniform" and log["args"]["sampling"] == "balanced"
+    ckpt = tmp_path / "a" / "toy_pretrain_ckpt.pt"
+    assert torch.load(ckpt, weights_only=False)["step"] == 2
+    # --init-from with no steps to run exports the checkpoint's EMA weights unchanged
+    second = tmp_path / "b" / "toy"
+    run_main(pretrain_toy, TINY + ["--steps", "0", "--heads", "2", "--head-dim", "32", "--init-from", str(ckpt),
+                                   "--out", str(second)])
+    a, b = common.load_model(str(first)), common.load_model(str(second))
+    assert all(torch.equal(x, y) for x, y in zip(a.denoiser.state_dict().values(), b.denoiser.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.text_encoder.state_dict().values(), b.text_encoder.state_dict().values()))
+    assert not os.path.exists(tmp_path / "b" / "toy_pretrain_ckpt.pt.tmp")
