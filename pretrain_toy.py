@@ -8,7 +8,9 @@ frozen afterwards, like a real T5.
 
     python pretrain_toy.py                      # ~45 min on 2 CPU cores, writes assets/toy
     python pretrain_toy.py --steps 200 --out /tmp/toy   # a quick smoke run
-Resumes from <out>/../toy_pretrain_ckpt.pt when it exists (`--resume`).
+Resumes from <out>/../toy_pretrain_ckpt.pt when it exists (`--resume`). The defaults reproduce the
+shipped base; the other options (--sampling balanced, --timesteps uniform, a larger denoiser, --device
+cuda, --init-from to fine-tune) are for building a stronger one (README, "Known limitations").
 """
 import argparse
 import json
@@ -40,6 +42,10 @@ p.add_argument("--sampling", default="uniform", choices=["uniform", "balanced"],
                help="uniform over the train prompts (the shipped base: 2/3 are pushes) or balanced over the motion categories")
 p.add_argument("--heads", type=int, default=4, help="attention heads of the denoiser (heads x head-dim = 64)")
 p.add_argument("--head-dim", type=int, default=16, help="attention head dim; Wan's 3D RoPE gives H and W 2*(head_dim//6) dims each")
+p.add_argument("--layers", type=int, default=4, help="transformer blocks of the denoiser")
+p.add_argument("--ffn-dim", type=int, default=128, help="feed-forward width of the denoiser")
+p.add_argument("--patch", type=int, default=4, help="spatial patch size of the denoiser (tokens = frames x (size/patch)^2)")
+p.add_argument("--device", default="cpu", help="cpu or cuda (data and noise are drawn on the CPU: the same run on either)")
 p.add_argument("--timesteps", default="logit-normal", choices=["logit-normal", "uniform"],
                help="training noise levels: SD3's logit-normal (the shipped base; rarely sigma > 0.9) or uniform in [0, 1]")
 p.add_argument("--init-from", default=None, help="start from this training checkpoint's weights (fresh optimiser and schedule)")
@@ -49,7 +55,7 @@ BY_CATEGORY = [[p for p in toy_world.TRAIN_PROMPTS if toy_world.CATEGORY[toy_wor
                for c in sorted(set(toy_world.CATEGORY.values()))]
 
 
-def build_components(seed, heads=4, head_dim=16):
+def build_components(seed, heads=4, head_dim=16, layers=4, ffn_dim=128, patch=4):
     """Fresh tokenizer, text encoder, denoiser and scheduler of the toy model (random weights)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -66,9 +72,9 @@ def build_components(seed, heads=4, head_dim=16):
                                                num_heads=4, relative_attention_num_buckets=8,
                                                relative_attention_max_distance=16, dropout_rate=0.0,
                                                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    denoiser = WanTransformer3DModel(patch_size=(1, 4, 4), num_attention_heads=heads, attention_head_dim=head_dim,
-                                     in_channels=3, out_channels=3, text_dim=32, freq_dim=64, ffn_dim=128,
-                                     num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    denoiser = WanTransformer3DModel(patch_size=(1, patch, patch), num_attention_heads=heads, attention_head_dim=head_dim,
+                                     in_channels=3, out_channels=3, text_dim=32, freq_dim=64, ffn_dim=ffn_dim,
+                                     num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                                      rope_max_seq_len=64)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     return tokenizer, text_encoder, denoiser, scheduler
@@ -76,14 +82,17 @@ def build_components(seed, heads=4, head_dim=16):
 
 def encode(tokenizer, text_encoder, prompts, max_len=16):
     """Wan's prompt encoding (WanPipeline._get_t5_prompt_embeds): embeddings past the text are zeroed."""
-    t = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+    t = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt").to(text_encoder.device)
     emb = text_encoder(t.input_ids, t.attention_mask).last_hidden_state
     return emb * t.attention_mask[..., None]
 
 
 def main(args):
     torch.set_num_threads(args.threads)
-    tokenizer, text_encoder, denoiser, scheduler = build_components(args.seed, args.heads, args.head_dim)
+    tokenizer, text_encoder, denoiser, scheduler = build_components(args.seed, args.heads, args.head_dim, args.layers,
+                                                                    args.ffn_dim, args.patch)
+    dev = torch.device(args.device)
+    text_encoder.to(dev), denoiser.to(dev)
     params = list(denoiser.parameters()) + list(text_encoder.parameters())
     print(f"denoiser {sum(p.numel() for p in denoiser.parameters()) / 1e6:.3f} M params, "
           f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.3f} M")
@@ -95,13 +104,13 @@ def main(args):
     os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
     start, losses = 0, []
     if args.init_from:
-        ck = torch.load(args.init_from, weights_only=False)
+        ck = torch.load(args.init_from, weights_only=False, map_location="cpu")
         for p_, v, e in zip(params, ck["ema"], ema):  # the shipped (EMA) weights
             p_.data.copy_(v)
             e.copy_(v)
         print(f"initialised from {args.init_from} (step {ck['step']})")
     if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
         for p_, v in zip(params, ck["params"]):
             p_.data.copy_(v)
         for e, v in zip(ema, ck["ema"]):
@@ -120,13 +129,13 @@ def main(args):
         else:
             prompts = [rng.choice(toy_world.TRAIN_PROMPTS) for _ in range(args.batch_size)]
         x0 = toy_world.render(prompts, args.num_frames, args.size, args.size, seed=rng.randrange(2**31))
-        x0 = x0.permute(0, 2, 1, 3, 4) * 2 - 1  # [B, C, F, H, W] in [-1, 1]
+        x0 = (x0.permute(0, 2, 1, 3, 4) * 2 - 1).to(dev)  # [B, C, F, H, W] in [-1, 1]
         captions = ["" if rng.random() < args.cfg_dropout else p for p in prompts]
         if args.timesteps == "uniform":  # every noise level equally: the layout is decided at sigma near 1
             sigma = torch.rand(args.batch_size, generator=g)
         else:
             sigma = torch.sigmoid(torch.randn(args.batch_size, generator=g))  # logit-normal t (SD3)
-        eps = torch.randn(x0.shape, generator=g)
+        sigma, eps = sigma.to(dev), torch.randn(x0.shape, generator=g).to(dev)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * eps  # flow matching: x_t = (1 - s) x0 + s eps, target eps - x0
         pred = denoiser(xt, timestep=sigma * 1000, encoder_hidden_states=encode(tokenizer, text_encoder, captions),
@@ -152,6 +161,7 @@ def main(args):
         for p_, e in zip(params, ema):
             p_.copy_(e)
     os.makedirs(args.out, exist_ok=True)
+    text_encoder.cpu(), denoiser.cpu()
     tokenizer.save_pretrained(os.path.join(args.out, "tokenizer"))
     text_encoder.save_pretrained(os.path.join(args.out, "text_encoder"))
     denoiser.save_pretrained(os.path.join(args.out, "transformer"))

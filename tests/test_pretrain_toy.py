@@ -25,18 +25,18 @@ def test_balanced_sampling_covers_every_train_prompt_by_category():
 
 def test_options_and_init_from(tmp_path):
     first = tmp_path / "a" / "toy"
-    run_main(pretrain_toy, TINY + ["--steps", "2", "--heads", "2", "--head-dim", "32", "--sampling", "balanced",
-                                   "--timesteps", "uniform", "--out", str(first)])
+    arch = ["--heads", "2", "--head-dim", "32", "--layers", "2", "--ffn-dim", "64", "--patch", "2"]
+    run_main(pretrain_toy, TINY + arch + ["--steps", "2", "--sampling", "balanced", "--timesteps", "uniform", "--out", str(first)])
     model = common.load_model(str(first))  # the ordinary loading path
-    assert model.denoiser.config.num_attention_heads == 2 and model.denoiser.config.attention_head_dim == 32
+    cfg = model.denoiser.config
+    assert (cfg.num_attention_heads, cfg.attention_head_dim, cfg.num_layers, cfg.ffn_dim, tuple(cfg.patch_size)) == (2, 32, 2, 64, (1, 2, 2))
     log = json.load(open(first / "pretrain_log.json"))
     assert log["args"]["timesteps"] == "uniform" and log["args"]["sampling"] == "balanced"
     ckpt = tmp_path / "a" / "toy_pretrain_ckpt.pt"
     assert torch.load(ckpt, weights_only=False)["step"] == 2
     # --init-from with no steps to run exports the checkpoint's EMA weights unchanged
     second = tmp_path / "b" / "toy"
-    run_main(pretrain_toy, TINY + ["--steps", "0", "--heads", "2", "--head-dim", "32", "--init-from", str(ckpt),
-                                   "--out", str(second)])
+    run_main(pretrain_toy, TINY + arch + ["--steps", "0", "--init-from", str(ckpt), "--out", str(second)])
     a, b = common.load_model(str(first)), common.load_model(str(second))
     assert all(torch.equal(x, y) for x, y in zip(a.denoiser.state_dict().values(), b.denoiser.state_dict().values()))
     assert all(torch.equal(x, y) for x, y in zip(a.text_encoder.state_dict().values(), b.text_encoder.state_dict().values()))
