@@ -92,7 +92,8 @@ def main(args):
     tokenizer, text_encoder, denoiser, scheduler = build_components(args.seed, args.heads, args.head_dim, args.layers,
                                                                     args.ffn_dim, args.patch)
     dev = torch.device(args.device)
-    text_encoder.to(dev), denoiser.to(dev)
+    text_encoder.to(dev)
+    denoiser.to(dev)
     params = list(denoiser.parameters()) + list(text_encoder.parameters())
     print(f"denoiser {sum(p.numel() for p in denoiser.parameters()) / 1e6:.3f} M params, "
           f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.3f} M")
@@ -161,7 +162,8 @@ def main(args):
         for p_, e in zip(params, ema):
             p_.copy_(e)
     os.makedirs(args.out, exist_ok=True)
-    text_encoder.cpu(), denoiser.cpu()
+    text_encoder.cpu()
+    denoiser.cpu()
     tokenizer.save_pretrained(os.path.join(args.out, "tokenizer"))
     text_encoder.save_pretrained(os.path.join(args.out, "text_encoder"))
     denoiser.save_pretrained(os.path.join(args.out, "transformer"))

@@ -317,6 +317,7 @@ def frame_indices(F, n, exact=False):
 
 
 def sample_frames(videos, n, exact=False):
+    """videos [B, F, ...] -> [B, n', ...] at `frame_indices`."""
     return videos[:, frame_indices(videos.shape[1], n, exact).to(videos.device)]
 
 
@@ -508,8 +509,7 @@ class QwenVLVideo(CropPatchScores):
     def video_inputs(self, videos):
         """pixel_values_videos [sum(t*h*w), C*tp*p*p], video_grid_thw [B, 3] and the video's placeholder
         text (the same for every row), as the model's processor makes them."""
-        F = videos.shape[1]
-        idx = frame_indices(F, self.num_frames)
+        idx = frame_indices(videos.shape[1], self.num_frames)
         frames = videos[:, idx.to(videos.device)]
         if len(idx) % self.tpatch:  # repeat the last frame up to a whole temporal patch
             pad = self.tpatch - len(idx) % self.tpatch
