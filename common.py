@@ -10,6 +10,7 @@ Plain functions and one bundle class, no framework. Supported families (diffuser
 Latents stay in the family's own layout everywhere; `denoise` is the one place that knows the
 family's call convention. Videos handed to rewards are always [B, F, C, H, W] floats in [0, 1].
 """
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -138,7 +139,7 @@ class VideoModel:
     scheduler: object
     max_sequence_length: int
     expand_timesteps: bool = False  # Wan 2.2 TI2V gives the timestep per token
-    prompt_cache: dict = dataclasses.field(default_factory=dict)
+    prompt_cache: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
 
     @property
     def device(self):
@@ -155,18 +156,26 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, denoiser_dtype=t
     with open(os.path.join(path, "model_index.json")) as f:
         index = json.load(f)
 
-    def component(name):
+    def component(name, dtype=None):
         library, cls = index[name]
-        module = transformers if library == "transformers" else diffusers
-        return getattr(module, cls).from_pretrained(os.path.join(path, name))
+        if dtype is None:  # tokenizer, scheduler
+            return getattr(transformers if library == "transformers" else diffusers, cls).from_pretrained(
+                os.path.join(path, name))
+        # the dtype goes to from_pretrained, not .to(): both libraries then keep the modules a model marks
+        # `_keep_in_fp32_modules` (Wan's norms and time embedding, T5's `wo`) in fp32, as their pipelines do
+        if library == "transformers":
+            model = getattr(transformers, cls).from_pretrained(os.path.join(path, name), dtype=dtype)
+        else:
+            model = getattr(diffusers, cls).from_pretrained(os.path.join(path, name), torch_dtype=dtype)
+        return model.to(device)
 
     tokenizer = component("tokenizer")
-    text_encoder = component("text_encoder").to(device, dtype).eval().requires_grad_(False)
-    denoiser = component(DENOISER_FOLDER[family]).to(device, denoiser_dtype)
+    text_encoder = component("text_encoder", dtype).eval().requires_grad_(False)
+    denoiser = component(DENOISER_FOLDER[family], denoiser_dtype)
     scheduler = component("scheduler")
     vae = None
     if index.get("vae", [None])[0] is not None:
-        vae = component("vae").to(device, dtype).eval().requires_grad_(False)
+        vae = component("vae", dtype).eval().requires_grad_(False)
     cls = type(scheduler).__name__
     prediction = "flow" if ("FlowMatch" in cls or scheduler.config.get("use_flow_sigmas")) else \
         ("v" if scheduler.config.get("prediction_type") == "v_prediction" else "eps")
@@ -196,11 +205,16 @@ def load_prompts(spec):
     return prompts
 
 
+PROMPT_CACHE_SIZE = 128  # prompts whose embeddings stay on the device (one Wan UMT5 embedding: 512 x 4096)
+
+
 @torch.no_grad()
 def encode_prompts(model, prompts):
     """(embeddings [B, L, D], attention mask [B, L] or None) exactly as the family's pipeline builds them.
-    Repeated prompts (the empty negative prompt, candidates of one prompt) are encoded once."""
-    missing = [p for p in dict.fromkeys(prompts) if p not in model.prompt_cache]
+    Repeated prompts (the empty negative prompt, candidates of one prompt) are encoded once; the cache keeps
+    the PROMPT_CACHE_SIZE most recently used."""
+    cache = model.prompt_cache
+    missing = [p for p in dict.fromkeys(prompts) if p not in cache]
     if missing:
         dev = model.text_encoder.device
         t = model.tokenizer(missing, padding="max_length", max_length=model.max_sequence_length, truncation=True,
@@ -213,9 +227,13 @@ def encode_prompts(model, prompts):
         else:  # CogVideoX, LTX and CLIP encode the padded ids without a mask
             emb = model.text_encoder(ids)[0]
         for p, e, m in zip(missing, emb, mask):
-            model.prompt_cache[p] = (e, m.bool())
-    emb = torch.stack([model.prompt_cache[p][0] for p in prompts])
-    mask = torch.stack([model.prompt_cache[p][1] for p in prompts])
+            cache[p] = (e.clone(), m.bool())  # a clone: a view would keep its whole batch alive
+    for p in prompts:
+        cache.move_to_end(p)
+    emb = torch.stack([cache[p][0] for p in prompts])
+    mask = torch.stack([cache[p][1] for p in prompts])
+    while len(cache) > PROMPT_CACHE_SIZE:
+        cache.popitem(last=False)  # least recently used first
     return emb, (mask if model.family == "ltx" else None)
 
 
@@ -408,6 +426,23 @@ def sample(model, prompts, seeds, num_frames, height, width, steps, guidance, ne
     return latents, videos
 
 
+@torch.no_grad()
+def sample_and_score(model, prompts, seeds, batch_size, score, video_kw, autocast=None):
+    """`sample` in micro-batches of `batch_size` videos per sampler/decoder call (--sample-batch-size), each
+    micro-batch scored by `score(videos, prompts) -> {name: [n] tensor}` as soon as it is decoded, so only
+    latents and scores are kept. Per-sample seeds make the result that of one big call. Returns
+    (latents, {name: [len(prompts)] tensor})."""
+    latents, scores = [], {}
+    for c in range(0, len(prompts), batch_size):
+        batch = prompts[c: c + batch_size]
+        with (autocast or contextlib.nullcontext()):
+            lat, videos = sample(model, batch, seeds[c: c + batch_size], **video_kw)
+        for k, v in score(videos, batch).items():
+            scores.setdefault(k, []).append(v.float())
+        latents.append(lat)
+    return torch.cat(latents), {k: torch.cat(v) for k, v in scores.items()}
+
+
 # ----------------------------------------------------------------------------------------------
 # Training-side helpers: timesteps, noising, targets
 # ----------------------------------------------------------------------------------------------
@@ -463,7 +498,11 @@ def grad_scaler(mixed_precision, device):
     """Dynamic loss scaling for fp16, whose small gradients underflow to zero without it (a no-op for bf16
     and fp32). The loops scale the loss, average gradients across ranks, THEN unscale: every rank sees the
     same averaged gradients, so every rank skips the same overflowing steps."""
-    return torch.amp.GradScaler(torch.device(device).type, enabled=mixed_precision == "fp16")
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=mixed_precision == "fp16")
+    # create the scale now (GradScaler does it lazily in its first `scale`): a rank with no DPO pair on its
+    # first step (or the first after a resume) never calls `scale` but must still `unscale_` with the others
+    scaler.scale(torch.zeros((), device=device))
+    return scaler
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,11 +549,16 @@ class Reference:
         saved = [p.detach().clone() for p in self.params]
         for p, w in zip(self.params, self.weights):
             p.copy_(w)
+        # autocast caches its low-precision cast of every trainable weight for the whole region and does not
+        # see in-place swaps: without clearing, the policy forward that follows reuses the REFERENCE's casts
+        # (policy == reference, inside = 0, loss = log 2 under bf16), or the reference reuses the policy's
+        torch.clear_autocast_cache()
         try:
             return fn(*args)
         finally:
             for p, s in zip(self.params, saved):
                 p.copy_(s)
+            torch.clear_autocast_cache()
 
 
 def save_lora(model, folder):
@@ -543,8 +587,15 @@ class Dist:
         return self.rank == 0
 
 
+def process_group_backend(cuda):
+    """One process group for CPU AND CUDA tensors: gloo serves CPU tensors (logging, pair counts), nccl the
+    CUDA ones (gradients). A plain "nccl" group serves CUDA tensors only and a GPU run would crash at its
+    first CPU reduction; CPU runs (and the tests) get the same gloo half a GPU run gets."""
+    return "cpu:gloo,cuda:nccl" if cuda else "cpu:gloo"
+
+
 def setup_distributed(device_arg=None):
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); nccl on CUDA, gloo on CPU."""
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
@@ -553,7 +604,7 @@ def setup_distributed(device_arg=None):
         device = f"cuda:{local}"
         torch.cuda.set_device(local)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(process_group_backend(cuda))
     return Dist(rank, world, device)
 
 
@@ -600,24 +651,22 @@ def all_gather_tensor(x, d):
 
 
 @torch.no_grad()
-def evaluate(model, reward_fn, prompts, seed, video_kw, d, autocast=None, grid_path=None, extra=None, chunk=32):
-    """Mean of every reward dimension over `prompts`, one fixed seed each, sharded over ranks.
-    `extra(videos, prompts)` may add per-video figures; the first videos are written to `grid_path`."""
+def evaluate(model, reward_fn, prompts, seed, video_kw, d, autocast=None, grid_path=None, extra=None, batch_size=8):
+    """Mean of every reward dimension over `prompts`, one fixed seed each, sharded over ranks, sampled in
+    micro-batches of `batch_size`. `extra(videos, prompts)` may add per-video figures; the first 8 videos
+    are written to `grid_path`."""
     mine = list(range(d.rank, len(prompts), d.world))
-    sums, n = {}, 0
-    for c in range(0, len(mine), chunk):
-        idx = mine[c: c + chunk]
-        batch = [prompts[i] for i in idx]
-        with (autocast or contextlib.nullcontext()):
-            _, videos = sample(model, batch, [seed_for(seed, "eval", i) for i in idx], **video_kw)
-        scores = dict(reward_fn(videos, batch))
-        scores.update(extra(videos, batch) if extra else {})
-        for k, v in scores.items():
-            sums[k] = sums.get(k, 0.0) + v.float().sum().item()
-        n += len(idx)
-        if c == 0 and grid_path and d.main:
-            save_video_grid(grid_path, videos[:8], batch[:8])
-    totals = all_mean({k: v * d.world for k, v in sums.items()} | {"n": n * d.world}, d)
+    grid = []
+
+    def score(videos, batch):
+        grid.extend(zip(videos[: 8 - len(grid)].cpu(), batch))
+        return dict(reward_fn(videos, batch)) | (extra(videos, batch) if extra else {})
+
+    _, scores = sample_and_score(model, [prompts[i] for i in mine], [seed_for(seed, "eval", i) for i in mine],
+                                 batch_size, score, video_kw, autocast)
+    if grid_path and d.main:
+        save_video_grid(grid_path, torch.stack([v for v, _ in grid]), [p for _, p in grid])
+    totals = all_mean({k: v.sum().item() * d.world for k, v in scores.items()} | {"n": len(mine) * d.world}, d)
     return {k: v / totals["n"] for k, v in totals.items() if k != "n"}
 
 
@@ -627,14 +676,25 @@ def evaluate(model, reward_fn, prompts, seed, video_kw, d, autocast=None, grid_p
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --mixed-precision -> frozen dtype
 
 
+def run_folder_of(path):
+    """The run folder that holds `path` (a run folder, its checkpoints/ folder or one checkpoint in it)."""
+    path = os.path.normpath(path)
+    if os.path.exists(os.path.join(path, "state.pt")) or os.path.basename(path).startswith("step-"):
+        path = os.path.dirname(path)
+    return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
+
+
 def prepare_run_dir(out, script, resume, need_checkpoint=True):
-    """The run folder (default runs/<script>-<time>). Refuses to write into an existing run unless
-    --resume names it, so nothing already written is lost; checks the checkpoint exists up front."""
+    """The run folder (default runs/<script>-<time>; with --resume, the resumed run's own folder). Refuses
+    to write into an existing run unless --resume names it, so nothing already written is lost; checks the
+    checkpoint exists up front."""
+    if resume and need_checkpoint:
+        latest_checkpoint(resume)
+    if out is None and resume:
+        out = run_folder_of(resume)
     out = out or os.path.join("runs", f"{script}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     if resume is None and os.path.exists(os.path.join(out, "metrics.jsonl")):
         raise FileExistsError(f"{out} already holds a run: pass --resume {out} to continue it, or a new --out")
-    if resume and need_checkpoint:
-        latest_checkpoint(resume)
     return out
 
 

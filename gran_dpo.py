@@ -39,14 +39,15 @@ p.add_argument("--batch-size", type=int, default=8, help="prompts per step, summ
 p.add_argument("--num-candidates", type=int, default=4, help="videos sampled per prompt, N (paper: 4-6)")
 p.add_argument("--min-margin", type=float, default=0.02, help="skip pairs whose reward margin (best - worst) is below this")
 p.add_argument("--beta", type=float, default=None, help="DPO beta on mean-reduced errors; default 100 for flow models (Flow-GRPO), 5000 for eps/v (Diffusion-DPO)")
-p.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 3e-4 on the toy model, 1e-5 otherwise (paper)")
+p.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 3e-4 on the toy model; otherwise 1e-4 with LoRA (adapters need ~10x a full fine-tune's rate), 1e-5 for a full fine-tune (paper)")
 p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
 p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
 p.add_argument("--ref-update-interval", type=int, default=None, help="curriculum: ref <- policy every I steps (0 = never); default 20 on the toy model, 200 otherwise (paper)")
+p.add_argument("--sample-batch-size", type=int, default=8, help="videos per sampler/decoder call (results do not depend on it; lower it if sampling runs out of memory)")
 p.add_argument("--patch-grid", default="2,4,4", help="patches per video: frame groups, rows, columns (on the latent grid)")
 p.add_argument("--patch-weight", type=float, default=1.0, help="lambda, the weight of the patch term (0 = video-level DPO only)")
 p.add_argument("--patch-beta", type=float, default=None, help="beta_p of the patch term (default: = --beta)")
-p.add_argument("--gap-weighting", action="store_true", help="weight patches by their reward gap |r_p_w - r_p_l| (normalised to mean 1)")
+p.add_argument("--gap-weighting", action="store_true", help="weight patches by their reward gap |r_p_w - r_p_l| (normalised to mean 1 over all ranks' pairs)")
 p.add_argument("--defect-threshold", type=float, default=0.9, help="evaluation: a patch scoring below this counts as defective")
 p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention projections (0 = full fine-tune)")
 p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
@@ -56,9 +57,9 @@ p.add_argument("--width", type=int, default=None, help="video width (default: th
 p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 10 on the toy model, 30 otherwise)")
 p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
 p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the denoiser (saves memory)")
-p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype for forward passes (fp16 adds dynamic loss scaling)")
+p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, reward) are stored in it, trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, candidates, DPO noise")
-p.add_argument("--out", default=None, help="run folder (default runs/online_vpo-<time>)")
+p.add_argument("--out", default=None, help="run folder (default runs/gran_dpo-<time>; with --resume, the resumed run's)")
 p.add_argument("--eval-every", type=int, default=30, help="held-out evaluation interval (also at step 0 and the end)")
 p.add_argument("--num-eval-prompts", type=int, default=52, help="how many held-out prompts to evaluate (one seed each)")
 p.add_argument("--save-every", type=int, default=30, help="checkpoint interval (and at the end)")
@@ -104,7 +105,7 @@ def resolve_defaults(args, family):
     """Fill the model-dependent defaults; everything here is cheap and runs before weights load."""
     toy = family == "toy"
     args.reward = args.reward or ("toy:quality" if toy else "videoscore:visual_quality")
-    args.lr = args.lr or (3e-4 if toy else 1e-5)
+    args.lr = args.lr or (3e-4 if toy else 1e-4 if args.lora_rank else 1e-5)
     args.ref_update_interval = args.ref_update_interval if args.ref_update_interval is not None else (20 if toy else 200)
     args.sample_steps = args.sample_steps or (10 if toy else 30)
     return args
@@ -127,9 +128,10 @@ def main(args):
     out = common.prepare_run_dir(args.out, "gran_dpo", args.resume)
 
     # ---- model, reward, trainable weights, reference ---------------------------------------
-    model = common.load_model(args.model, d.device, dtype=common.DTYPES[args.mixed_precision])
+    dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype
+    model = common.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
     args.beta = args.beta or (100.0 if model.prediction == "flow" else 5000.0)
-    reward_fn = rewards.load_reward(args.reward, d.device)
+    reward_fn = rewards.load_reward(args.reward, d.device, dtype)
     if not hasattr(reward_fn, "patch_scores"):
         raise ValueError(f"reward {reward_fn.name} offers no patch scores: Gran-DPO needs one that does (e.g. toy:quality)")
     args.patch_beta = args.patch_beta or args.beta
@@ -143,19 +145,19 @@ def main(args):
     ref = common.Reference(params)  # f_ref: starts as the initial policy
     autocast = common.autocast_context(args.mixed_precision, d.device)
     scaler = common.grad_scaler(args.mixed_precision, d.device)
+    video_kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, steps=args.sample_steps,
+                    guidance=args.guidance)
+    per_rank = args.batch_size // d.world
     start_step = 0
     if args.resume:
         start_step, extra = common.load_checkpoint(args.resume, params, optimizer, scaler)
         with torch.no_grad():
             for w, v in zip(ref.weights, extra["ref"]):
                 w.copy_(v)
-    video_kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, steps=args.sample_steps,
-                    guidance=args.guidance)
     if d.main:
         common.save_json(os.path.join(out, "config.json"), vars(args) | {"model_path": model.path, "family": family,
                                                                          "reward_name": reward_fn.name, "world_size": d.world})
     log = common.MetricsLogger(out, enabled=d.main, track=args.track, config=vars(args))
-    per_rank = args.batch_size // d.world
 
     def evaluate(step):
         """Every reward dimension on held-out prompts (one fixed seed each), and defective patches per video."""
@@ -167,7 +169,7 @@ def main(args):
             return figures
 
         means = common.evaluate(model, reward_fn, eval_prompts, args.seed, video_kw, d, autocast,
-                                os.path.join(out, "samples", f"step-{step:06d}.mp4"), extra)
+                                os.path.join(out, "samples", f"step-{step:06d}.mp4"), extra, args.sample_batch_size)
         row = {"step": step, "eval": True} | {f"eval/{k}": v for k, v in means.items()}
         log.log(row)
         return row
@@ -179,10 +181,11 @@ def main(args):
         gidx = list(range(d.rank * per_rank, (d.rank + 1) * per_rank))  # this rank's shard of the batch
         prompts = [batch[i] for i in gidx for _ in range(args.num_candidates)]
         seeds = [common.seed_for(args.seed, step, i, j) for i in gidx for j in range(args.num_candidates)]
-        with torch.no_grad(), autocast:
-            latents, videos = common.sample(model, prompts, seeds, **video_kw)
-            r = reward_fn(videos, prompts)["reward"].float().view(per_rank, args.num_candidates)
-            patch_r = reward_fn.patch_scores(videos, prompts, grid).float().flatten(1)  # [B*N, P]: the same model, locally
+        latents, scores = common.sample_and_score(  # patch scores [B*N, P]: the same model, locally
+            model, prompts, seeds, args.sample_batch_size,
+            lambda v, ps: {"r": reward_fn(v, ps)["reward"], "patch": reward_fn.patch_scores(v, ps, grid).flatten(1)},
+            video_kw, autocast)
+        r, patch_r = scores["r"].view(per_rank, args.num_candidates), scores["patch"]
         best, worst = r.argmax(1), r.argmin(1)
         lat = latents.view(per_rank, args.num_candidates, *latents.shape[1:])
         patch_r = patch_r.view(per_rank, args.num_candidates, -1)
@@ -204,13 +207,18 @@ def main(args):
         keep = pairs["margin"] >= args.min_margin
         n_local = int(keep.sum())
         n_global = int(common.all_mean({"n": n_local}, d)["n"] * d.world + 0.5)
+        gap_mean = 1.0
+        if args.gap_weighting:  # the mean patch-reward gap over ALL ranks' kept pairs, as one process has it
+            gaps = (pairs["patch_w"] - pairs["patch_l"])[keep].abs()
+            g = common.all_mean({"sum": gaps.sum().item(), "n": gaps.numel()}, d)
+            gap_mean = max(g["sum"] / max(g["n"], 1e-9), 1e-8)
 
         # 5. Diffusion-DPO: ONE t and ONE eps per pair, shared by its two members
         loss_value, acc, inside_mean, video_loss, patch_loss, patch_acc, disagree = (0.0,) * 7
         if n_global > 0:
             if n_local > 0:  # (a rank whose pairs were all filtered still joins the gradient average)
                 ki = keep.nonzero().flatten().tolist()
-                x0 = torch.cat([pairs["x0_w"][ki], pairs["x0_l"][ki]])
+                x0 = torch.cat([pairs["x0_w"][ki], pairs["x0_l"][ki]]).to(d.device)
                 gens = [torch.Generator().manual_seed(common.seed_for(args.seed, "dpo", step, pairs["gidx"][i])) for i in ki]
                 t = torch.cat([common.sample_train_timesteps(model, 1, g) for g in gens]).to(d.device)
                 eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(d.device)
@@ -229,7 +237,7 @@ def main(args):
                 pr_w, pr_l = patch_errors(ref_pred, target, masks, channel_dim).chunk(2)
                 gap = pairs["patch_w"][ki] - pairs["patch_l"][ki]  # [pairs, P]
                 sign = torch.sign(gap).to(d.device)  # s_p: +1 where the video winner also wins the patch
-                weight = (gap.abs() / gap.abs().mean().clamp(min=1e-8)).to(d.device) if args.gap_weighting else None
+                weight = (gap.abs() / gap_mean).to(d.device) if args.gap_weighting else None
                 p_losses, inside_p = patch_dpo_loss(pe_w, pe_l, pr_w, pr_l, sign, args.patch_beta, weight)
                 losses = v_losses + args.patch_weight * p_losses  # L = L_video + lambda * mean_p L_p
                 # sum / global count * world: after averaging over ranks this is the mean over ALL pairs

@@ -36,10 +36,11 @@ p.add_argument("--batch-size", type=int, default=8, help="prompts per step, summ
 p.add_argument("--num-candidates", type=int, default=4, help="videos sampled per prompt, N (paper: 4-6)")
 p.add_argument("--min-margin", type=float, default=0.02, help="skip pairs whose reward margin (best - worst) is below this")
 p.add_argument("--beta", type=float, default=None, help="DPO beta on mean-reduced errors; default 100 for flow models (Flow-GRPO), 5000 for eps/v (Diffusion-DPO)")
-p.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 1e-3 on the toy model, 1e-5 otherwise (paper)")
+p.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 1e-3 on the toy model; otherwise 1e-4 with LoRA (adapters need ~10x a full fine-tune's rate), 1e-5 for a full fine-tune (paper)")
 p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
 p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
 p.add_argument("--ref-update-interval", type=int, default=None, help="curriculum: ref <- policy every I steps (0 = never); default 20 on the toy model, 200 otherwise (paper)")
+p.add_argument("--sample-batch-size", type=int, default=8, help="videos per sampler/decoder call (results do not depend on it; lower it if sampling runs out of memory)")
 p.add_argument("--offline", action="store_true", help="ablation: generate and rank all pairs with the initial model before training, never resample")
 p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention projections (0 = full fine-tune)")
 p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
@@ -49,9 +50,9 @@ p.add_argument("--width", type=int, default=None, help="video width (default: th
 p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 10 on the toy model, 30 otherwise)")
 p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
 p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the denoiser (saves memory)")
-p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype for forward passes (fp16 adds dynamic loss scaling)")
+p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, reward) are stored in it, trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, candidates, DPO noise")
-p.add_argument("--out", default=None, help="run folder (default runs/online_vpo-<time>)")
+p.add_argument("--out", default=None, help="run folder (default runs/online_vpo-<time>; with --resume, the resumed run's)")
 p.add_argument("--eval-every", type=int, default=30, help="held-out evaluation interval (also at step 0 and the end)")
 p.add_argument("--num-eval-prompts", type=int, default=52, help="how many held-out prompts to evaluate (one seed each)")
 p.add_argument("--save-every", type=int, default=30, help="checkpoint interval (and at the end)")
@@ -71,7 +72,7 @@ def resolve_defaults(args, family):
     """Fill the model-dependent defaults; everything here is cheap and runs before weights load."""
     toy = family == "toy"
     args.reward = args.reward or ("toy:temporal" if toy else "videoscore:temporal_consistency")
-    args.lr = args.lr or (1e-3 if toy else 1e-5)
+    args.lr = args.lr or (1e-3 if toy else 1e-4 if args.lora_rank else 1e-5)
     args.ref_update_interval = args.ref_update_interval if args.ref_update_interval is not None else (20 if toy else 200)
     args.sample_steps = args.sample_steps or (10 if toy else 30)
     return args
@@ -91,9 +92,10 @@ def main(args):
     out = common.prepare_run_dir(args.out, "online_vpo", args.resume)
 
     # ---- model, reward, trainable weights, reference ---------------------------------------
-    model = common.load_model(args.model, d.device, dtype=common.DTYPES[args.mixed_precision])
+    dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype
+    model = common.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
     args.beta = args.beta or (100.0 if model.prediction == "flow" else 5000.0)
-    reward_fn = rewards.load_reward(args.reward, d.device)
+    reward_fn = rewards.load_reward(args.reward, d.device, dtype)
     torch.manual_seed(args.seed)  # LoRA's random init
     params = common.setup_trainable(model, args.lora_rank, args.lora_alpha, args.grad_checkpointing)
     common.broadcast_params(params, d)
@@ -101,28 +103,9 @@ def main(args):
     ref = common.Reference(params)  # f_ref: starts as the initial policy
     autocast = common.autocast_context(args.mixed_precision, d.device)
     scaler = common.grad_scaler(args.mixed_precision, d.device)
-    start_step = 0
-    if args.resume:
-        start_step, extra = common.load_checkpoint(args.resume, params, optimizer, scaler)
-        with torch.no_grad():
-            for w, v in zip(ref.weights, extra["ref"]):
-                w.copy_(v)
     video_kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, steps=args.sample_steps,
                     guidance=args.guidance)
-    if d.main:
-        common.save_json(os.path.join(out, "config.json"), vars(args) | {"model_path": model.path, "family": family,
-                                                                         "reward_name": reward_fn.name, "world_size": d.world})
-    log = common.MetricsLogger(out, enabled=d.main, track=args.track, config=vars(args))
     per_rank = args.batch_size // d.world
-
-    def evaluate(step):
-        """Every reward dimension on held-out prompts, one fixed seed each (sharded over ranks)."""
-        extra = (lambda v, ps: {"color_accuracy": rewards.ToyReward().color_accuracy(v, ps)}) if family == "toy" else None
-        means = common.evaluate(model, reward_fn, eval_prompts, args.seed, video_kw, d, autocast,
-                                os.path.join(out, "samples", f"step-{step:06d}.mp4"), extra)
-        row = {"step": step, "eval": True} | {f"eval/{k}": v for k, v in means.items()}
-        log.log(row)
-        return row
 
     def make_pairs(step):
         """Sample N candidates per prompt with the CURRENT weights, score, pair best vs worst (steps 1-4)."""
@@ -131,9 +114,9 @@ def main(args):
         gidx = list(range(d.rank * per_rank, (d.rank + 1) * per_rank))  # this rank's shard of the batch
         prompts = [batch[i] for i in gidx for _ in range(args.num_candidates)]
         seeds = [common.seed_for(args.seed, step, i, j) for i in gidx for j in range(args.num_candidates)]
-        with torch.no_grad(), autocast:
-            latents, videos = common.sample(model, prompts, seeds, **video_kw)
-            r = reward_fn(videos, prompts)["reward"].float().view(per_rank, args.num_candidates)
+        latents, scores = common.sample_and_score(model, prompts, seeds, args.sample_batch_size,
+                                                  lambda v, ps: {"r": reward_fn(v, ps)["reward"]}, video_kw, autocast)
+        r = scores["r"].view(per_rank, args.num_candidates)
         best, worst = r.argmax(1), r.argmin(1)
         lat = latents.view(per_rank, args.num_candidates, *latents.shape[1:])
         ar = torch.arange(per_rank)
@@ -141,8 +124,28 @@ def main(args):
                 "margin": r[ar, best] - r[ar, worst], "reward": r}
 
     offline_pairs = None
-    if args.offline:  # the ablation: all data from the initial model, before the first update
-        offline_pairs = [make_pairs(s) for s in tqdm(range(args.steps), desc="offline pairs", disable=not d.main)]
+    if args.offline:  # the ablation: all data from the INITIAL model (so before a resume loads), kept on the CPU
+        offline_pairs = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in make_pairs(s).items()}
+                         for s in tqdm(range(args.steps), desc="offline pairs", disable=not d.main)]
+    start_step = 0
+    if args.resume:
+        start_step, extra = common.load_checkpoint(args.resume, params, optimizer, scaler)
+        with torch.no_grad():
+            for w, v in zip(ref.weights, extra["ref"]):
+                w.copy_(v)
+    if d.main:
+        common.save_json(os.path.join(out, "config.json"), vars(args) | {"model_path": model.path, "family": family,
+                                                                         "reward_name": reward_fn.name, "world_size": d.world})
+    log = common.MetricsLogger(out, enabled=d.main, track=args.track, config=vars(args))
+
+    def evaluate(step):
+        """Every reward dimension on held-out prompts, one fixed seed each (sharded over ranks)."""
+        extra = (lambda v, ps: {"color_accuracy": rewards.ToyReward().color_accuracy(v, ps)}) if family == "toy" else None
+        means = common.evaluate(model, reward_fn, eval_prompts, args.seed, video_kw, d, autocast,
+                                os.path.join(out, "samples", f"step-{step:06d}.mp4"), extra, args.sample_batch_size)
+        row = {"step": step, "eval": True} | {f"eval/{k}": v for k, v in means.items()}
+        log.log(row)
+        return row
 
     if start_step == 0:
         evaluate(0)
@@ -151,7 +154,7 @@ def main(args):
     for step in bar:
         t0 = time.time()
         # 1-4. sample candidates from the current policy, score, pair best (w) vs worst (l)
-        pairs = offline_pairs[step] if args.offline else make_pairs(step)
+        pairs = make_pairs(step) if offline_pairs is None else offline_pairs[step]
         t_sample = time.time() - t0
         keep = pairs["margin"] >= args.min_margin
         n_local = int(keep.sum())
@@ -162,7 +165,7 @@ def main(args):
         if n_global > 0:
             if n_local > 0:  # (a rank whose pairs were all filtered still joins the gradient average)
                 ki = keep.nonzero().flatten().tolist()
-                x0 = torch.cat([pairs["x0_w"][ki], pairs["x0_l"][ki]])
+                x0 = torch.cat([pairs["x0_w"][ki], pairs["x0_l"][ki]]).to(d.device)
                 gens = [torch.Generator().manual_seed(common.seed_for(args.seed, "dpo", step, pairs["gidx"][i])) for i in ki]
                 t = torch.cat([common.sample_train_timesteps(model, 1, g) for g in gens]).to(d.device)
                 eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(d.device)

@@ -32,8 +32,8 @@ p.add_argument("--reward-target", type=float, default=None, help="minimise |targ
 p.add_argument("--prompts", default="toy_train", help="training prompts: a built-in list name or a text file, one per line")
 p.add_argument("--eval-prompts", default="toy_heldout", help="HELD-OUT evaluation prompts (list name or file)")
 p.add_argument("--steps", type=int, default=30, help="optimisation steps (toy: the held-out reward peaks near 30 and then falls, README)")
-p.add_argument("--batch-size", type=int, default=8, help="videos per optimisation step, summed over ranks and accumulation")
-p.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimisation step")
+p.add_argument("--batch-size", type=int, default=8, help="videos per optimisation step, summed over ranks")
+p.add_argument("--sample-batch-size", type=int, default=8, help="videos per sampler/decoder call; one backward each, accumulated into the step (results do not depend on it; lower it if a step runs out of memory)")
 p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3 on the toy model, 2e-4 otherwise: VADER)")
 p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (VADER: 1.0)")
 p.add_argument("--backprop-mode", default="last", choices=["last", "rand", "specific"], help="which sampler steps carry gradient: the last K, a random 1..K last ones per step, or from --backprop-start on")
@@ -50,9 +50,9 @@ p.add_argument("--height", type=int, default=None, help="video height (default: 
 p.add_argument("--width", type=int, default=None, help="video width (default: the model's)")
 p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 10 on the toy model, 25 otherwise)")
 p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype for forward passes (fp16 adds dynamic loss scaling)")
+p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, reward) are stored in it, trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, sampler noise, cut-offs")
-p.add_argument("--out", default=None, help="run folder (default runs/vader_grad-<time>)")
+p.add_argument("--out", default=None, help="run folder (default runs/vader_grad-<time>; with --resume, the resumed run's)")
 p.add_argument("--eval-every", type=int, default=30, help="held-out evaluation interval (also at step 0 and the end)")
 p.add_argument("--num-eval-prompts", type=int, default=52, help="how many held-out prompts to evaluate (one seed each)")
 p.add_argument("--diversity-prompts", type=int, default=4, help="prompts sampled with --diversity-seeds seeds to measure diversity")
@@ -85,14 +85,15 @@ def main(args):
     train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts)
     eval_prompts = eval_prompts[: args.num_eval_prompts]
     d = common.setup_distributed(args.device)
-    micro = args.batch_size // (d.world * args.grad_accum)
-    if micro * d.world * args.grad_accum != args.batch_size:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by ranks x --grad-accum ({d.world} x {args.grad_accum})")
+    if args.batch_size % d.world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of ranks ({d.world})")
+    per_rank = args.batch_size // d.world
     out = common.prepare_run_dir(args.out, "vader_grad", args.resume)
 
     # ---- model, reward, trainable weights -------------------------------------------------
-    model = common.load_model(args.model, d.device, dtype=common.DTYPES[args.mixed_precision])
-    reward_fn = rewards.load_reward(args.reward, d.device)
+    dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype
+    model = common.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
+    reward_fn = rewards.load_reward(args.reward, d.device, dtype)
     if not reward_fn.differentiable:
         raise ValueError(f"reward {reward_fn.name} is not differentiable: VADER needs gradients to the pixels "
                          f"(use e.g. toy:quality, toy:text, aesthetic, hpsv2, pickscore)")
@@ -114,13 +115,13 @@ def main(args):
         """Every reward dimension on held-out prompts, plus diversity: the per-pixel variance across
         seeds of the same prompt (VADER reports diversity falling as the reward is optimised)."""
         means = common.evaluate(model, reward_fn, eval_prompts, args.seed, video_kw, d, autocast,
-                                os.path.join(out, "samples", f"step-{step:06d}.mp4"))
+                                os.path.join(out, "samples", f"step-{step:06d}.mp4"), None, args.sample_batch_size)
         div_prompts = eval_prompts[: args.diversity_prompts]
-        with torch.no_grad(), autocast:
-            _, videos = common.sample(model, [pr for pr in div_prompts for _ in range(args.diversity_seeds)],
-                                      [common.seed_for(args.seed, "div", i, s) for i in range(len(div_prompts))
-                                       for s in range(args.diversity_seeds)], **video_kw)
-        diversity = videos.reshape(len(div_prompts), args.diversity_seeds, -1).var(1).mean().item()
+        _, videos = common.sample_and_score(model, [pr for pr in div_prompts for _ in range(args.diversity_seeds)],
+                                            [common.seed_for(args.seed, "div", i, s) for i in range(len(div_prompts))
+                                             for s in range(args.diversity_seeds)],
+                                            args.sample_batch_size, lambda v, ps: {"v": v.flatten(1).cpu()}, video_kw, autocast)
+        diversity = videos["v"].reshape(len(div_prompts), args.diversity_seeds, -1).var(1).mean().item()
         row = {"step": step, "eval": True, "eval/diversity": diversity} | {f"eval/{k}": v for k, v in means.items()}
         log.log(row)
         return row
@@ -142,19 +143,19 @@ def main(args):
         frames = {"one": [rng.randrange(args.num_frames)], "alternate": list(range(0, args.num_frames, 2)),
                   "all": None}[args.decode_frames]
         reward_sum, loss_sum = 0.0, 0.0
-        for a in range(args.grad_accum):
-            gidx = [d.rank * args.grad_accum * micro + a * micro + i for i in range(micro)]  # this rank's micro-batch
+        for c in range(0, per_rank, args.sample_batch_size):  # micro-batches, one backward each (accumulated)
+            gidx = [d.rank * per_rank + i for i in range(c, min(c + args.sample_batch_size, per_rank))]
             prompts, seeds = [batch[i] for i in gidx], [common.seed_for(args.seed, step, i) for i in gidx]
             with autocast:
                 if args.refl:  # ReFL: sample without grad, re-noise to a late t, one grad-carrying x0 prediction
                     with torch.no_grad():
                         x0, _ = common.sample(model, prompts, seeds, **video_kw)
-                    g = torch.Generator().manual_seed(common.seed_for(args.seed, "refl", step, gidx[0]))
-                    t = (torch.rand(len(gidx), generator=g) * args.refl_max_sigma).clamp(min=0.02)
+                    gens = [torch.Generator().manual_seed(common.seed_for(args.seed, "refl", step, i)) for i in gidx]
+                    t = torch.cat([torch.rand(1, generator=g) for g in gens]).mul(args.refl_max_sigma).clamp(min=0.02)
                     t = (t * model.scheduler.config.num_train_timesteps).to(d.device)
                     if model.prediction != "flow":
                         t = t.long()
-                    eps = torch.randn(x0.shape, generator=g).to(d.device)
+                    eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(d.device)
                     x_t, _ = common.noisy_and_target(model, x0, eps, t)
                     emb, mask = common.encode_prompts(model, prompts)
                     x0_hat = common.predicted_x0(model, x_t, common.denoise(model, x_t, t, emb, mask).float(), t)

@@ -45,8 +45,8 @@ p.add_argument("--batch-size", type=int, default=16, help="videos per optimisati
 p.add_argument("--loss", default="rwr", choices=["rwr", "dpo"], help="reward-weighted regression, or Diffusion-DPO on (yes, no) pairs")
 p.add_argument("--beta", type=float, default=0.25, help="RWR temperature: w = exp(r / beta), normalised per batch")
 p.add_argument("--dpo-beta", type=float, default=None, help="DPO beta (default 100 for flow models, 5000 for eps/v)")
-p.add_argument("--keep-rounds", action="store_true", help="keep older rounds' data in the training set")
-p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 3e-4 on the toy model, 1e-5 otherwise)")
+p.add_argument("--keep-rounds", action="store_true", help="keep older rounds' data in the training set (saved in <out>/data/ for --resume)")
+p.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 3e-4 on the toy model; otherwise 1e-4 with LoRA (adapters need ~10x a full fine-tune's rate), 1e-5 for a full fine-tune")
 p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
 p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention projections (0 = full fine-tune)")
 p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
@@ -55,10 +55,11 @@ p.add_argument("--height", type=int, default=None, help="video height (default: 
 p.add_argument("--width", type=int, default=None, help="video width (default: the model's)")
 p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 10 on the toy model, 30 otherwise)")
 p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+p.add_argument("--sample-batch-size", type=int, default=8, help="videos per sampler/decoder/judge call (results do not depend on it; lower it if sampling runs out of memory)")
 p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the denoiser (saves memory)")
-p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype for forward passes (fp16 adds dynamic loss scaling)")
+p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, judge) are stored in it, trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, videos, training noise")
-p.add_argument("--out", default=None, help="run folder (default runs/vlm_feedback_rwr-<time>)")
+p.add_argument("--out", default=None, help="run folder (default runs/vlm_feedback_rwr-<time>; with --resume, the resumed run's)")
 p.add_argument("--eval-seeds", type=int, default=2, help="videos per held-out prompt in evaluation")
 p.add_argument("--num-train-eval-prompts", type=int, default=32, help="training prompts also evaluated (pass rate on train)")
 p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue from (the judge cache is reused)")
@@ -86,7 +87,7 @@ def main(args):
     model_path, family = common.resolve_model(args.model)
     common.fill_video_args(args, model_path, family)
     toy = family == "toy"
-    args.lr = args.lr or (3e-4 if toy else 1e-5)
+    args.lr = args.lr or (3e-4 if toy else 1e-4 if args.lora_rank else 1e-5)
     args.sample_steps = args.sample_steps or (10 if toy else 30)
     rewards.parse_reward_spec(args.judge)
     if args.question is not None and "{prompt}" not in args.question:
@@ -100,9 +101,10 @@ def main(args):
     out = common.prepare_run_dir(args.out, "vlm_feedback_rwr", args.resume, need_checkpoint=False)  # (cache-only resume)
 
     # ---- model, judge, trainable weights ---------------------------------------------------
-    model = common.load_model(args.model, d.device, dtype=common.DTYPES[args.mixed_precision])
+    dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype
+    model = common.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
     args.dpo_beta = args.dpo_beta or (100.0 if model.prediction == "flow" else 5000.0)
-    judge = rewards.load_reward(args.judge, d.device)
+    judge = rewards.load_reward(args.judge, d.device, dtype)
     question = (lambda pr: args.question.format(prompt=pr)) if args.question else rewards.default_question
     if hasattr(judge, "question_fn"):  # a VLM judge is asked exactly this question
         judge.question_fn = question
@@ -159,8 +161,8 @@ def main(args):
             items = [(i, s) for i in range(len(plist)) for s in range(args.eval_seeds)]
             mine = items[d.rank::d.world]
             passed = {}
-            for c in range(0, len(mine), 32):
-                chunk = mine[c: c + 32]
+            for c in range(0, len(mine), args.sample_batch_size):
+                chunk = mine[c: c + args.sample_batch_size]
                 prompts = [plist[i] for i, _ in chunk]
                 with torch.no_grad(), autocast:
                     _, videos = common.sample(model, prompts, [common.seed_for(args.seed, split, i, s) for i, s in chunk],
@@ -184,6 +186,10 @@ def main(args):
     if start_round == 0:
         evaluate(0)
     data = []  # the training set: (latent, prompt, answer, prompt-group id)
+    data_folder = os.path.join(out, "data")  # --keep-rounds: every round's data, so a resume keeps it too
+    if args.keep_rounds:
+        for rnd in range(start_round):
+            data += torch.load(os.path.join(data_folder, f"round-{rnd + 1}.pt"), weights_only=False)
     for rnd in range(start_round, args.rounds):
         # (1) sample a dataset from the CURRENT model, sharded across ranks
         rng = random.Random(common.seed_for(args.seed, "round", rnd))
@@ -192,8 +198,8 @@ def main(args):
         mine = items[d.rank * len(items) // d.world: (d.rank + 1) * len(items) // d.world]
         t0 = time.time()
         lat_chunks, yes_chunks = [], []
-        for c in tqdm(range(0, len(mine), 32), desc=f"round {rnd + 1} sample+judge", disable=not d.main):
-            chunk = mine[c: c + 32]
+        for c in tqdm(range(0, len(mine), args.sample_batch_size), desc=f"round {rnd + 1} sample+judge", disable=not d.main):
+            chunk = mine[c: c + args.sample_batch_size]
             prompts = [plist[i] for i, _ in chunk]
             seeds = [common.seed_for(args.seed, "train", rnd, i, j) for i, j in chunk]
             with torch.no_grad(), autocast:
@@ -204,7 +210,10 @@ def main(args):
         # every rank gets the whole round's data, so each global batch is the same on every rank
         latents = common.all_gather_tensor(torch.cat(lat_chunks), d)
         yes = common.all_gather_tensor(torch.cat(yes_chunks).to(d.device), d).cpu()
-        new = [(latents[n], plist[i], yes[n].item(), (rnd, i)) for n, (i, j) in enumerate(items)]
+        new = [(latents[n].cpu(), plist[i], yes[n].item(), (rnd, i)) for n, (i, j) in enumerate(items)]
+        if args.keep_rounds and d.main:
+            os.makedirs(data_folder, exist_ok=True)
+            torch.save(new, os.path.join(data_folder, f"round-{rnd + 1}.pt"))
         data = data + new if args.keep_rounds else new
         t_sample = time.time() - t0
 
@@ -260,7 +269,7 @@ def main(args):
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 opt_steps += 1
-                ep_loss += loss.item() / d.world
+                ep_loss += loss.item()  # (the loss is already x world: all_mean below gives the global mean)
                 ep_n += 1
             log.log({"step": opt_steps, "round": rnd + 1, "epoch": epoch + 1,
                      "loss": common.all_mean({"l": ep_loss / max(ep_n, 1)}, d)["l"], "batches": ep_n,

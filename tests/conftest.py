@@ -48,3 +48,11 @@ def qwen_vl_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qwen_vl")
     tiny_models.build_qwen_vl(str(folder))
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def clip_folder(tmp_path_factory):
+    import tiny_models
+    folder = tmp_path_factory.mktemp("clip")
+    tiny_models.build_clip(str(folder))
+    return str(folder)

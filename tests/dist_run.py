@@ -1,8 +1,11 @@
 """Run an algorithm script's main() under torchrun and save THIS rank's trainable weights to
-<out>/rank<r>.pt, so a test can compare ranks with each other and with a single process.
-    torchrun --nproc_per_node 2 tests/dist_run.py <script> [--no-grad-average] <script args...>
+<out>/rank<r>.pt and the gradients of every update, AFTER the cross-rank average, to
+<out>/grads<r>.pt, so a test can compare ranks with each other and with a single process.
+    torchrun --nproc_per_node 2 tests/dist_run.py <script> [--no-grad-average] [--tie WORD] <script args...>
 --no-grad-average replaces common.average_gradients by a no-op: the negative control proving the
-test detects a loop that forgets to average gradients across ranks."""
+test detects a loop that forgets to average gradients across ranks.
+--tie WORD gives every video of a prompt containing WORD the same reward (0): its DPO pairs have no
+margin and are skipped, so ranks hold uneven pair counts (or none) depending on their prompts."""
 import importlib
 import os
 import sys
@@ -12,12 +15,43 @@ import torch
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 torch.set_num_threads(1)
 import common  # noqa: E402
+import rewards  # noqa: E402
 
 script, argv = sys.argv[1], sys.argv[2:]
+captured = {"grads": []}
+average = common.average_gradients
 if "--no-grad-average" in argv:
     argv.remove("--no-grad-average")
-    common.average_gradients = lambda params, d: None
-captured = {}
+    average = lambda params, d: None  # noqa: E731
+
+
+def recording_average(params, d):
+    average(params, d)
+    captured["grads"] += [p.grad.detach().cpu().clone() if p.grad is not None else torch.zeros_like(p).cpu()
+                          for p in params]
+
+
+common.average_gradients = recording_average
+if "--tie" in argv:
+    i = argv.index("--tie")
+    word = argv.pop(i + 1)
+    argv.pop(i)
+    load = rewards.load_reward
+
+    class Tied:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, videos, prompts):
+            out = dict(self.inner(videos, prompts))
+            tie = torch.tensor([word in p for p in prompts], device=out["reward"].device)
+            out["reward"] = torch.where(tie, torch.zeros_like(out["reward"]), out["reward"])
+            return out
+
+    rewards.load_reward = lambda *a, **k: Tied(load(*a, **k))
 _setup = common.setup_trainable
 
 
@@ -32,3 +66,4 @@ args = mod.p.parse_args(argv)
 rank = int(os.environ.get("RANK", 0))
 out = mod.main(args)
 torch.save([p.detach().cpu() for p in captured["params"]], os.path.join(out, f"rank{rank}.pt"))
+torch.save(captured["grads"], os.path.join(out, f"grads{rank}.pt"))

@@ -106,6 +106,9 @@ def test_bad_question_template_fails_early(tmp_path):
 def test_torchrun_two_ranks(tmp_path, toy_model):
     args = FAST + ["--judge", "judge:p_yes"]
     _, one = assert_ranks_agree_with_one_process("vlm_feedback_rwr", args, tmp_path)
+    ddp_rows, one_rows = ([r for r in map(json.loads, open(tmp_path / f / "metrics.jsonl")) if "epoch" in r]
+                          for f in ("ddp", "one"))
+    assert [r["loss"] for r in ddp_rows] == pytest.approx([r["loss"] for r in one_rows], rel=1e-5)  # not / world
     torch.manual_seed(0)  # the same LoRA init the scripts draw: training must have moved the weights
     m = common.load_model("toy")
     init = common.setup_trainable(m, 4)
