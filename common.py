@@ -324,8 +324,12 @@ def decode(model, latents, frames=None):
         std = torch.tensor(vae.config.latents_std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1, 1)
         video = vae.decode(x * std + mean, return_dict=False)[0].permute(0, 2, 1, 3, 4)
     elif model.family == "cogvideox":
-        if frames is not None:
-            x = x[:, : _causal_prefix(max(frames), vae.config.temporal_compression_ratio)]
+        if frames is not None:  # the VAE decodes latent frames in batches (first b + n % b, then b at a time)
+            # and normalises within each: cut at the first batch boundary of the full decode past the causal
+            # prefix (at worst all n), so the prefix decodes exactly as in the full decode
+            n, b = x.shape[1], vae.num_latent_frames_batch_size
+            need = _causal_prefix(max(frames), vae.config.temporal_compression_ratio)
+            x = x[:, : min(n % b + b * max(1, -(-(need - n % b) // b)), n)]
         video = vae.decode(x.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor).sample.permute(0, 2, 1, 3, 4)
     elif model.family == "ltx":
         mean = vae.latents_mean.view(1, -1, 1, 1, 1).to(x)
@@ -378,9 +382,10 @@ def sample(model, prompts, seeds, num_frames, height, width, steps, guidance, ne
     from tqdm import tqdm
     B, dev = len(prompts), model.device
     shape = latent_shape(model, num_frames, height, width)
-    latents = torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s)))
-                         for s in seeds]).to(dev)  # per-sample seeds: a candidate is reproducible alone
-    gens = [torch.Generator("cpu").manual_seed(int(s) + 1) for s in seeds]  # for stochastic schedulers
+    # per-sample seeds (a candidate is reproducible alone); stochastic schedulers then draw their step noise
+    # from the SAME generators, as the stock pipelines do
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    latents = torch.cat([torch.randn((1, *shape), generator=g) for g in gens]).to(dev)
     timesteps = set_timesteps(model, steps, shape)
     latents = latents * getattr(model.scheduler, "init_noise_sigma", 1.0)
     emb, mask = encode_prompts(model, list(prompts))
@@ -513,10 +518,14 @@ def setup_trainable(model, lora_rank, lora_alpha=None, grad_checkpointing=False)
     Returns the list of trainable parameters (kept in float32)."""
     den = model.denoiser
     if lora_rank > 0:
-        from peft import LoraConfig
+        from peft import LoraConfig, inject_adapter_in_model
         den.requires_grad_(False)
-        den.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=LORA_TARGETS,
-                                   init_lora_weights=True))
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=LORA_TARGETS,
+                            init_lora_weights=True)
+        if hasattr(den, "add_adapter"):
+            den.add_adapter(config)
+        else:  # ModelScope's UNet3DConditionModel has no diffusers PeftAdapterMixin: inject with peft directly
+            inject_adapter_in_model(config, den)
     else:
         den.requires_grad_(True)
     params = [p for p in den.parameters() if p.requires_grad]
@@ -566,11 +575,15 @@ def save_lora(model, folder):
     import diffusers
     from peft.utils import get_peft_model_state_dict
     state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model.denoiser).items()}
+    # the LoraConfig goes along as metadata: without it load_lora_weights assumes lora_alpha = rank
+    config = model.denoiser.peft_config["default"].to_dict()
     if model.family == "modelscope":
-        diffusers.TextToVideoSDPipeline.save_lora_weights(folder, unet_lora_layers=state)
+        diffusers.TextToVideoSDPipeline.save_lora_weights(folder, unet_lora_layers=state,
+                                                          unet_lora_adapter_metadata=config)
     else:
         cls = {"toy": "WanPipeline", "wan": "WanPipeline", "cogvideox": "CogVideoXPipeline", "ltx": "LTXPipeline"}
-        getattr(diffusers, cls[model.family]).save_lora_weights(folder, transformer_lora_layers=state)
+        getattr(diffusers, cls[model.family]).save_lora_weights(folder, transformer_lora_layers=state,
+                                                                transformer_lora_adapter_metadata=config)
 
 
 # ----------------------------------------------------------------------------------------------
