@@ -1,4 +1,4 @@
-"""gran_dpo.py: patch masks, the patch loss by hand, reduction to video DPO, outputs, torchrun, resume."""
+"""gran_dpo.py: patch masks, the patch loss by hand, reduction to video DPO, outputs, resume (torchrun: tests/test_regime.py)."""
 import json
 import math
 
