@@ -30,6 +30,7 @@ MODEL_ALIASES = {  # short names for the public checkpoints (hub ids; pass a loc
     "wan2.1-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
     "wan2.1-14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
     "wan2.2-5b": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+    "wan2.2-a14b": "Wan-AI/Wan2.2-T2V-A14B-Diffusers",  # two experts: transformer (high noise), transformer_2 (low)
     "cogvideox-2b": "THUDM/CogVideoX-2b",
     "cogvideox-5b": "THUDM/CogVideoX-5b",
     "cogvideox1.5-5b": "THUDM/CogVideoX1.5-5B",
@@ -108,10 +109,12 @@ FAMILY_DEFAULTS = {  # video size, sampler steps and guidance that suit each fam
 
 def model_defaults(path, family):
     """The family's defaults (the toy model's come from its model_index.json); no weights are read."""
-    if family != "toy":
-        return dict(FAMILY_DEFAULTS[family])
     with open(os.path.join(path, "model_index.json")) as f:
         index = json.load(f)
+    if family == "wan" and index.get("transformer_2", [None])[0] is not None:  # Wan 2.2 A14B (its sample_guide_scale)
+        return dict(FAMILY_DEFAULTS["wan"], guidance=4.0, guidance_2=3.0)
+    if family != "toy":
+        return dict(FAMILY_DEFAULTS[family])
     return dict(num_frames=index.get("num_frames", 8), height=index.get("height", 32), width=index.get("width", 32),
                 sample_steps=10, guidance=3.0)
 
@@ -120,9 +123,9 @@ def fill_video_args(args, path, family):
     """Fill unset --num-frames/--height/--width/--guidance from the model's defaults and check them,
     before anything heavy loads."""
     defaults = model_defaults(path, family)
-    for k in ("num_frames", "height", "width", "guidance"):
+    for k in ("num_frames", "height", "width", "guidance", "guidance_2"):
         if getattr(args, k) is None:
-            setattr(args, k, defaults[k])
+            setattr(args, k, defaults.get(k))
     check_video_size(family, args.num_frames, args.height, args.width)
 
 
@@ -139,11 +142,18 @@ class VideoModel:
     scheduler: object
     max_sequence_length: int
     expand_timesteps: bool = False  # Wan 2.2 TI2V gives the timestep per token
+    denoiser_2: torch.nn.Module = None  # Wan 2.2 A14B's low-noise expert (`transformer_2`), else None
+    boundary: float = None  # timesteps >= boundary go to `denoiser` (high noise), the others to `denoiser_2`
     prompt_cache: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
 
     @property
     def device(self):
         return next(self.denoiser.parameters()).device
+
+    @property
+    def experts(self):
+        """The denoiser(s): one, or Wan 2.2 A14B's two (high-noise, low-noise)."""
+        return [self.denoiser] if self.denoiser_2 is None else [self.denoiser, self.denoiser_2]
 
 
 def load_model(name_or_path, device="cpu", dtype=torch.float32, denoiser_dtype=torch.float32):
@@ -172,7 +182,12 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, denoiser_dtype=t
     tokenizer = component("tokenizer")
     text_encoder = component("text_encoder", dtype).eval().requires_grad_(False)
     denoiser = component(DENOISER_FOLDER[family], denoiser_dtype)
+    denoiser_2, boundary = None, None
+    if index.get("transformer_2", [None])[0] is not None:  # Wan 2.2 A14B: the low-noise expert
+        denoiser_2 = component("transformer_2", denoiser_dtype)
     scheduler = component("scheduler")
+    if denoiser_2 is not None and index.get("boundary_ratio") is not None:  # as WanPipeline switches experts
+        boundary = index["boundary_ratio"] * scheduler.config.num_train_timesteps
     vae = None
     if index.get("vae", [None])[0] is not None:
         vae = component("vae", dtype).eval().requires_grad_(False)
@@ -182,7 +197,7 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, denoiser_dtype=t
     max_len = {"toy": index.get("max_sequence_length", 16), "wan": 512, "cogvideox": 226, "ltx": 128,
                "modelscope": tokenizer.model_max_length}[family]
     return VideoModel(path, family, prediction, tokenizer, text_encoder, denoiser, vae, scheduler, max_len,
-                      expand_timesteps=bool(index.get("expand_timesteps", False)))
+                      expand_timesteps=bool(index.get("expand_timesteps", False)), denoiser_2=denoiser_2, boundary=boundary)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,8 +294,25 @@ def _cogvideox_rotary(model, latents):
 
 
 def denoise(model, latents, timestep, embeds, mask=None):
-    """f_theta(x_t, t, c) in the latent layout; `timestep` is [B] in the scheduler's units."""
-    den, fam = model.denoiser, model.family
+    """f_theta(x_t, t, c) in the latent layout; `timestep` is [B] in the scheduler's units. With Wan 2.2
+    A14B's two experts each sample goes to the expert that owns its timestep (t >= boundary: high-noise
+    `transformer`, else low-noise `transformer_2`, as WanPipeline switches), so a DPO/RWR batch of mixed
+    timesteps trains both and VADER's last (low-noise) steps reach `transformer_2` only."""
+    if model.denoiser_2 is None:
+        return _denoise(model, model.denoiser, latents, timestep, embeds, mask)
+    high = timestep >= model.boundary
+    if high.all() or not high.any():
+        return _denoise(model, model.denoiser if high.all() else model.denoiser_2, latents, timestep, embeds, mask)
+    out = None
+    for den, idx in ((model.denoiser, high), (model.denoiser_2, ~high)):
+        part = _denoise(model, den, latents[idx], timestep[idx], embeds[idx], None if mask is None else mask[idx])
+        out = part.new_zeros((latents.shape[0], *part.shape[1:])) if out is None else out
+        out = out.index_put((idx,), part)
+    return out
+
+
+def _denoise(model, den, latents, timestep, embeds, mask=None):
+    fam = model.family
     x = latents.to(den.dtype)
     if fam in ("toy", "wan"):
         if model.expand_timesteps:  # Wan 2.2 TI2V: one timestep per (latent-frame, 2x2) token
@@ -374,7 +406,7 @@ def set_timesteps(model, steps, shape):
 
 
 def sample(model, prompts, seeds, num_frames, height, width, steps, guidance, negative_prompt="",
-           grad_from=None, grad_checkpointing=False, decode_frames=None, autocast=None, progress=False):
+           grad_from=None, grad_checkpointing=False, decode_frames=None, autocast=None, progress=False, guidance_2=None):
     """Sample one video per (prompt, seed) in ONE batch, classifier-free guidance batched as [uncond; cond].
     Steps with index >= grad_from build a graph (VADER's truncated backprop); all others run under
     no_grad. Returns (final latents, videos [B, F, C, H, W] in [0, 1]). Given the same components and
@@ -390,17 +422,19 @@ def sample(model, prompts, seeds, num_frames, height, width, steps, guidance, ne
     latents = latents * getattr(model.scheduler, "init_noise_sigma", 1.0)
     emb, mask = encode_prompts(model, list(prompts))
     nemb, nmask = encode_prompts(model, [negative_prompt] * B)
-    cfg = guidance > 1.0
+    guidance_2 = guidance if guidance_2 is None else guidance_2  # the low-noise expert's (Wan 2.2 A14B)
+    cfg = max(guidance, guidance_2) > 1.0
     emb_in = torch.cat([nemb, emb]) if cfg else emb
     mask_in = (torch.cat([nmask, mask]) if cfg else mask) if mask is not None else None
     grad_from = len(timesteps) if grad_from is None else grad_from
-    if grad_checkpointing and not getattr(model.denoiser, "gradient_checkpointing", True):
+    if grad_checkpointing and not all(getattr(den, "gradient_checkpointing", True) for den in model.experts):
         # BOTH per-call (below) and per-block checkpointing, measured (benchmarks/vader_checkpointing.py): the
         # per-call one keeps only each step's input alive, so the blocks' inputs exist only while a step is
         # recomputed, never beside the decoder's activations, and do not grow with K. Peak 287 MiB at K = 1 and
         # 288 at K = 3, against 308 / 349 per-block only and 382 / 386 per-call only; the price is one extra
         # denoiser forward per grad-carrying step (of the ~30 a VADER step runs)
-        model.denoiser.enable_gradient_checkpointing()
+        for den in model.experts:
+            den.enable_gradient_checkpointing()
     old_x0 = None  # CogVideoX's DPM scheduler carries the previous x0 prediction
     sch = model.scheduler
     for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
@@ -417,7 +451,8 @@ def sample(model, prompts, seeds, num_frames, height, width, steps, guidance, ne
             pred = pred.float()
             if cfg:
                 uncond, cond = pred.chunk(2)
-                pred = uncond + guidance * (cond - uncond)
+                g = guidance if model.denoiser_2 is None or t >= model.boundary else guidance_2
+                pred = uncond + g * (cond - uncond)
             if model.family == "cogvideox" and type(sch).__name__ == "CogVideoXDPMScheduler":
                 latents, old_x0 = sch.step(pred, old_x0, t, timesteps[i - 1] if i > 0 else None, latents,
                                            generator=gens, return_dict=False)
@@ -519,24 +554,25 @@ def grad_scaler(mixed_precision, device):
 def setup_trainable(model, lora_rank, lora_alpha=None, grad_checkpointing=False):
     """LoRA (peft) on the attention projections when rank > 0, else every denoiser weight.
     Returns the list of trainable parameters (kept in float32)."""
-    den = model.denoiser
-    if lora_rank > 0:
-        from peft import LoraConfig, inject_adapter_in_model
-        den.requires_grad_(False)
-        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=LORA_TARGETS,
-                            init_lora_weights=True)
-        if hasattr(den, "add_adapter"):
-            den.add_adapter(config)
-        else:  # ModelScope's UNet3DConditionModel has no diffusers PeftAdapterMixin: inject with peft directly
-            inject_adapter_in_model(config, den)
-    else:
-        den.requires_grad_(True)
-    params = [p for p in den.parameters() if p.requires_grad]
+    params = []
+    for den in model.experts:  # Wan 2.2 A14B: both experts get an adapter (or are both fine-tuned)
+        if lora_rank > 0:
+            from peft import LoraConfig, inject_adapter_in_model
+            den.requires_grad_(False)
+            config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=LORA_TARGETS,
+                                init_lora_weights=True)
+            if hasattr(den, "add_adapter"):
+                den.add_adapter(config)
+            else:  # ModelScope's UNet3DConditionModel has no diffusers PeftAdapterMixin: inject with peft directly
+                inject_adapter_in_model(config, den)
+        else:
+            den.requires_grad_(True)
+        params += [p for p in den.parameters() if p.requires_grad]
+        if grad_checkpointing and hasattr(den, "enable_gradient_checkpointing"):
+            den.enable_gradient_checkpointing()
+        den.train()
     for p in params:
         p.data = p.data.float()
-    if grad_checkpointing and hasattr(den, "enable_gradient_checkpointing"):
-        den.enable_gradient_checkpointing()
-    den.train()
     return params
 
 
@@ -574,19 +610,26 @@ class Reference:
 
 
 def save_lora(model, folder):
-    """Write the LoRA in the diffusers format that the stock pipeline's `load_lora_weights` reads."""
+    """Write the LoRA in the diffusers format that the stock pipeline's `load_lora_weights` reads. Wan 2.2
+    A14B's low-noise expert gets its own file in `<folder>_transformer_2`, loaded with
+    `load_lora_weights(..., load_into_transformer_2=True)`."""
+    if model.denoiser_2 is not None:
+        _save_lora(model, model.denoiser_2, folder + "_transformer_2")
+    _save_lora(model, model.denoiser, folder)
+
+
+def _save_lora(model, den, folder):
     import diffusers
     from peft.utils import get_peft_model_state_dict
-    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model.denoiser).items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(den).items()}
     # the LoraConfig goes along as metadata: without it load_lora_weights assumes lora_alpha = rank
-    config = model.denoiser.peft_config["default"].to_dict()
+    config = den.peft_config["default"].to_dict()
     if model.family == "modelscope":
         diffusers.TextToVideoSDPipeline.save_lora_weights(folder, unet_lora_layers=state,
                                                           unet_lora_adapter_metadata=config)
     else:
-        cls = {"toy": "WanPipeline", "wan": "WanPipeline", "cogvideox": "CogVideoXPipeline", "ltx": "LTXPipeline"}
-        getattr(diffusers, cls[model.family]).save_lora_weights(folder, transformer_lora_layers=state,
-                                                                transformer_lora_adapter_metadata=config)
+        getattr(diffusers, PIPELINE_CLASS[model.family]).save_lora_weights(folder, transformer_lora_layers=state,
+                                                                           transformer_lora_adapter_metadata=config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -826,6 +869,57 @@ def load_checkpoint(path, params, optimizer, scaler=None):
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     return state["step"], state["extra"]
+
+
+def command_line(script):
+    """The command that started this run (for config.json and the model card), or None when main() was
+    called from Python (tests, notebooks)."""
+    import shlex
+    import sys
+    if os.path.basename(sys.argv[0]) != f"{script}.py":
+        return None
+    launcher = f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}" if "LOCAL_WORLD_SIZE" in os.environ else "python"
+    return " ".join([launcher, f"{script}.py"] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+PIPELINE_CLASS = {"toy": "WanPipeline", "wan": "WanPipeline", "cogvideox": "CogVideoXPipeline", "ltx": "LTXPipeline",
+                  "modelscope": "TextToVideoSDPipeline"}
+
+
+def write_model_card(out, script, algorithm, paper, samples_seen):
+    """<final checkpoint>/lora/README.md: a Hugging Face model card (YAML metadata: base model, library,
+    tags) written from the run's own config.json and metrics.jsonl: algorithm, base model, reward, command,
+    steps and samples seen, seed, the held-out evaluation before and after on every figure, and how to load
+    the LoRA into the stock pipeline."""
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    evals = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r.get("eval")]
+    before, after = evals[0], evals[-1]
+    lora = os.path.join(latest_checkpoint(out), "lora")
+    base = MODEL_ALIASES.get(cfg["model"], cfg["model"])
+    pipe = PIPELINE_CLASS[cfg["family"]]
+    two_experts = os.path.isdir(lora + "_transformer_2")
+    figures = [k for k in after if k.startswith(("eval/", "train/"))]
+    lines = ["---", f"base_model: {base}", "library_name: diffusers", "pipeline_tag: text-to-video",
+             f"tags: [lora, text-to-video, {script.replace('_', '-')}, cleanvideoalign]", "---", "",
+             f"# {algorithm} LoRA for {os.path.basename(base.rstrip('/'))}", "",
+             f"Trained with `{script}.py` of CleanVideoAlign: {algorithm} ({paper}).", "",
+             "| | |", "|---|---|", f"| base model | `{base}` ({pipe}) |",
+             f"| reward / judge | `{cfg.get('reward_name') or cfg.get('judge_name')}` |",
+             f"| command | `{cfg.get('command') or '(main() called from Python; every argument is in config.json)'}` |",
+             f"| optimisation steps | {after['step']} |", f"| training videos sampled | {samples_seen} |",
+             f"| seed | {cfg['seed']} |", f"| LoRA rank / alpha | {cfg['lora_rank']} / {cfg['lora_alpha'] or cfg['lora_rank']} |",
+             f"| ranks (GPUs) | {cfg.get('world_size', 1)} |", "",
+             f"Held-out evaluation (`{cfg.get('eval_prompts')}`), before training and after:", "",
+             f"| figure | step {before['step']} | step {after['step']} |", "|---|---|---|"]
+    lines += [f"| {k} | {before.get(k, '')} | {after[k]} |" for k in figures]
+    lines += ["", "```python", f"pipe = diffusers.{pipe}.from_pretrained(\"{base}\", torch_dtype=torch.bfloat16)",
+              "pipe.load_lora_weights(\"path/to/this/folder\")"]
+    if two_experts:  # Wan 2.2 A14B: the low-noise expert's adapter is its own folder
+        lines += ["pipe.load_lora_weights(\"path/to/lora_transformer_2\", load_into_transformer_2=True)"]
+    lines += ["```", ""]
+    with open(os.path.join(lora, "README.md"), "w") as f:
+        f.write("\n".join(lines))
+    return os.path.join(lora, "README.md")
 
 
 def print0(d, *a):

@@ -49,6 +49,7 @@ p.add_argument("--height", type=int, default=None, help="video height (default: 
 p.add_argument("--width", type=int, default=None, help="video width (default: the model's)")
 p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 10 on the toy model, 30 otherwise)")
 p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+p.add_argument("--guidance-2", type=float, default=None, help="Wan 2.2 A14B: guidance of the low-noise expert (default: the model's, 3.0; else --guidance)")
 p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the denoiser (saves memory)")
 p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, reward) are stored in it, trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, candidates, DPO noise")
@@ -104,7 +105,7 @@ def main(args):
     autocast = common.autocast_context(args.mixed_precision, d.device)
     scaler = common.grad_scaler(args.mixed_precision, d.device)
     video_kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, steps=args.sample_steps,
-                    guidance=args.guidance)
+                    guidance=args.guidance, guidance_2=args.guidance_2)
     per_rank = args.batch_size // d.world
 
     def make_pairs(step):
@@ -135,7 +136,8 @@ def main(args):
                 w.copy_(v)
     if d.main:
         common.save_json(os.path.join(out, "config.json"), vars(args) | {"model_path": model.path, "family": family,
-                                                                         "reward_name": reward_fn.name, "world_size": d.world})
+                                                                         "reward_name": reward_fn.name, "world_size": d.world,
+                                                                         "command": common.command_line("online_vpo")})
     log = common.MetricsLogger(out, enabled=d.main, track=args.track, config=vars(args))
 
     def evaluate(step):
@@ -223,6 +225,8 @@ def main(args):
                      if r.get("eval") and r["step"] == 0)
         print(f"eval/reward: {first['eval/reward']:.4f} -> {final['eval/reward']:.4f}  ({reward_fn.name}, "
               f"{len(eval_prompts)} held-out prompts; run folder {out})")
+    if d.main and args.lora_rank:  # a model card beside the final LoRA, from the run's files
+        common.write_model_card(out, "online_vpo", "OnlineVPO", "arXiv 2412.15159", args.steps * args.batch_size * args.num_candidates)
     if d.world > 1:
         torch.distributed.destroy_process_group()
     return out

@@ -50,6 +50,7 @@ p.add_argument("--height", type=int, default=None, help="video height (default: 
 p.add_argument("--width", type=int, default=None, help="video width (default: the model's)")
 p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 10 on the toy model, 25 otherwise)")
 p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+p.add_argument("--guidance-2", type=float, default=None, help="Wan 2.2 A14B: guidance of the low-noise expert (default: the model's, 3.0; else --guidance)")
 p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, reward) are stored in it, trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, sampler noise, cut-offs")
 p.add_argument("--out", default=None, help="run folder (default runs/vader_grad-<time>; with --resume, the resumed run's)")
@@ -105,10 +106,11 @@ def main(args):
     scaler = common.grad_scaler(args.mixed_precision, d.device)
     start_step = common.load_checkpoint(args.resume, params, optimizer, scaler)[0] if args.resume else 0
     video_kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, steps=args.sample_steps,
-                    guidance=args.guidance)
+                    guidance=args.guidance, guidance_2=args.guidance_2)
     if d.main:
         common.save_json(os.path.join(out, "config.json"), vars(args) | {"model_path": model.path, "family": family,
-                                                                         "reward_name": reward_fn.name, "world_size": d.world})
+                                                                         "reward_name": reward_fn.name, "world_size": d.world,
+                                                                         "command": common.command_line("vader_grad")})
     log = common.MetricsLogger(out, enabled=d.main, track=args.track, config=vars(args))
 
     def evaluate(step):
@@ -196,6 +198,8 @@ def main(args):
         print(f"eval/reward: {first['eval/reward']:.4f} -> {final['eval/reward']:.4f}  ({reward_fn.name}, "
               f"{len(eval_prompts)} held-out prompts; diversity {first['eval/diversity']:.4f} -> "
               f"{final['eval/diversity']:.4f}; run folder {out})")
+    if d.main and args.lora_rank:  # a model card beside the final LoRA, from the run's files
+        common.write_model_card(out, "vader_grad", "VADER" + (" (ReFL baseline)" if args.refl else ""), "arXiv 2407.08737", args.steps * args.batch_size)
     if d.world > 1:
         torch.distributed.destroy_process_group()
     return out

@@ -55,6 +55,7 @@ p.add_argument("--height", type=int, default=None, help="video height (default: 
 p.add_argument("--width", type=int, default=None, help="video width (default: the model's)")
 p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 10 on the toy model, 30 otherwise)")
 p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+p.add_argument("--guidance-2", type=float, default=None, help="Wan 2.2 A14B: guidance of the low-noise expert (default: the model's, 3.0; else --guidance)")
 p.add_argument("--sample-batch-size", type=int, default=8, help="videos per sampler/decoder/judge call (results do not depend on it; lower it if sampling runs out of memory)")
 p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the denoiser (saves memory)")
 p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, judge) are stored in it, trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
@@ -125,10 +126,11 @@ def main(args):
                 raise
             common.print0(d, f"no checkpoint in {args.resume}: restarting round 1, reusing the judge cache")
     video_kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, steps=args.sample_steps,
-                    guidance=args.guidance)
+                    guidance=args.guidance, guidance_2=args.guidance_2)
     if d.main:
         common.save_json(os.path.join(out, "config.json"), vars(args) | {"model_path": model.path, "family": family,
-                                                                         "judge_name": judge.name, "world_size": d.world})
+                                                                         "judge_name": judge.name, "world_size": d.world,
+                                                                         "command": common.command_line("vlm_feedback_rwr")})
     log = common.MetricsLogger(out, enabled=d.main, track=args.track, config=vars(args))
 
     # the judge cache: one line per judged video, so a crashed round resumes without asking again
@@ -185,7 +187,7 @@ def main(args):
 
     if start_round == 0:
         evaluate(0)
-    data = []  # the training set: (latent, prompt, answer, prompt-group id)
+    data, final = [], None  # the training set: (latent, prompt, answer, prompt-group id); the last evaluation
     data_folder = os.path.join(out, "data")  # --keep-rounds: every round's data, so a resume keeps it too
     if args.keep_rounds:
         for rnd in range(start_round):
@@ -284,6 +286,8 @@ def main(args):
         first = next(r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r.get("eval"))
         print(f"eval/pass_rate: {first['eval/pass_rate']:.3f} -> {final['eval/pass_rate']:.3f}  ({judge.name}, "
               f"{len(eval_prompts)} held-out prompts x {args.eval_seeds}; run folder {out})")
+    if d.main and args.lora_rank and final is not None:  # a model card beside the final LoRA, from the run's files
+        common.write_model_card(out, "vlm_feedback_rwr", "iterative RWR on binary VLM feedback" if args.loss == "rwr" else "DPO on binary VLM feedback", "arXiv 2412.02617", args.rounds * args.prompts_per_round * args.videos_per_prompt)
     if d.world > 1:
         torch.distributed.destroy_process_group()
     return out

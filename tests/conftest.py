@@ -4,6 +4,8 @@ import sys
 import pytest
 import torch
 
+pytest.register_assert_rewrite("helpers")  # its asserts (torchrun comparisons) print their values on failure
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 torch.set_num_threads(1)  # tiny models on 2 shared cores: one thread is many times faster

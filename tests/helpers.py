@@ -59,3 +59,23 @@ def assert_ranks_agree_with_one_process(script, argv, tmp_path, tol=1e-5, grad_r
     assert scale > 0 and len(g0) == len(g) and max_diff(g0, g1) == 0.0
     assert max_diff(g0, g) <= grad_rtol * scale, (max_diff(g0, g), scale)
     return r0, one
+
+
+def assert_model_card_matches(out):
+    """The final LoRA's README.md: Hugging Face card metadata, and every before/after figure equal to the
+    first and last evaluation rows of metrics.jsonl."""
+    import json
+    import common
+    card = open(os.path.join(common.latest_checkpoint(out), "lora", "README.md")).read()
+    meta = card.split("---")[1]
+    assert "base_model:" in meta and "library_name: diffusers" in meta and "tags: [lora" in meta
+    evals = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r.get("eval")]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in card.splitlines()
+            if line.startswith(("| eval/", "| train/"))}
+    want = [k for k in evals[-1] if k.startswith(("eval/", "train/"))]
+    assert sorted(rows) == sorted(want) and want
+    for k in want:
+        before, after = (float(v) for v in rows[k])
+        assert before == evals[0][k] and after == evals[-1][k], k
+    assert "load_lora_weights" in card
+    return card

@@ -8,7 +8,8 @@ import torch
 
 import common
 import online_vpo
-from helpers import assert_ranks_agree_with_one_process, final_params, load_rank, max_diff, run_main, torchrun
+from helpers import (assert_model_card_matches, assert_ranks_agree_with_one_process, final_params, load_rank, max_diff,
+                     run_main, torchrun)
 
 FAST = ["--batch-size", "2", "--num-candidates", "2", "--sample-steps", "2", "--num-eval-prompts", "2",
         "--lora-rank", "4", "--min-margin", "0"]
@@ -44,6 +45,8 @@ def test_two_steps_through_main_write_the_documented_outputs(tmp_path, toy_model
     assert os.listdir(os.path.join(out, "samples"))
     ck = common.latest_checkpoint(out)
     assert ck.endswith("step-000002") and os.path.exists(os.path.join(ck, "lora", "pytorch_lora_weights.safetensors"))
+    card = assert_model_card_matches(out)  # a model card beside the final LoRA, its figures from metrics.jsonl
+    assert "OnlineVPO" in card and "training videos sampled | 8 |" in card
     with pytest.raises(FileExistsError, match="--resume"):  # never silently overwrite a run
         run_main(online_vpo, FAST + ["--steps", "2", "--out", out])
 

@@ -9,7 +9,7 @@ import torch
 import common
 import rewards
 import vlm_feedback_rwr as rwr
-from helpers import assert_ranks_agree_with_one_process, max_diff, run_main
+from helpers import assert_model_card_matches, assert_ranks_agree_with_one_process, max_diff, run_main
 
 FAST = ["--rounds", "1", "--prompts-per-round", "4", "--videos-per-prompt", "2", "--batch-size", "4",
         "--sample-steps", "2", "--eval-seeds", "1", "--num-train-eval-prompts", "2", "--lora-rank", "4",
@@ -71,6 +71,7 @@ def test_one_round_end_to_end(tmp_path, toy_model, loss):
         assert k in evals[0]
     assert any("epoch" in r and math.isfinite(r["loss"]) for r in rows)
     assert os.listdir(os.path.join(out, "samples")) and common.latest_checkpoint(out).endswith("step-000001")
+    assert_model_card_matches(out)
 
 
 def test_one_round_with_a_tiny_transformers_vlm_judge(tmp_path, toy_model, qwen_vl_folder):

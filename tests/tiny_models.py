@@ -10,7 +10,8 @@ from transformers import PreTrainedTokenizerFast
 WORDS = "a the red green blue yellow magenta cyan square circle triangle moving left right up down falling " \
         "bouncing staying still pushing cat dog ball video of with and in on".split()
 SIZES = {  # family -> (num_frames, height, width) the tiny model is tested at
-    "wan": (9, 16, 16), "cogvideox": (9, 16, 16), "ltx": (9, 32, 32), "modelscope": (4, 16, 16)}
+    "wan": (9, 16, 16), "cogvideox": (9, 16, 16), "ltx": (9, 32, 32), "modelscope": (4, 16, 16),
+    "wan_a14b": (9, 16, 16)}  # Wan 2.2 A14B: two experts (transformer, transformer_2) switched at boundary_ratio
 
 
 def word_tokenizer(max_len, clip_style=False):
@@ -34,7 +35,20 @@ def build(family, folder, seed=0, scheduler=None, **kw):
     """Build a tiny random pipeline of `family`, save it to `folder`, return the pipeline object."""
     import diffusers as D
     torch.manual_seed(seed)
-    if family == "wan":
+    if family == "wan_a14b":
+        def expert():
+            return D.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                           in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
+                                           num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                           rope_max_seq_len=32)
+        pipe = D.WanPipeline(
+            tokenizer=word_tokenizer(16), text_encoder=t5_encoder(), transformer=expert(), transformer_2=expert(),
+            vae=D.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                   temperal_downsample=[False, True, True]),
+            scheduler=scheduler or D.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                             flow_shift=3.0),
+            boundary_ratio=kw.get("boundary_ratio", 0.875))
+    elif family == "wan":
         pipe = D.WanPipeline(
             tokenizer=word_tokenizer(16), text_encoder=t5_encoder(),
             transformer=D.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
