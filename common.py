@@ -23,6 +23,8 @@ import shutil
 import torch
 import torch.distributed as dist
 
+import sharding
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOY_PATH = os.path.join(HERE, "assets", "toy")
 MODEL_ALIASES = {  # short names for the public checkpoints (hub ids; pass a local folder on offline machines)
@@ -609,19 +611,22 @@ class Reference:
             torch.clear_autocast_cache()
 
 
-def save_lora(model, folder):
+def save_lora(model, folder, main=True):
     """Write the LoRA in the diffusers format that the stock pipeline's `load_lora_weights` reads. Wan 2.2
     A14B's low-noise expert gets its own file in `<folder>_transformer_2`, loaded with
     `load_lora_weights(..., load_into_transformer_2=True)`."""
     if model.denoiser_2 is not None:
-        _save_lora(model, model.denoiser_2, folder + "_transformer_2")
-    _save_lora(model, model.denoiser, folder)
+        _save_lora(model, model.denoiser_2, folder + "_transformer_2", main)
+    _save_lora(model, model.denoiser, folder, main)
 
 
-def _save_lora(model, den, folder):
+def _save_lora(model, den, folder, main):
     import diffusers
     from peft.utils import get_peft_model_state_dict
-    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(den).items()}
+    # under FSDP every rank gathers the full adapter (a collective) and only rank 0 writes it
+    state = {k: sharding.full(v).detach().cpu().contiguous() for k, v in get_peft_model_state_dict(den).items()}
+    if not main:
+        return
     # the LoraConfig goes along as metadata: without it load_lora_weights assumes lora_alpha = rank
     config = den.peft_config["default"].to_dict()
     if model.family == "modelscope":
@@ -671,7 +676,7 @@ def average_gradients(params, d):
     """All-reduce the gradients of `params` and divide by the world size, in one flat bucket.
     Called explicitly in every loop after backward: the popular video-alignment repos that skip this
     train each rank on its own shard and silently drift apart (tests/test_distributed.py catches it)."""
-    if d.world == 1:
+    if d.world == 1 or sharding.is_sharded(params):  # (FSDP2 has reduce-scattered the mean already)
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -681,6 +686,11 @@ def average_gradients(params, d):
     for p, g in zip(params, grads):
         p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
         offset += g.numel()
+
+
+def clip_grad_norm(params, max_norm):
+    """torch's clip_grad_norm_, as a float (under FSDP the norm is a DTensor: its full value)."""
+    return float(sharding.full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
 
 
 def broadcast_params(params, d):
@@ -715,6 +725,8 @@ def evaluate(model, reward_fn, prompts, seed, video_kw, d, autocast=None, grid_p
     micro-batches of `batch_size`. `extra(videos, prompts)` may add per-video figures; the first 8 videos
     are written to `grid_path`."""
     mine = list(range(d.rank, len(prompts), d.world))
+    n = len(mine)  # padded with repeats to the same count on every rank (under FSDP each forward is a collective)
+    mine += [mine[-1] if mine else 0] * (-(-len(prompts) // d.world) - n)
     grid = []
 
     def score(videos, batch):
@@ -725,7 +737,7 @@ def evaluate(model, reward_fn, prompts, seed, video_kw, d, autocast=None, grid_p
                                  batch_size, score, video_kw, autocast)
     if grid_path and d.main:
         save_video_grid(grid_path, torch.stack([v for v, _ in grid]), [p for _, p in grid])
-    totals = all_mean({k: v.sum().item() * d.world for k, v in scores.items()} | {"n": len(mine) * d.world}, d)
+    totals = all_mean({k: v[:n].sum().item() * d.world for k, v in scores.items()} | {"n": n * d.world}, d)
     return {k: v / totals["n"] for k, v in totals.items() if k != "n"}
 
 
@@ -829,20 +841,39 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder, step, model, params, optimizer, extra=None, lora=True, scaler=None):
+def save_checkpoint(folder, step, model, params, optimizer, extra=None, lora=True, scaler=None, d=None):
     """checkpoints/step-<k>/ with trainable weights, optimizer, RNG, step (+ `extra`), and the LoRA in
-    diffusers format; written to a temporary folder and renamed, so a crash never leaves half of one."""
+    diffusers format; written to a temporary folder and renamed, so a crash never leaves half of one.
+    Call it on every rank: rank 0 writes, except that under FSDP every rank writes its shards of the
+    weights, optimizer state and any list of tensors in `extra` (the DPO reference) with
+    torch.distributed.checkpoint."""
+    main, sharded = d is None or d.main, sharding.is_sharded(params)
+    if not (main or sharded):
+        return None
     final = os.path.join(folder, f"step-{step:06d}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    torch.save({"step": step, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
-                "rng": rng_state(), "extra": extra or {}, "scaler": scaler.state_dict() if scaler else {}},
-               os.path.join(tmp, "state.pt"))
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    state = {"step": step, "rng": rng_state(), "extra": extra or {}, "scaler": scaler.state_dict() if scaler else {}}
+    if sharded:
+        sharding.barrier()
+        tensors = {k: v for k, v in state["extra"].items() if isinstance(v, list) and v and torch.is_tensor(v[0])}
+        sharding.save(tmp, model, params, optimizer, tensors)
+        state["extra"] = {k: v for k, v in state["extra"].items() if k not in tensors} | {"sharded": sorted(tensors)}
+    else:
+        state |= {"params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict()}
     if lora:
-        save_lora(model, os.path.join(tmp, "lora"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+        save_lora(model, os.path.join(tmp, "lora"), main)
+    if main:
+        torch.save(state, os.path.join(tmp, "state.pt"))
+    if sharded:  # every rank's shards are written before the folder is renamed, and renamed before anyone goes on
+        sharding.barrier()
+    if main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    if sharded:
+        sharding.barrier()
     return final
 
 
@@ -858,17 +889,27 @@ def latest_checkpoint(path):
     raise FileNotFoundError(f"--resume {path!r}: no checkpoint (state.pt) found there")
 
 
-def load_checkpoint(path, params, optimizer, scaler=None):
-    """Restore trainable weights, optimizer, RNG (and the fp16 loss scale); returns (step, extra)."""
-    state = torch.load(os.path.join(latest_checkpoint(path), "state.pt"), weights_only=False, map_location="cpu")
-    with torch.no_grad():
-        for p, v in zip(params, state["params"]):
-            p.copy_(v)
-    optimizer.load_state_dict(state["optimizer"])
+def load_checkpoint(path, params, optimizer, scaler=None, model=None, like=None):
+    """Restore trainable weights, optimizer, RNG (and the fp16 loss scale); returns (step, extra). A sharded
+    (FSDP) checkpoint also restores, in place, the lists of tensors in `like` (e.g. {"ref": ref.weights})."""
+    folder = latest_checkpoint(path)
+    state = torch.load(os.path.join(folder, "state.pt"), weights_only=False, map_location="cpu")
+    if sharding.is_sharded(params) != ("sharded" in state["extra"]):
+        raise ValueError(f"--resume {path}: the checkpoint was {'' if 'sharded' in state['extra'] else 'not '}written "
+                         f"with --fsdp; resume it the same way")
+    if "sharded" in state["extra"]:
+        sharding.load(folder, model, params, optimizer, {k: like[k] for k in state["extra"]["sharded"]})
+        extra = {k: v for k, v in state["extra"].items() if k != "sharded"} | {k: like[k] for k in state["extra"]["sharded"]}
+    else:
+        with torch.no_grad():
+            for p, v in zip(params, state["params"]):
+                p.copy_(v)
+        optimizer.load_state_dict(state["optimizer"])
+        extra = state["extra"]
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
-    return state["step"], state["extra"]
+    return state["step"], extra
 
 
 def command_line(script):

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import common
 import rewards
+import sharding
 
 p = argparse.ArgumentParser(description="OnlineVPO: online Diffusion-DPO with a video reward",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -52,6 +53,7 @@ p.add_argument("--guidance", type=float, default=None, help="classifier-free gui
 p.add_argument("--guidance-2", type=float, default=None, help="Wan 2.2 A14B: guidance of the low-noise expert (default: the model's, 3.0; else --guidance)")
 p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the denoiser (saves memory)")
 p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, reward) are stored in it, trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
+p.add_argument("--fsdp", action="store_true", help="shard the denoiser with PyTorch FSDP2 over the torchrun ranks (for full fine-tunes and models of 5B and up; bf16 or fp32)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, candidates, DPO noise")
 p.add_argument("--out", default=None, help="run folder (default runs/online_vpo-<time>; with --resume, the resumed run's)")
 p.add_argument("--eval-every", type=int, default=30, help="held-out evaluation interval (also at step 0 and the end)")
@@ -88,6 +90,8 @@ def main(args):
     train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts)
     eval_prompts = eval_prompts[: args.num_eval_prompts]
     d = common.setup_distributed(args.device)
+    if args.fsdp and args.mixed_precision == "fp16":
+        raise ValueError("--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to FSDP2)")
     if args.batch_size % d.world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of ranks ({d.world})")
     out = common.prepare_run_dir(args.out, "online_vpo", args.resume)
@@ -100,6 +104,8 @@ def main(args):
     torch.manual_seed(args.seed)  # LoRA's random init
     params = common.setup_trainable(model, args.lora_rank, args.lora_alpha, args.grad_checkpointing)
     common.broadcast_params(params, d)
+    if args.fsdp:  # FSDP2: each block, then the root; trainable weights, gradients and AdamW state sharded
+        params = sharding.shard(model, args.mixed_precision)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     ref = common.Reference(params)  # f_ref: starts as the initial policy
     autocast = common.autocast_context(args.mixed_precision, d.device)
@@ -130,7 +136,7 @@ def main(args):
                          for s in tqdm(range(args.steps), desc="offline pairs", disable=not d.main)]
     start_step = 0
     if args.resume:
-        start_step, extra = common.load_checkpoint(args.resume, params, optimizer, scaler)
+        start_step, extra = common.load_checkpoint(args.resume, params, optimizer, scaler, model, {"ref": ref.weights})
         with torch.no_grad():
             for w, v in zip(ref.weights, extra["ref"]):
                 w.copy_(v)
@@ -165,8 +171,11 @@ def main(args):
         # 5. Diffusion-DPO: ONE t and ONE eps per pair, shared by its two members
         loss_value, acc, inside_mean = 0.0, 0.0, 0.0
         if n_global > 0:
-            if n_local > 0:  # (a rank whose pairs were all filtered still joins the gradient average)
-                ki = keep.nonzero().flatten().tolist()
+            if n_local > 0 or args.fsdp:  # (a rank whose pairs were all filtered still joins the gradient average;
+                # under FSDP it must also run the forward, a collective: all its pairs, weighted 0 when filtered)
+                ki = list(range(per_rank)) if args.fsdp else keep.nonzero().flatten().tolist()
+                counts = keep[ki].float().to(d.device)  # 1: the pair counts; 0: run only to keep FSDP in step
+                on = counts > 0
                 x0 = torch.cat([pairs["x0_w"][ki], pairs["x0_l"][ki]]).to(d.device)
                 gens = [torch.Generator().manual_seed(common.seed_for(args.seed, "dpo", step, pairs["gidx"][i])) for i in ki]
                 t = torch.cat([common.sample_train_timesteps(model, 1, g) for g in gens]).to(d.device)
@@ -182,11 +191,12 @@ def main(args):
                 r_w, r_l = ref_err.chunk(2)
                 losses, inside = dpo_loss(e_w, e_l, r_w, r_l, args.beta)  # -log sigmoid(-beta/2 [dw - dl])
                 # sum / global count * world: after averaging over ranks this is the mean over ALL pairs
-                scaler.scale(losses.sum() / n_global * d.world).backward()
-                loss_value, acc, inside_mean = losses.mean().item(), (inside > 0).float().mean().item(), inside.mean().item()
+                scaler.scale((losses * counts).sum() / n_global * d.world).backward()
+                if n_local:
+                    loss_value, acc, inside_mean = losses[on].mean().item(), (inside[on] > 0).float().mean().item(), inside[on].mean().item()
             common.average_gradients(params, d)
             scaler.unscale_(optimizer)  # fp16: clip the true gradients (a no-op otherwise)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+            grad_norm = common.clip_grad_norm(params, args.max_grad_norm)
             scaler.step(optimizer)  # skipped when fp16 gradients overflowed
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -216,9 +226,8 @@ def main(args):
         if (step + 1) % args.eval_every == 0 and step + 1 != args.steps:
             evaluate(step + 1)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            if d.main:
-                common.save_checkpoint(os.path.join(out, "checkpoints"), step + 1, model, params, optimizer,
-                                       extra={"ref": [w.cpu() for w in ref.weights]}, lora=args.lora_rank > 0, scaler=scaler)
+            common.save_checkpoint(os.path.join(out, "checkpoints"), step + 1, model, params, optimizer,  # (every rank:
+                                   extra={"ref": ref.weights}, lora=args.lora_rank > 0, scaler=scaler, d=d)  # FSDP writes shards)
     final = evaluate(args.steps)
     if d.main:
         first = next(r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))

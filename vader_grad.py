@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import common
 import rewards
+import sharding
 
 p = argparse.ArgumentParser(description="VADER: reward-gradient alignment through the sampler",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -52,6 +53,7 @@ p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (de
 p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
 p.add_argument("--guidance-2", type=float, default=None, help="Wan 2.2 A14B: guidance of the low-noise expert (default: the model's, 3.0; else --guidance)")
 p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, reward) are stored in it, trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
+p.add_argument("--fsdp", action="store_true", help="shard the denoiser with PyTorch FSDP2 over the torchrun ranks (for full fine-tunes and models of 5B and up; bf16 or fp32)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, sampler noise, cut-offs")
 p.add_argument("--out", default=None, help="run folder (default runs/vader_grad-<time>; with --resume, the resumed run's)")
 p.add_argument("--eval-every", type=int, default=30, help="held-out evaluation interval (also at step 0 and the end)")
@@ -86,6 +88,8 @@ def main(args):
     train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts)
     eval_prompts = eval_prompts[: args.num_eval_prompts]
     d = common.setup_distributed(args.device)
+    if args.fsdp and args.mixed_precision == "fp16":
+        raise ValueError("--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to FSDP2)")
     if args.batch_size % d.world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of ranks ({d.world})")
     per_rank = args.batch_size // d.world
@@ -101,10 +105,12 @@ def main(args):
     torch.manual_seed(args.seed)  # LoRA's random init
     params = common.setup_trainable(model, args.lora_rank, args.lora_alpha)  # checkpointing: per sampler call below
     common.broadcast_params(params, d)
+    if args.fsdp:  # FSDP2: each block, then the root; trainable weights, gradients and AdamW state sharded
+        params = sharding.shard(model, args.mixed_precision)
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     autocast = common.autocast_context(args.mixed_precision, d.device)
     scaler = common.grad_scaler(args.mixed_precision, d.device)
-    start_step = common.load_checkpoint(args.resume, params, optimizer, scaler)[0] if args.resume else 0
+    start_step = common.load_checkpoint(args.resume, params, optimizer, scaler, model)[0] if args.resume else 0
     video_kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, steps=args.sample_steps,
                     guidance=args.guidance, guidance_2=args.guidance_2)
     if d.main:
@@ -173,7 +179,7 @@ def main(args):
             loss_sum += per_video.sum().item()
         common.average_gradients(params, d)
         scaler.unscale_(optimizer)  # fp16: clip the true gradients (a no-op otherwise)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+        grad_norm = common.clip_grad_norm(params, args.max_grad_norm)
         scaler.step(optimizer)  # skipped when fp16 gradients overflowed
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -189,9 +195,8 @@ def main(args):
         if (step + 1) % args.eval_every == 0 and step + 1 != args.steps:
             evaluate(step + 1)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            if d.main:
-                common.save_checkpoint(os.path.join(out, "checkpoints"), step + 1, model, params, optimizer,
-                                       lora=args.lora_rank > 0, scaler=scaler)
+            common.save_checkpoint(os.path.join(out, "checkpoints"), step + 1, model, params, optimizer,
+                                   lora=args.lora_rank > 0, scaler=scaler, d=d)  # (every rank: FSDP writes shards)
     final = evaluate(args.steps)
     if d.main:
         first = next(r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r.get("eval"))

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import common
 import rewards
+import sharding
 import toy_world
 
 p = argparse.ArgumentParser(description="Iterative RWR on binary VLM feedback",
@@ -59,6 +60,7 @@ p.add_argument("--guidance-2", type=float, default=None, help="Wan 2.2 A14B: gui
 p.add_argument("--sample-batch-size", type=int, default=8, help="videos per sampler/decoder/judge call (results do not depend on it; lower it if sampling runs out of memory)")
 p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the denoiser (saves memory)")
 p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, judge) are stored in it, trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
+p.add_argument("--fsdp", action="store_true", help="shard the denoiser with PyTorch FSDP2 over the torchrun ranks (for full fine-tunes and models of 5B and up; bf16 or fp32)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, videos, training noise")
 p.add_argument("--out", default=None, help="run folder (default runs/vlm_feedback_rwr-<time>; with --resume, the resumed run's)")
 p.add_argument("--eval-seeds", type=int, default=2, help="videos per held-out prompt in evaluation")
@@ -95,6 +97,8 @@ def main(args):
         raise ValueError("--question must contain {prompt}, e.g. 'Does the video show {prompt}? Answer yes or no.'")
     train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts)
     d = common.setup_distributed(args.device)
+    if args.fsdp and args.mixed_precision == "fp16":
+        raise ValueError("--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to FSDP2)")
     n_items = args.prompts_per_round * args.videos_per_prompt
     if n_items % d.world or args.batch_size % d.world:
         raise ValueError(f"prompts-per-round x videos-per-prompt ({n_items}) and --batch-size must be divisible "
@@ -112,6 +116,8 @@ def main(args):
     torch.manual_seed(args.seed)  # LoRA's random init
     params = common.setup_trainable(model, args.lora_rank, args.lora_alpha, args.grad_checkpointing)
     common.broadcast_params(params, d)
+    if args.fsdp:  # FSDP2: each block, then the root; trainable weights, gradients and AdamW state sharded
+        params = sharding.shard(model, args.mixed_precision)
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     ref = common.Reference(params) if args.loss == "dpo" else None
     autocast = common.autocast_context(args.mixed_precision, d.device)
@@ -119,7 +125,7 @@ def main(args):
     start_round, opt_steps = 0, 0
     if args.resume:
         try:
-            start_round, extra = common.load_checkpoint(args.resume, params, optimizer, scaler)
+            start_round, extra = common.load_checkpoint(args.resume, params, optimizer, scaler, model)
             opt_steps = extra["opt_steps"]
         except FileNotFoundError:  # crashed inside round 1: no checkpoint yet, but its judge answers are cached
             if not os.path.isdir(args.resume):
@@ -162,6 +168,8 @@ def main(args):
         for split, plist in (("eval", eval_prompts), ("train", train_prompts[: args.num_train_eval_prompts])):
             items = [(i, s) for i in range(len(plist)) for s in range(args.eval_seeds)]
             mine = items[d.rank::d.world]
+            n_mine = len(mine)  # padded with repeats to the same count on every rank (FSDP: forwards are collectives)
+            mine += mine[-1:] * (-(-len(items) // d.world) - n_mine)
             passed = {}
             for c in range(0, len(mine), args.sample_batch_size):
                 chunk = mine[c: c + args.sample_batch_size]
@@ -170,7 +178,7 @@ def main(args):
                     _, videos = common.sample(model, prompts, [common.seed_for(args.seed, split, i, s) for i, s in chunk],
                                               **video_kw)
                 yes = ask_judge(videos, prompts, [f"eval-{split}-r{rnd}-{i}-{s}-{plist[i]}" for i, s in chunk])
-                for pr, y in zip(prompts, yes.tolist()):
+                for pr, y in list(zip(prompts, yes.tolist()))[: max(n_mine - c, 0)]:  # (the padding is not counted)
                     for cat in ("all", category(pr)):
                         n, k = passed.get(cat, (0, 0))
                         passed[cat] = (n + 1, k + y)
@@ -266,7 +274,7 @@ def main(args):
                 scaler.scale(loss).backward()
                 common.average_gradients(params, d)
                 scaler.unscale_(optimizer)  # fp16: clip the true gradients (a no-op otherwise)
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                common.clip_grad_norm(params, args.max_grad_norm)
                 scaler.step(optimizer)  # skipped when fp16 gradients overflowed
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -278,9 +286,8 @@ def main(args):
                      "batches_skipped_no_yes": skipped, "round_pass_rate": yes.mean().item(),
                      "sec_sample_and_judge": t_sample, "data_size": len(data)})
         # (4) the next round samples from the fine-tuned model
-        if d.main:
-            common.save_checkpoint(os.path.join(out, "checkpoints"), rnd + 1, model, params, optimizer,
-                                   extra={"opt_steps": opt_steps}, lora=args.lora_rank > 0, scaler=scaler)
+        common.save_checkpoint(os.path.join(out, "checkpoints"), rnd + 1, model, params, optimizer,  # (every rank:
+                               extra={"opt_steps": opt_steps}, lora=args.lora_rank > 0, scaler=scaler, d=d)  # FSDP shards)
         final = evaluate(rnd + 1)
     if d.main and args.rounds > start_round:
         first = next(r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r.get("eval"))
