@@ -10,7 +10,8 @@ Spec grammar: `name`, `name:dimension`, `name@/local/weights/folder`, weighted s
 `toy:quality*0.5+toy:temporal`. Real models (every one loads from a local folder given after '@', or
 its public hub id when the machine is online):
   videoscore[:dimension]      VideoScore v1.1 (Idefics2 + regression head), 5 dimensions, scores 1-4
-  videoscore2[:dimension]     VideoScore2 or any Qwen2/2.5/3-VL: expected score 1-5 from the score tokens
+  videoscore2[:dimension]     VideoScore2 or any Qwen2/2.5/3-VL: its soft score 1-5 at each score digit
+                              (`<dimension>_expected`: the expected score)
   videoreward[:dimension]     VideoAlign's VideoReward (Qwen2-VL + head at special tokens): VQ, MQ, TA, overall
   vlm[:alias]                 a local Qwen2/2.5/3-VL asked a yes/no question: P(yes)
   api:<model>@<url>           the same question to an OpenAI-compatible server (vLLM, hosted APIs)
@@ -18,11 +19,15 @@ its public hub id when the machine is online):
   videomae[:class_label]      VADER's action reward: P(target Kinetics class)
   vjepa2                      temporal feature consistency under V-JEPA 2
 Every real reward but the API judge prepares frames in torch and is differentiable; every one offers
-crop-based patch scores (`crop_patch_scores`) for Gran-DPO.
+crop-based patch scores (`crop_patch_scores`) for Gran-DPO. Each reward model gets the inputs its reference
+inference code builds (frames, size, prompt; REWARDS_REFERENCE.md). `reward.fps` (or load_reward(...,
+fps=)) is the frame rate of the clips scored: videoscore2 and videoreward sample 2 frames per second of
+video and refuse to run without it.
 The toy world's rewards are analytic and mirror the real reward models' dimensions (VideoScore's
 visual quality / temporal consistency / dynamic degree / text alignment, plus physics) so that
 the algorithms can be run and checked on a laptop CPU.
 """
+import json
 import math
 import os
 import re
@@ -87,6 +92,7 @@ class ToyReward:
     differentiable = True
     num_frames = None  # takes the video as it comes
     resolution = None
+    fps = None  # frame-count based: the clip's rate does not matter
 
     def __init__(self, dimension="temporal_consistency"):
         self.dimension = canonical_toy_dimension(dimension)
@@ -216,6 +222,7 @@ class ToyJudge:
     differentiable = False
     num_frames = None
     resolution = None
+    fps = None
     dimensions = ["yes", "p_yes", "motion", "physics", "color"]
     name = "toy:judge"
 
@@ -294,14 +301,14 @@ def resolve_weights(name_or_path):
                                 f"({type(e).__name__}): pass a local folder, e.g. --reward videoscore@/models/VideoScore-v1.1") from None
 
 
-def load_head_weights(path, names):
-    """Read tensors by name from a checkpoint folder's safetensors (sharded or not)."""
+def load_head_weights(path, names, optional=()):
+    """Read tensors by name from a checkpoint folder's safetensors (sharded or not); `optional` ones may be absent."""
     from safetensors import safe_open
     files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
     out = {}
     for f in files:
         with safe_open(os.path.join(path, f), "pt") as sf:
-            for n in names:
+            for n in list(names) + list(optional):
                 if n in sf.keys():
                     out[n] = sf.get_tensor(n)
     missing = [n for n in names if n not in out]
@@ -310,9 +317,25 @@ def load_head_weights(path, names):
     return out
 
 
+def processor_config(path, *names):
+    """The first of the checkpoint's saved processor configs that exists, else {} (the reference defaults apply)."""
+    for name in names or ("preprocessor_config.json",):
+        if os.path.exists(os.path.join(path, name)):
+            return json.load(open(os.path.join(path, name)))
+    return {}
+
+
+def size_entry(value, key):
+    """A processor config's size field: {"shortest_edge": 224} or {"height": 224, ...} or a bare int (old configs)."""
+    return value if isinstance(value, int) or value is None else value.get(key)
+
+
+PIL_MODES = {2: "bilinear", 3: "bicubic"}  # processor configs' `resample` (PIL codes) -> torch interpolate modes
+
+
 def frame_indices(F, n, exact=False):
     """n frame indices spread uniformly over F frames (all of them when the clip is shorter, unless
-    `exact`: then frames repeat, for models that take a fixed clip length such as VideoMAE)."""
+    `exact`: then frames repeat); linspace(0, F - 1, n).round(), as qwen-vl-utils picks frames."""
     return torch.linspace(0, F - 1, n if exact else min(n, F)).round().long()
 
 
@@ -338,18 +361,53 @@ def crop_patch_scores(reward, videos, prompts, grid=(2, 2, 2)):
 
 class CropPatchScores:
     """Mixin of the real rewards: patch scores are the same model applied to crops."""
+    fps = None  # the clip's frame rate; only the rewards that sample by time read it
 
     def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
         return crop_patch_scores(self, videos, prompts, grid)
 
 
-def resize_normalize(frames, size, mean, std):
-    """[B, F, C, H, W] in [0, 1] -> resized and normalised, in torch (differentiable; no torchvision)."""
+def resize_normalize(frames, size, mean, std, mode="bilinear", clamp=False):
+    """[B, F, C, H, W] in [0, 1] -> resized (antialiased, as PIL and torchvision resample) and normalised, in
+    torch (differentiable; no torchvision). `clamp`: the reference resizes uint8 images, which clips overshoot."""
     B, F, C, H, W = frames.shape
-    x = torch.nn.functional.interpolate(frames.reshape(B * F, C, H, W).float(), size=size, mode="bilinear",
+    x = torch.nn.functional.interpolate(frames.reshape(B * F, C, H, W).float(), size=size, mode=mode,
                                         antialias=True, align_corners=False)
+    x = x.clamp(0, 1) if clamp else x
     x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return x.reshape(B, F, C, *x.shape[-2:])
+
+
+def resize_center_crop(frames, size, mean, std, short=None, mode="bicubic", clamp=True, round_offsets=False):
+    """Shortest side to `short` (default `size`; the other side int(short * long / shortest), as transformers
+    and torchvision compute it), centre crop `size` x `size`, normalise, in torch. Crop offsets are floored
+    as transformers' processors do, or rounded (`round_offsets`) as torchvision's CenterCrop does."""
+    B, F, C, H, W = frames.shape
+    short = short or size
+    h, w = (short, int(short * W / H)) if H <= W else (int(short * H / W), short)
+    x = resize_normalize(frames, (h, w), mean, std, mode, clamp).flatten(0, 1)
+    top, left = ((round((h - size) / 2), round((w - size) / 2)) if round_offsets else ((h - size) // 2, (w - size) // 2))
+    return x[:, :, top: top + size, left: left + size].reshape(B, F, C, size, size)
+
+
+VIDEOSCORE_MAX_FRAMES = 48  # VideoScore examples/run_videoscore.py: MAX_NUM_FRAMES=48 for VideoScore-v1.1
+
+
+def videoscore_frame_indices(F, n=VIDEOSCORE_MAX_FRAMES):
+    """VideoScore v1.1's frames: all of a clip of up to n frames, else np.arange(0, F, F / n).astype(int)."""
+    import numpy as np
+    return torch.arange(F) if F <= n else torch.from_numpy(np.arange(0, F, F / n).astype(int))
+
+
+def idefics2_size(H, W, shortest=378, longest=980):
+    """Idefics2's resize (transformers' get_resize_output_image_size): the longer side capped at `longest`
+    (aspect kept, the other side truncated), then each side raised to at least `shortest`."""
+    aspect = W / H
+    if W >= H and W > longest:
+        W, H = longest, int(longest / aspect)
+    elif H > W and H > longest:
+        H, W = longest, int(longest * aspect)
+    return max(H, shortest), max(W, shortest)
 
 
 class VideoScore(CropPatchScores):
@@ -741,6 +799,7 @@ class APIJudge:
     back-off before a clear error. Not differentiable (binary feedback for RWR/DPO)."""
     differentiable = False
     resolution = None
+    fps = None
     dimensions = ["yes", "p_yes"]
 
     def __init__(self, url, model="default", dimension="yes", num_frames=8, timeout=60.0, retries=4, backoff=1.0,
@@ -859,6 +918,15 @@ class WeightedSum:
         self.name = "+".join(f"{r.name}*{w:g}" for w, r in terms)
         self.dimensions = [f"{r.name}/{d}" for _, r in terms for d in r.dimensions]
 
+    @property
+    def fps(self):
+        return next((r.fps for _, r in self.terms if r.fps), None)
+
+    @fps.setter
+    def fps(self, value):  # the clip's frame rate reaches every term
+        for _, r in self.terms:
+            r.fps = value
+
     def __call__(self, videos, prompts):
         out, total = {}, 0
         for w, r in self.terms:
@@ -892,7 +960,13 @@ def parse_reward_spec(spec):
     return terms
 
 
-def load_reward(spec, device="cpu", dtype=torch.float32):
-    """`name[:dimension][@weights-folder][*weight]` terms joined by '+'; see the module docstring."""
+def load_reward(spec, device="cpu", dtype=torch.float32, fps=None):
+    """`name[:dimension][@weights-folder][*weight]` terms joined by '+'; see the module docstring. `fps`: the
+    frame rate of the clips it will score (also settable later as `reward.fps`); the rewards that sample
+    frames by time (videoscore2, videoreward, a Qwen3-VL vlm) refuse to guess it."""
     terms = [(w, REWARDS[name](dim, path, device, dtype)) for w, name, dim, path in parse_reward_spec(spec)]
-    return terms[0][1] if len(terms) == 1 and terms[0][0] == 1.0 else WeightedSum(terms)
+    reward = terms[0][1] if len(terms) == 1 and terms[0][0] == 1.0 else WeightedSum(terms)
+    if fps is not None:
+        reward.fps = fps
+    return reward
+
