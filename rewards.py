@@ -411,15 +411,19 @@ def idefics2_size(H, W, shortest=378, longest=980):
 
 
 class VideoScore(CropPatchScores):
-    """VideoScore v1.1 (TIGER-Lab): Idefics2 + a 5-way linear regression head pooled at the last
-    non-pad token; scores 1-4 for visual quality, temporal consistency, dynamic degree, text-to-video
-    alignment, factual consistency. The base is the stock transformers Idefics2Model; the head is
-    ours, loaded from the checkpoint's `score.weight`. Frames are prepared in torch, so the score is
-    differentiable w.r.t. the pixels. Patch scores apply the same model to crops (HALO's recipe)."""
+    """VideoScore v1.1 (TIGER-Lab): Idefics2 + Mantis' 5-way linear regression head (with its bias) read at
+    the last token of the sequence; scores 1-4 for visual quality, temporal consistency, dynamic degree,
+    text-to-video alignment, factual consistency. Inputs as its reference inference builds them: up to 48
+    frames, the processor's aspect-kept size (preprocessor_config.json: longest edge 980, shortest >= 378,
+    bilinear, no image splitting), the regression query + "<image> " per frame, so the pooled token is the
+    trailing space, as in training. Frames are prepared in torch: differentiable w.r.t. the pixels. Patch
+    scores apply the same model to crops (HALO's recipe)."""
     differentiable = True
     dimensions = VIDEOSCORE_DIMENSIONS
+    resolution = None  # the processor's aspect-kept size
 
-    def __init__(self, path, dimension="temporal_consistency", device="cpu", dtype=torch.float32, num_frames=16):
+    def __init__(self, path, dimension="temporal_consistency", device="cpu", dtype=torch.float32,
+                 num_frames=VIDEOSCORE_MAX_FRAMES):
         from transformers import AutoTokenizer, Idefics2Model
         if dimension not in VIDEOSCORE_DIMENSIONS:
             raise ValueError(f"unknown videoscore dimension {dimension!r}: valid are {VIDEOSCORE_DIMENSIONS}")
@@ -427,22 +431,35 @@ class VideoScore(CropPatchScores):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "right"  # pooled at the last non-pad token
         self.model = Idefics2Model.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
-        w = load_head_weights(path, ["score.weight"])["score.weight"]
-        self.head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False).to(device, dtype).requires_grad_(False)
-        self.head.weight.data.copy_(w)
-        self.resolution = self.model.config.vision_config.image_size
+        w = load_head_weights(path, ["score.weight"], optional=["score.bias"])
+        self.head = torch.nn.Linear(w["score.weight"].shape[1], 5, bias="score.bias" in w).to(device, dtype)
+        self.head.requires_grad_(False).weight.data.copy_(w["score.weight"])
+        if "score.bias" in w:
+            self.head.bias.data.copy_(w["score.bias"])
+        cfg = processor_config(path)  # without one: idefics2-8b's processor as Mantis trains it (no splitting)
+        if cfg.get("do_image_splitting"):
+            raise ValueError(f"{path}'s processor splits images: VideoScore's does not (Mantis trains with "
+                             f"do_image_splitting=False); set it to false in preprocessor_config.json")
+        size = cfg.get("size", {"shortest_edge": 378, "longest_edge": 980})
+        self.shortest, self.longest = size["shortest_edge"], size["longest_edge"]
+        self.mode = PIL_MODES[cfg.get("resample", 2)]
+        self.mean, self.std = cfg.get("image_mean", [0.5] * 3), cfg.get("image_std", [0.5] * 3)
         self.image_tokens = self.model.config.perceiver_config.resampler_n_latents
 
+    def text(self, prompt, n):
+        """The reference's prompt (the query, then "<image> " per frame) as Idefics2Processor expands it."""
+        image = "<fake_token_around_image>" + "<image>" * self.image_tokens + "<fake_token_around_image>"
+        return VIDEOSCORE_PROMPT.format(prompt=prompt) + (image + " ") * n
+
     def __call__(self, videos, prompts):
-        frames = sample_frames(videos, self.num_frames)
-        pixels = resize_normalize(frames, (self.resolution, self.resolution), [0.5] * 3, [0.5] * 3)
-        image = "<fake_token_around_image>" + "<image>" * self.image_tokens
-        texts = [VIDEOSCORE_PROMPT.format(prompt=p) + image * frames.shape[1] + "<fake_token_around_image>"
-                 for p in prompts]
-        tok = self.tokenizer(texts, padding=True, return_tensors="pt").to(videos.device)
+        frames = videos[:, videoscore_frame_indices(videos.shape[1], self.num_frames).to(videos.device)]
+        size = idefics2_size(*videos.shape[-2:], self.shortest, self.longest)
+        pixels = resize_normalize(frames, size, self.mean, self.std, self.mode, clamp=True)
+        tok = self.tokenizer([self.text(p, frames.shape[1]) for p in prompts], padding=True,
+                             return_tensors="pt").to(videos.device)
         hidden = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
                             pixel_values=pixels.to(self.model.dtype)).last_hidden_state
-        last = tok.attention_mask.sum(1) - 1
+        last = tok.attention_mask.sum(1) - 1  # Mantis pools the token before the first pad: the trailing space
         scores = self.head(hidden[torch.arange(len(prompts), device=hidden.device), last]).float()  # [B, 5]
         out = {d: scores[:, i] for i, d in enumerate(VIDEOSCORE_DIMENSIONS)}
         out["reward"] = out[self.dimension]

@@ -1,10 +1,12 @@
 """Tiny random text-to-video pipelines of every supported family, built from config classes and
 saved with the stock pipeline's save_pretrained, so tests load them back through the production
 from_pretrained path (no weights can be downloaded here)."""
+import json
 import os
+import re
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 WORDS = "a the red green blue yellow magenta cyan square circle triangle moving left right up down falling " \
@@ -20,6 +22,25 @@ def word_tokenizer(max_len, clip_style=False):
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                                    model_max_length=max_len)
+
+
+SPACED = r"[A-Za-z]+|\d|\s|[^A-Za-z\d\s]"  # words, single digits, every space/newline, every other character
+
+
+def spaced_tokenizer(texts=(), bos=False, max_len=32768):
+    """A word-level tokenizer that keeps every space and newline as a token of its own, as the real BPE
+    tokenizers do where it matters here (the trailing space VideoScore pools at, the space before a score
+    digit). Its vocabulary: the pieces of `texts` and WORDS (others are <unk>); `bos` prepends <s> like
+    Mistral's tokenizer (VideoScore); decoding joins the pieces back."""
+    pieces = sorted({p for t in list(texts) + [" ".join(WORDS), "0123456789"] for p in re.findall(SPACED, t)})
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3} | {p: i + 4 for i, p in enumerate(pieces)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(SPACED), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", model_max_length=max_len)
 
 
 def t5_encoder(d_model=32, umt5=True):
@@ -98,12 +119,20 @@ def build(family, folder, seed=0, scheduler=None, **kw):
     return pipe
 
 
-def build_videoscore(folder, seed=0):
-    """A tiny random checkpoint laid out like VideoScore v1.1: Idefics2 base weights under `model.`
-    plus a 5-way regression head `score.weight`, a tokenizer with the Idefics2 image tokens."""
+TINY_IDEFICS2_PROCESSOR = {  # VideoScore's processor settings (aspect kept, no splitting) at a tiny pixel budget
+    "image_processor_type": "Idefics2ImageProcessor", "do_image_splitting": False, "do_resize": True, "resample": 2,
+    "size": {"shortest_edge": 28, "longest_edge": 56}, "do_rescale": True, "rescale_factor": 1 / 255,
+    "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_pad": True}
+
+
+def build_videoscore(folder, seed=0, processor=None, bias=True, texts=()):
+    """A tiny random checkpoint laid out like VideoScore v1.1: Idefics2 base weights under `model.` plus
+    a 5-way regression head `score.weight` (and `score.bias`: Mantis' head is nn.Linear with its default
+    bias), a tokenizer that keeps spaces as tokens and prepends <s> like Mistral's, with the Idefics2 image
+    tokens, and the processor's `preprocessor_config.json` (`processor`, else a tiny pixel budget)."""
     from safetensors.torch import save_file
     from transformers import Idefics2Config, Idefics2Model
-    tok = word_tokenizer(4096)
+    tok = spaced_tokenizer(texts, bos=True)
     tok.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>"]})
     torch.manual_seed(seed)
     cfg = Idefics2Config(
@@ -118,11 +147,13 @@ def build_videoscore(folder, seed=0):
     base = Idefics2Model(cfg)
     state = {f"model.{k}": v.contiguous() for k, v in base.state_dict().items()}
     state["score.weight"] = torch.randn(5, 32) * 0.2
-    import os
+    if bias:
+        state["score.bias"] = torch.randn(5) * 0.5 + 2.5
     os.makedirs(folder, exist_ok=True)
     cfg.save_pretrained(folder)
     save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(folder)
+    json.dump(processor or TINY_IDEFICS2_PROCESSOR, open(os.path.join(folder, "preprocessor_config.json"), "w"))
     return base, state["score.weight"]
 
 
