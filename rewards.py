@@ -468,27 +468,19 @@ class VideoScore(CropPatchScores):
 
 CLIP_ALIASES = {"pickscore": "yuvalkirstain/PickScore_v1", "clipscore": "openai/clip-vit-large-patch14",
                 "hpsv2": "adams-story/HPSv2-hf", "aesthetic": "openai/clip-vit-large-patch14"}
-
-
-def resize_center_crop(frames, size, mean, std):
-    """CLIP's preprocessing in torch: shortest side to `size` (bicubic, antialiased), centre crop, normalise."""
-    B, F, C, H, W = frames.shape
-    scale = size / min(H, W)
-    h, w = max(size, round(H * scale)), max(size, round(W * scale))
-    x = torch.nn.functional.interpolate(frames.reshape(B * F, C, H, W).float(), size=(h, w), mode="bicubic",
-                                        antialias=True, align_corners=False).clamp(0, 1)
-    top, left = (h - size) // 2, (w - size) // 2
-    x = x[:, :, top: top + size, left: left + size]
-    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return x.reshape(B, F, C, size, size)
+CLIP_PREPROCESS = {  # how each reference resizes: transformers' CLIP processor (PIL, uint8, offsets floored),
+    # open_clip in HPSv2 (torchvision on the float tensor: no clipping, offsets rounded), clip.load (PIL, rounded)
+    "pickscore": dict(clamp=True, round_offsets=False), "clipscore": dict(clamp=True, round_offsets=False),
+    "hpsv2": dict(clamp=False, round_offsets=True), "aesthetic": dict(clamp=True, round_offsets=True)}
 
 
 class CLIPFrameReward(CropPatchScores):
     """Frame-wise image rewards from a CLIPModel checkpoint, averaged over frames (or one random frame,
-    VADER's cheap mode): `pickscore` and `hpsv2` = logit_scale * cos(image, text) (HPSv2 converted to a
-    CLIPModel), `clipscore` = 100 * max(cos, 0), `aesthetic` = the LAION improved-aesthetic MLP on the
+    VADER's cheap mode): `pickscore` = logit_scale * cos(image, text) (PickScore's README), `hpsv2` = cos(image,
+    text) (HPSv2's img_score.py: no logit scale; HPSv2 converted to a CLIPModel), `clipscore` = max(mean of
+    100 * cos over the frames, 0) (torchmetrics), `aesthetic` = the LAION improved-aesthetic MLP on the
     normalised image embedding (its weights `aesthetic_mlp.safetensors` beside the CLIP weights).
-    Preprocessing is CLIP's, written in torch, so every score is differentiable."""
+    Preprocessing is each reference's (bicubic shortest side, centre crop), written in torch: differentiable."""
     differentiable = True
     num_frames = None  # every frame (or one random frame)
 
@@ -513,20 +505,24 @@ class CLIPFrameReward(CropPatchScores):
         B, F = videos.shape[:2]
         if self.frames == "random":  # VADER: one random frame per video per call
             videos = videos[:, torch.randint(F, (1,)).item()][:, None]
-        x = resize_center_crop(videos, self.resolution, CLIP_MEAN, CLIP_STD).flatten(0, 1)
+        x = resize_center_crop(videos, self.resolution, CLIP_MEAN, CLIP_STD, **CLIP_PREPROCESS[self.kind]).flatten(0, 1)
         img = self.model.get_image_features(pixel_values=x.to(self.model.dtype)).pooler_output.float()
         return torch.nn.functional.normalize(img, dim=-1).view(B, -1, img.shape[-1])
 
     def __call__(self, videos, prompts):
         img = self.embed_frames(videos)  # [B, F, D]
         if self.kind == "aesthetic":
-            score = self.mlp(img.to(self.mlp[0].weight.dtype)).squeeze(-1).float()
+            r = self.mlp(img.to(self.mlp[0].weight.dtype)).squeeze(-1).float().mean(1)
         else:
             tok = self.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(videos.device)
             txt = self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask).pooler_output
             cos = (img * torch.nn.functional.normalize(txt.float(), dim=-1)[:, None]).sum(-1)  # [B, F]
-            score = 100 * cos.clamp(min=0) if self.kind == "clipscore" else self.model.logit_scale.exp().float() * cos
-        r = score.mean(1)
+            if self.kind == "clipscore":
+                r = (100 * cos).mean(1).clamp(min=0)
+            elif self.kind == "pickscore":
+                r = (self.model.logit_scale.exp().float() * cos).mean(1)
+            else:
+                r = cos.mean(1)
         return {self.kind: r, "reward": r}
 
 

@@ -141,7 +141,7 @@ def test_clip_frame_rewards(tmp_path):
     out["reward"].sum().backward()
     assert videos.grad.abs().sum() > 0  # differentiable, for VADER
     clip = rewards.load_reward(f"clipscore@{tmp_path / 'clip'}")(videos.detach(), prompts)["reward"]
-    assert torch.allclose(clip, (100 * ((img.view(2, 3, -1) * txt[:, None]).sum(-1)).clamp(min=0)).mean(1), atol=1e-4)
+    assert torch.allclose(clip, (100 * (img.view(2, 3, -1) * txt[:, None]).sum(-1)).mean(1).clamp(min=0), atol=1e-4)
     aes = rewards.load_reward(f"aesthetic:random@{tmp_path / 'clip'}")
     assert aes(videos.detach(), prompts)["reward"].shape == (2,) and aes.mlp is not None
     both = rewards.load_reward(f"pickscore@{tmp_path / 'clip'}*0.5+toy:quality")

@@ -137,3 +137,65 @@ def test_videoscore_pools_the_trailing_space_token_through_a_biased_head(tmp_pat
         torch.testing.assert_close(got, logits, atol=2e-3, rtol=0)  # pixels within half a uint8 level
     out["reward"].sum().backward()
     assert videos.grad.abs().sum() > 0
+
+
+# ---- CLIP-based frame rewards ---------------------------------------------------------------------------------------
+def clip_reference_pixels(kind, clip, size=28):
+    """pickscore/clipscore: transformers' CLIPImageProcessor (PickScore's README loads the laion CLIP-H
+    processor; torchmetrics the CLIP one): PIL bicubic shortest side, long side int(), crop offsets floored.
+    hpsv2: open_clip's val transform in HPSv2 (ToTensor, then torchvision Resize(BICUBIC) on the float tensor,
+    antialiased, no clipping; CenterCrop with rounded offsets). aesthetic: clip.load's _transform (PIL bicubic,
+    CenterCrop rounded) as the LAION predictor uses it."""
+    mean, std = torch.tensor(rewards.CLIP_MEAN).view(3, 1, 1), torch.tensor(rewards.CLIP_STD).view(3, 1, 1)
+    F, _, H, W = clip.shape
+    if kind in ("pickscore", "clipscore"):
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        proc = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                     resample=3, image_mean=rewards.CLIP_MEAN, image_std=rewards.CLIP_STD)
+        return proc(pil_frames(clip, range(F)), return_tensors="pt")["pixel_values"]
+    h, w = (size, int(size * W / H)) if H <= W else (int(size * H / W), size)  # torchvision _compute_resized_output_size
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))  # torchvision center_crop
+    if kind == "hpsv2":
+        x = torch.nn.functional.interpolate(clip.float() / 255, (h, w), mode="bicubic", antialias=True)
+    else:
+        from PIL import Image
+        x = torch.stack([torch.from_numpy(np.asarray(im.resize((w, h), Image.BICUBIC))).permute(2, 0, 1)
+                         for im in pil_frames(clip, range(F))]).float() / 255
+    return (x[:, :, top: top + size, left: left + size] - mean) / std
+
+
+@pytest.fixture(scope="module")
+def clip_folder_aes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clip_aes")
+    tiny_models.build_clip(str(folder), aesthetic=True)
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind", ["pickscore", "clipscore", "hpsv2", "aesthetic"])
+@pytest.mark.parametrize("H,W", SIZE_TABLE)
+def test_clip_rewards_preprocess_as_their_reference(clip_folder_aes, kind, H, W):
+    r = rewards.load_reward(f"{kind}@{clip_folder_aes}")
+    clip = uint8_clip(3, H, W)
+    seen = run_captured(r, r.model.vision_model, clip[None].float() / 255, PROMPTS[:1])
+    want = clip_reference_pixels(kind, clip)
+    tol = 1e-5 if kind == "hpsv2" else 1.01 / 255 / min(rewards.CLIP_STD)  # PIL: 8-bit rounding
+    torch.testing.assert_close(seen["pixel_values"], want, atol=tol, rtol=0)
+
+
+def test_hpsv2_is_the_plain_cosine_and_clipscore_clamps_the_mean(clip_folder_aes):
+    """HPSv2 img_score.py: logits_per_image = image_features @ text_features.T (both normalised): no logit
+    scale. torchmetrics clip_score: max(mean(100 * cos), 0) over the (frame, caption) pairs."""
+    hps = rewards.load_reward(f"hpsv2@{clip_folder_aes}")
+    videos = torch.rand(2, 3, 3, 28, 28, requires_grad=True)
+    out = hps(videos, PROMPTS)
+    img = hps.embed_frames(videos.detach())
+    with torch.no_grad():
+        tok = hps.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+        txt = torch.nn.functional.normalize(hps.model.get_text_features(**tok).pooler_output, dim=-1)
+    cos = (img * txt[:, None]).sum(-1)
+    assert hps.model.logit_scale.exp().item() > 10  # the scale is there, the reference does not use it
+    torch.testing.assert_close(out["reward"], cos.mean(1), atol=1e-5, rtol=0)
+    out["reward"].sum().backward()
+    assert videos.grad.abs().sum() > 0
+    clip = rewards.load_reward(f"clipscore@{clip_folder_aes}")(videos.detach(), PROMPTS)["reward"]
+    torch.testing.assert_close(clip, (100 * cos).mean(1).clamp(min=0), atol=1e-4, rtol=0)
