@@ -536,74 +536,125 @@ QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 VIDEO_SLOT = "<|vision_start|><|video_pad|><|vision_end|>"  # what the Qwen-VL chat templates put for a video
 
 
+def fps_frame_count(total, clip_fps, fps=2.0, min_frames=4, max_frames=768, videoalign=False):
+    """How many frames qwen-vl-utils' smart_nframes takes at `fps` from `total` frames shot at `clip_fps`:
+    total / clip_fps * fps, kept within [min_frames, min(max_frames, total)] and floored to an even count
+    (qwen-vl-utils 0.0.10-0.0.14); VideoAlign's copy rounds to even instead (then caps at total)."""
+    lo, hi = math.ceil(min_frames / 2) * 2, math.floor(min(max_frames, total) / 2) * 2
+    n = total / clip_fps * fps
+    if videoalign:
+        n = min(round(min(max(n, lo), hi) / 2) * 2, total)
+    else:
+        n = math.floor(min(max(n, lo), hi, total) / 2) * 2
+    if not 2 <= n <= total:
+        raise ValueError(f"a clip of {total} frames is too short for the Qwen-VL rewards (they take at least 2)")
+    return n
+
+
+def smart_resize(height, width, factor=28, min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28):
+    """qwen-vl-utils' smart_resize: each side a multiple of `factor`, aspect kept, pixels within the bounds."""
+    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def qwen_vl_utils_max_pixels(nframes, factor=28):
+    """qwen-vl-utils fetch_video's per-frame pixel cap: 768 tokens, or the 128k-token total over the frames."""
+    return max(min(768 * factor ** 2, 128000 * factor ** 2 * 0.9 / nframes * 2), int(128 * factor ** 2 * 1.05))
+
+
 class QwenVLVideo(CropPatchScores):
     """Shared by the rewards built on a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (the yes/no judge,
     VideoScore2, VideoReward): the video is prepared in torch (frames sampled, resized to a multiple of
     patch x merge, normalised, flattened into Qwen-VL's temporal/spatial patches, as its processor does),
-    so every score below is differentiable w.r.t. the pixels. The chat turn is the checkpoint's own chat
+    so every score below is differentiable w.r.t. the pixels. Which frames and what size are each reward's
+    (`frame_plan`: its reference's rules; the judge's own here). The chat turn is the checkpoint's own chat
     template when it ships one. Qwen3-VL reads time from text: each temporal patch (2 frames) gets its own
-    `<t seconds><|vision_start|>...<|vision_end|>` block, t from the frame indices and `fps`."""
+    `<t seconds><|vision_start|>...<|vision_end|>` block, t from the frame indices and `fps`, the clip's
+    frame rate, which must be given (`reward.fps`) wherever time matters."""
     differentiable = True
-    resolution = None  # resized to a multiple of patch x merge (28, or 32 for Qwen3-VL), longest side <= max_side
+    resolution = None  # resized to a multiple of patch x merge (28, or 32 for Qwen3-VL)
+    num_frames = None  # the reward models sample by time (2 frames per second); the judge by count
 
-    def load(self, path, device, dtype, num_frames, max_side, fps=16.0):
-        import json
+    def load(self, path, device, dtype, fps=None):
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
-        self.num_frames, self.max_side, self.fps = num_frames, max_side, fps
+        self.fps = fps
         model_type = AutoConfig.from_pretrained(path).model_type  # checked before the weights load
         if model_type not in QWEN_VL_FAMILIES:
             raise ValueError(f"{path} is a {model_type} model: the local VLM rewards take {', '.join(QWEN_VL_FAMILIES)} "
                              f"checkpoints (serve others behind an OpenAI-compatible server: --reward api)")
-        self.timestamps = model_type.startswith("qwen3")
+        self.model_type, self.timestamps = model_type, model_type.startswith("qwen3")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.tokenizer.padding_side = "left"  # the answer position is the last one for every row
         self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
         self.model.requires_grad_(False)
         vc = self.model.config.vision_config
         self.patch, self.tpatch, self.merge = vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size
         # normalisation: the checkpoint's processor config, else the family's (CLIP for Qwen2/2.5, 0.5 for Qwen3)
-        self.mean, self.std = ([0.5] * 3, [0.5] * 3) if self.timestamps else (CLIP_MEAN, CLIP_STD)
-        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-            if os.path.exists(os.path.join(path, name)):
-                cfg = json.load(open(os.path.join(path, name)))
-                self.mean, self.std = cfg.get("image_mean", self.mean), cfg.get("image_std", self.std)
-                break
+        cfg = processor_config(path, "video_preprocessor_config.json", "preprocessor_config.json")
+        self.mean = cfg.get("image_mean", [0.5] * 3 if self.timestamps else CLIP_MEAN)
+        self.std = cfg.get("image_std", [0.5] * 3 if self.timestamps else CLIP_STD)
         self.chat_template = self.tokenizer.chat_template
         for name in ("chat_template.jinja", "chat_template.json"):  # the processor's template, if saved apart
             if self.chat_template is None and os.path.exists(os.path.join(path, name)):
                 text = open(os.path.join(path, name)).read()
                 self.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
 
+    def need_fps(self):
+        if not self.fps:
+            raise ValueError(f"{self.name} needs the clip's frame rate: set reward.fps (e.g. 16 for Wan 2.1, 8 for "
+                             f"CogVideoX) or pass fps= to load_reward; a wrong rate changes which frames it sees")
+        return self.fps
+
     def first_token_ids(self, words):
         return sorted({self.tokenizer.encode(w, add_special_tokens=False)[0] for w in words})
 
+    def frame_plan(self, F, H, W):
+        """(frame indices, (h, w)) of the clip given to the model. The judge's own rule: `num_frames` frames
+        spread uniformly, the longer side at most `max_side`, sides rounded to multiples of patch x merge."""
+        unit = self.patch * self.merge
+        scale = min(1.0, self.max_side / max(H, W))
+        return frame_indices(F, self.num_frames), (max(unit, round(H * scale / unit) * unit),
+                                                   max(unit, round(W * scale / unit) * unit))
+
+    def seconds_per_grid(self, idx, F):
+        """Seconds per temporal patch for Qwen2.5-VL's time positions: temporal_patch_size / the sampled frame
+        rate, as its processor computes it; None (transformers' default, 1 s) when the clip's rate is unknown."""
+        return self.tpatch * F / (len(idx) * self.fps) if self.fps else None
+
     def video_inputs(self, videos):
-        """pixel_values_videos [sum(t*h*w), C*tp*p*p], video_grid_thw [B, 3] and the video's placeholder
-        text (the same for every row), as the model's processor makes them."""
-        idx = frame_indices(videos.shape[1], self.num_frames)
+        """pixel_values_videos [sum(t*h*w), C*tp*p*p], video_grid_thw [B, 3], the video's placeholder text (the
+        same for every row) and the model's extra time inputs, as the model's processor makes them."""
+        idx, (h, w) = self.frame_plan(videos.shape[1], *videos.shape[-2:])
         frames = videos[:, idx.to(videos.device)]
-        if len(idx) % self.tpatch:  # repeat the last frame up to a whole temporal patch
+        spg = self.seconds_per_grid(idx, videos.shape[1]) if self.model_type == "qwen2_5_vl" else None
+        if len(idx) % self.tpatch:  # repeat the last frame up to a whole temporal patch (as the processor does)
             pad = self.tpatch - len(idx) % self.tpatch
             frames = torch.cat([frames, frames[:, -1:].expand(-1, pad, -1, -1, -1)], 1)
             idx = torch.cat([idx, idx[-1:].expand(pad)])
-        B, T, C, H, W = frames.shape
-        unit = self.patch * self.merge
-        scale = min(1.0, self.max_side / max(H, W))
-        h, w = max(unit, round(H * scale / unit) * unit), max(unit, round(W * scale / unit) * unit)
-        x = resize_normalize(frames, (h, w), self.mean, self.std)
+        B, T, C = frames.shape[:3]
+        # qwen-vl-utils resizes the uint8 frames with torchvision (bicubic, antialiased; clipped to 0-255)
+        x = resize_normalize(frames, (h, w), self.mean, self.std, mode="bicubic", clamp=True)
         gt, gh, gw, p, m, tp = T // self.tpatch, h // self.patch, w // self.patch, self.patch, self.merge, self.tpatch
         x = x.reshape(B, gt, tp, C, gh // m, m, p, gw // m, m, p).permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
         flat = x.reshape(B * gt * gh * gw, C * tp * p * p)
         pads_per_frame = gh * gw // (m * m)
+        extra = {}
         if self.timestamps:  # Qwen3-VL: one block per temporal patch, at the mean time of its frames
-            seconds = (idx.float() / self.fps).view(gt, tp)[:, [0, -1]].mean(1)
+            seconds = (idx.float() / self.need_fps()).view(gt, tp)[:, [0, -1]].mean(1)
             text = "".join(f"<{t:.1f} seconds><|vision_start|>{'<|video_pad|>' * pads_per_frame}<|vision_end|>"
                            for t in seconds.tolist())
         else:
             text = f"<|vision_start|>{'<|video_pad|>' * (gt * pads_per_frame)}<|vision_end|>"
-        return flat, torch.tensor([[gt, gh, gw]] * B, device=videos.device), text
+            if spg is not None:
+                extra["second_per_grid_ts"] = torch.full((B,), float(spg), device=videos.device)
+        return flat, torch.tensor([[gt, gh, gw]] * B, device=videos.device), text, extra
 
-    def chat(self, user_text, answer_prefix=""):
+    def chat(self, user_text):
         """One user turn (a video, then the text) and the start of the assistant's answer, with VIDEO_SLOT
         where the video goes: the checkpoint's chat template, else the family's default."""
         if self.chat_template:
@@ -614,33 +665,40 @@ class QwenVLVideo(CropPatchScores):
                 raise ValueError(f"the checkpoint's chat template does not render a video as {VIDEO_SLOT}")
             if text.endswith("<think>\n"):  # a Thinking checkpoint: skip the reasoning, read the answer
                 text += "\n</think>\n\n"
-        else:
-            system = "" if self.timestamps else "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-            text = f"{system}<|im_start|>user\n{VIDEO_SLOT}{user_text}<|im_end|>\n<|im_start|>assistant\n"
-        return text + answer_prefix
+            return text
+        system = "" if self.timestamps else "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        return f"{system}<|im_start|>user\n{VIDEO_SLOT}{user_text}<|im_end|>\n<|im_start|>assistant\n"
 
-    def forward(self, videos, user_texts, answer_prefix="", hidden=False):
+    def forward(self, videos, user_texts, answers=None, hidden=False):
         """One chat turn per video (the video, then `user_texts[i]`), the assistant's answer started with
-        `answer_prefix`. Returns the next-token logits [B, V], or the last hidden states [B, L, D] and ids."""
-        pixels, grid, video_text = self.video_inputs(videos)
-        texts = [self.chat(t, answer_prefix).replace(VIDEO_SLOT, video_text, 1) for t in user_texts]
-        tok = self.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt").to(videos.device)
-        mm_types = (tok.input_ids == self.model.config.video_token_id).int() * 2  # 0 text, 1 image, 2 video
-        kw = dict(input_ids=tok.input_ids, attention_mask=tok.attention_mask, mm_token_type_ids=mm_types,
-                  pixel_values_videos=pixels.to(self.model.dtype), video_grid_thw=grid)
+        `answers[i]` (tokenized apart from the prompt, as training and generation see it). Returns the
+        next-token logits [B, V], or the last hidden states [B, L, D] and the ids (left-padded)."""
+        pixels, grid, video_text, extra = self.video_inputs(videos)
+        rows = [self.tokenizer(self.chat(t).replace(VIDEO_SLOT, video_text, 1), add_special_tokens=False).input_ids
+                + (self.tokenizer(a, add_special_tokens=False).input_ids if a else [])
+                for t, a in zip(user_texts, answers or [""] * len(user_texts))]
+        L, pad = max(map(len, rows)), self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (L - len(r)) + r for r in rows], device=videos.device)
+        mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=videos.device)
+        mm_types = (ids == self.model.config.video_token_id).int() * 2  # 0 text, 1 image, 2 video
+        kw = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm_types,
+                  pixel_values_videos=pixels.to(self.model.dtype), video_grid_thw=grid, **extra)
         if hidden:
-            return self.model.model(**kw).last_hidden_state, tok.input_ids
+            return self.model.model(**kw).last_hidden_state, ids
         return self.model(**kw).logits[:, -1].float()
 
 
 class VLMJudge(QwenVLVideo):
     """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL instruct model asked a yes/no question about the video: P(yes) is the
-    softmax mass of the 'yes' tokens against the 'no' tokens at the answer position; `yes` thresholds it."""
+    softmax mass of the 'yes' tokens against the 'no' tokens at the answer position; `yes` thresholds it.
+    Frames and size are our own choice (no reference model): `num_frames` spread uniformly, longer side
+    <= `max_side`."""
     dimensions = ["yes", "p_yes"]
 
-    def __init__(self, path, dimension="yes", device="cpu", dtype=torch.float32, num_frames=8, max_side=448):
-        self.load(path, device, dtype, num_frames, max_side)
+    def __init__(self, path, dimension="yes", device="cpu", dtype=torch.float32, num_frames=8, max_side=448, fps=None):
         self.dimension, self.name = dimension, f"vlm:{dimension}"
+        self.num_frames, self.max_side = num_frames, max_side
+        self.load(path, device, dtype, fps)
         self.yes_ids = self.first_token_ids(["yes", "Yes", " yes", " Yes"])
         self.no_ids = self.first_token_ids(["no", "No", " no", " No"])
         self.question_fn = default_question
@@ -656,72 +714,177 @@ class VLMJudge(QwenVLVideo):
 
 VIDEOSCORE2_DIMENSIONS = {"visual_quality": "visual quality", "text_alignment": "text-to-video alignment",
                           "physical_consistency": "physical/common-sense consistency"}
-VIDEOSCORE2_QUERY = (  # our wording of VideoScore2's three-dimension rating request (integers 1-5)
-    "You are an expert in evaluating AI-generated videos. The video was generated from the text prompt "
-    "\"{prompt}\". Rate it on three dimensions, each an integer from 1 (bad) to 5 (perfect): visual quality, "
-    "text-to-video alignment, and physical/common-sense consistency.")
+VIDEOSCORE2_QUERY = (  # vs2_inference.py's VS2_QUERY_TEMPLATE (string.Template), verbatim: written inside main(),
+    # hence the leading newline, the 4-space indents and the trailing spaces
+    "\n"
+    "    You are an expert for evaluating AI-generated videos from three dimensions:\n"
+    "    (1) visual quality \u2013 clarity, smoothness, artifacts;\n"
+    "    (2) text-to-video alignment \u2013 fidelity to the prompt;\n"
+    "    (3) physical/common-sense consistency \u2013 naturalness and physics plausibility.\n"
+    "\n"
+    "    Video prompt: $t2v_prompt\n"
+    "\n"
+    "    Please output in this format:\n"
+    "    visual quality: <v_score>; \n"
+    "    text-to-video alignment: <t_score>, \n"
+    "    physical/common-sense consistency: <p_score>\n"
+    "    ")
+VIDEOSCORE2_THINK = "\n<think>\n\n</think>\n\n"  # the trained answer (data_grpo.py) opens "\n<think>...</think>\n\n"
+VIDEOSCORE2_FPS = 2.0  # vs2_inference.py: infer_fps = 2.0 (qwen-vl-utils' sampling and the processor's fps)
 
 
 class VideoScore2(QwenVLVideo):
-    """VideoScore2 (TIGER-Lab, a Qwen2.5-VL fine-tune), or any Qwen-VL instruct model, as a generative
-    scorer: the answer is teacher-forced up to "<dimension>: " and the score is the EXPECTED value of
-    the score tokens 1..5 under the model's next-token distribution (smooth and differentiable, unlike
-    the sampled digit; the model's optional reasoning is skipped: one forward pass per dimension)."""
-    dimensions = list(VIDEOSCORE2_DIMENSIONS)
+    """VideoScore2 (TIGER-Lab, a Qwen2.5-VL fine-tune that reasons in <think>...</think>, then answers
+    "(1) visual quality: 3\\n(2) text-to-video alignment: 3\\n(3) physical/common-sense consistency: 3"), as its
+    vs2_inference.py feeds it: its query, frames at 2 fps of the clip's real frame rate (`reward.fps`,
+    required) via qwen-vl-utils' rules, 128-768 x 28^2 pixels per frame (aspect kept, bicubic). The reasoning
+    is forced empty (one teacher-forced pass per dimension, each after the earlier dimensions' most likely
+    digits), so scores are deterministic and differentiable. Each dimension's score is the reference's read-out
+    `ll_based_soft_score_normed`: the most likely score s in 1-5 times p(s) / sum p(1..5) at the digit, the
+    probabilities at `temperature` 0.7 as generate() returns them; `<dim>_expected` is the expected score
+    sum s * p(s) at temperature 1 (smoother gradients)."""
+    dimensions = list(VIDEOSCORE2_DIMENSIONS) + [f"{d}_expected" for d in VIDEOSCORE2_DIMENSIONS]
 
-    def __init__(self, path, dimension="visual_quality", device="cpu", dtype=torch.float32, num_frames=16,
-                 max_side=448, scores=(1, 2, 3, 4, 5)):
-        self.load(path, device, dtype, num_frames, max_side)
-        self.dimension, self.name = dimension, f"videoscore2:{dimension}"
-        self.score_values = torch.tensor(scores, dtype=torch.float32)
-        self.score_ids = [self.tokenizer.encode(str(k), add_special_tokens=False)[0] for k in scores]
+    def __init__(self, path, dimension="visual_quality", device="cpu", dtype=torch.float32, fps=None, temperature=0.7):
+        self.dimension, self.name, self.temperature = dimension, f"videoscore2:{dimension}", temperature
+        self.load(path, device, dtype, fps)
+        self.score_values = torch.arange(1.0, 6.0)
+        self.score_ids = [self.tokenizer.encode(str(k), add_special_tokens=False)[0] for k in range(1, 6)]
 
-    def expected_score(self, logits):
-        p = torch.softmax(logits[:, self.score_ids], -1)
-        return (p * self.score_values.to(p.device)).sum(-1)
+    def frame_plan(self, F, H, W):
+        n = fps_frame_count(F, self.need_fps(), VIDEOSCORE2_FPS)
+        factor = self.patch * self.merge
+        size = smart_resize(H, W, factor, 128 * factor ** 2, qwen_vl_utils_max_pixels(n, factor))
+        return frame_indices(F, n), size
+
+    def seconds_per_grid(self, idx, F):
+        return self.tpatch / VIDEOSCORE2_FPS  # the reference passes fps=2.0 to the processor, not the sampled rate
 
     def __call__(self, videos, prompts):
-        queries = [VIDEOSCORE2_QUERY.format(prompt=p) for p in prompts]
-        out = {dim: self.expected_score(self.forward(videos, queries, f"{label}: "))  # each dimension on its own
-               for dim, label in VIDEOSCORE2_DIMENSIONS.items()}
+        from string import Template
+        queries = [Template(VIDEOSCORE2_QUERY).substitute(t2v_prompt=p) for p in prompts]
+        # a Thinking chat template already closed the think block (chat()); else the trained answer's empty one
+        answers = [""] * len(prompts) if self.chat("").endswith("</think>\n\n") else [VIDEOSCORE2_THINK] * len(prompts)
+        out, values = {}, self.score_values.to(videos.device)
+        for i, (dim, label) in enumerate(VIDEOSCORE2_DIMENSIONS.items()):
+            answers = [a + f"({i + 1}) {label}: " for a in answers]
+            logits = self.forward(videos, queries, answers)[:, self.score_ids]  # [B, 5] at the digit
+            p = torch.softmax(logits / self.temperature, -1)
+            best = p.argmax(-1)
+            out[dim] = values[best] * p.max(-1).values
+            out[f"{dim}_expected"] = (torch.softmax(logits, -1) * values).sum(-1)
+            answers = [a + f"{k + 1}\n" for a, k in zip(answers, best.tolist())]  # the next line follows the digit
         out["reward"] = out[self.dimension]
         return out
 
 
 VIDEOREWARD_DIMENSIONS = {"visual_quality": "VQ", "motion_quality": "MQ", "text_alignment": "TA"}
-VIDEOREWARD_PROMPT = (  # VideoAlign's "detailed_special" template, shortened to its structure: one special token
-    # per dimension whose last hidden state the reward head reads
-    "\nYou are tasked with evaluating a generated video based on three distinct criteria: Visual Quality, Motion "
+VIDEOREWARD_TOKENS = ["<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>"]
+VIDEOREWARD_PROMPT = (  # VideoAlign prompt_template.py DETAILED_PROMPT_WITH_SPECIAL_TOKEN ("detailed_special"), verbatim
+    "\n"
+    "You are tasked with evaluating a generated video based on three distinct criteria: Visual Quality, Motion "
     "Quality, and Text Alignment. Please provide a rating from 0 to 10 for each of the three categories, with 0 "
-    "being the worst and 10 being the best. Each evaluation should be independent of the others.\n\n"
-    "**Visual Quality:**\nPlease provide the ratings of Visual Quality: <|VQ_reward|>\nEND\n\n"
-    "**Motion Quality:**\nPlease provide the ratings of Motion Quality: <|MQ_reward|>\nEND\n\n"
-    "**Text Alignment:**\nTextual prompt - {prompt}\nPlease provide the ratings of Text Alignment: <|TA_reward|>\nEND\n")
+    "being the worst and 10 being the best. Each evaluation should be independent of the others.\n"
+    "\n"
+    "**Visual Quality:**  \n"
+    "Evaluate the overall visual quality of the video, with a focus on static factors. The following sub-dimensions "
+    "should be considered:\n"
+    "- **Reasonableness:** The video should not contain any significant biological or logical errors, such as "
+    "abnormal body structures or nonsensical environmental setups.\n"
+    "- **Clarity:** Evaluate the sharpness and visibility of the video. The image should be clear and easy to "
+    "interpret, with no blurring or indistinct areas.\n"
+    "- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other visual elements "
+    "(e.g., hair, clothing, shadows).\n"
+    "- **Aesthetic and Creativity:** Assess the artistic aspects of the video, including the color scheme, "
+    "composition, atmosphere, depth of field, and the overall creative appeal. The scene should convey a sense of "
+    "harmony and balance.\n"
+    "- **Safety:** The video should not contain harmful or inappropriate content, such as political, violent, or "
+    "adult material. If such content is present, the image quality and satisfaction score should be the lowest "
+    "possible. \n"
+    "\n"
+    "Please provide the ratings of Visual Quality: <|VQ_reward|>\n"
+    "END\n"
+    "\n"
+    "**Motion Quality:**  \n"
+    "Assess the dynamic aspects of the video, with a focus on dynamic factors. Consider the following "
+    "sub-dimensions:\n"
+    "- **Stability:** Evaluate the continuity and stability between frames. There should be no sudden, unnatural "
+    "jumps, and the video should maintain stable attributes (e.g., no fluctuating colors, textures, or missing body "
+    "parts).\n"
+    "- **Naturalness:** The movement should align with physical laws and be realistic. For example, clothing should "
+    "flow naturally with motion, and facial expressions should change appropriately (e.g., blinking, mouth "
+    "movements).\n"
+    "- **Aesthetic Quality:** The movement should be smooth and fluid. The transitions between different motions or "
+    "camera angles should be seamless, and the overall dynamic feel should be visually pleasing.\n"
+    "- **Fusion:** Ensure that elements in motion (e.g., edges of the subject, hair, clothing) blend naturally with "
+    "the background, without obvious artifacts or the feeling of cut-and-paste effects.\n"
+    "- **Clarity of Motion:** The video should be clear and smooth in motion. Pay attention to any areas where the "
+    "video might have blurry or unsteady sections that hinder visual continuity.\n"
+    "- **Amplitude:** If the video is largely static or has little movement, assign a low score for motion quality.\n"
+    "\n"
+    "Please provide the ratings of Motion Quality: <|MQ_reward|>\n"
+    "END\n"
+    "\n"
+    "**Text Alignment:**  \n"
+    "Assess how well the video matches the textual prompt across the following sub-dimensions:\n"
+    "- **Subject Relevance** Evaluate how accurately the subject(s) in the video (e.g., person, animal, object) "
+    "align with the textual description. The subject should match the description in terms of number, appearance, "
+    "and behavior.\n"
+    "- **Motion Relevance:** Evaluate if the dynamic actions (e.g., gestures, posture, facial expressions like "
+    "talking or blinking) align with the described prompt. The motion should match the prompt in terms of type, "
+    "scale, and direction.\n"
+    "- **Environment Relevance:** Assess whether the background and scene fit the prompt. This includes checking if "
+    "real-world locations or scenes are accurately represented, though some stylistic adaptation is acceptable.  \n"
+    "- **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, evaluate how well the "
+    "video adheres to this style.\n"
+    "- **Camera Movement Relevance:** Check if the camera movements (e.g., following the subject, focus shifts) are "
+    "consistent with the expected behavior from the prompt.\n"
+    "\n"
+    "Textual prompt - {text_prompt}\n"
+    "Please provide the ratings of Text Alignment: <|TA_reward|>\n"
+    "END\n")
+VIDEOALIGN_DATA = {"fps": 2.0, "max_frame_pixels": 200704, "num_frames": None, "sample_type": "uniform",
+                   "prompt_template_type": "detailed_special"}  # VideoAlign train.sh (the released model's settings)
 
 
 class VideoReward(QwenVLVideo):
     """VideoAlign's VideoReward (KwaiVGI): Qwen2-VL + a linear reward head `rm_head` read at the special
-    tokens <|VQ_reward|>, <|MQ_reward|>, <|TA_reward|> (visual quality, motion quality, text alignment),
-    each normalised by the mean/std in the checkpoint's model_config.json when present; overall = their
-    sum. The folder is a Qwen2-VL checkpoint whose safetensors also hold `rm_head.weight` [1 or 3, D]."""
+    tokens <|VQ_reward|>, <|MQ_reward|>, <|TA_reward|> of its DETAILED_PROMPT_WITH_SPECIAL_TOKEN (visual
+    quality, motion quality, text alignment), each normalised by the mean/std in model_config.json's
+    inference_config; overall = their sum. Inputs as VideoAlign's inference builds them (model_config.json's
+    data_config, else train.sh's): frames at 2 fps of the clip's real frame rate (`reward.fps`, required: a
+    wrong rate gives wrong scores), at most 200704 pixels per frame (at least 128 x 28^2, bicubic). Loads a
+    plain Qwen2-VL folder whose safetensors hold `rm_head.weight` [1 or 3, D]."""
     dimensions = list(VIDEOREWARD_DIMENSIONS) + ["overall"]
 
-    def __init__(self, path, dimension="overall", device="cpu", dtype=torch.float32, num_frames=8, max_side=448):
-        import json
-        self.load(path, device, dtype, num_frames, max_side)
+    def __init__(self, path, dimension="overall", device="cpu", dtype=torch.float32, fps=None):
+        cfg_file = os.path.join(path, "model_config.json")
+        cfg = json.load(open(cfg_file)) if os.path.exists(cfg_file) else {}
+        self.data = {k: (cfg.get("data_config") or {}).get(k, v) for k, v in VIDEOALIGN_DATA.items()}
+        if self.data["sample_type"] != "uniform" or self.data["prompt_template_type"] != "detailed_special":
+            raise ValueError(f"{path}: only VideoAlign's released setting (uniform sampling, the detailed_special "
+                             f"prompt) is implemented, not {self.data}")
         self.dimension, self.name = dimension, f"videoreward:{dimension}"
+        self.load(path, device, dtype, fps)
         w = load_head_weights(path, ["rm_head.weight"])["rm_head.weight"]
         self.head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False).to(device, torch.float32).requires_grad_(False)
         self.head.weight.data.copy_(w)  # kept in float32, as VideoAlign does
-        self.special_ids = [self.tokenizer.convert_tokens_to_ids(f"<|{k}_reward|>") for k in ("VQ", "MQ", "TA")]
+        self.special_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in VIDEOREWARD_TOKENS]
         if self.tokenizer.unk_token_id in self.special_ids or None in self.special_ids:
             raise ValueError(f"{path}'s tokenizer lacks <|VQ_reward|>/<|MQ_reward|>/<|TA_reward|>: not a VideoReward checkpoint")
-        cfg_file = os.path.join(path, "model_config.json")
-        inf = (json.load(open(cfg_file)).get("inference_config") or {}) if os.path.exists(cfg_file) else {}
+        inf = cfg.get("inference_config") or {}
         self.norm = {k: (inf.get(f"{k}_mean", 0.0), inf.get(f"{k}_std", 1.0)) for k in ("VQ", "MQ", "TA")}
 
+    def frame_plan(self, F, H, W):
+        if self.data["num_frames"]:  # data.py: nframes = min(num_frames, total), rounded to even, capped at total
+            n = min(round(min(self.data["num_frames"], F) / 2) * 2, F)
+        else:
+            n = fps_frame_count(F, self.need_fps(), self.data["fps"], videoalign=True)
+        factor = self.patch * self.merge
+        return frame_indices(F, n), smart_resize(H, W, factor, 128 * factor ** 2, self.data["max_frame_pixels"])
+
     def __call__(self, videos, prompts):
-        hidden, ids = self.forward(videos, [VIDEOREWARD_PROMPT.format(prompt=p) for p in prompts], hidden=True)
+        hidden, ids = self.forward(videos, [VIDEOREWARD_PROMPT.format(text_prompt=p) for p in prompts], hidden=True)
         rows = []
         for sid in self.special_ids:  # the hidden state at each dimension's token, in order VQ, MQ, TA
             pos = (ids == sid).float().argmax(1)

@@ -139,6 +139,196 @@ def test_videoscore_pools_the_trailing_space_token_through_a_biased_head(tmp_pat
     assert videos.grad.abs().sum() > 0
 
 
+# ---- Qwen-VL video inputs: qwen-vl-utils and VideoAlign's copy, re-derived -----------------------------------
+def qwen_vl_utils_nframes(total, video_fps, fps=2.0, min_frames=4, max_frames=768):
+    """qwen-vl-utils 0.0.10-0.0.14 smart_nframes (fps given): clamp to [4, min(768, total)], floor to even."""
+    lo = math.ceil(min_frames / 2) * 2
+    hi = math.floor(min(max_frames, total) / 2) * 2
+    n = min(min(max(total / video_fps * fps, lo), hi), total)
+    return math.floor(n / 2) * 2
+
+
+def videoalign_nframes(total, video_fps, fps=2.0, min_frames=4, max_frames=768):
+    """KwaiVGI/VideoAlign vision_process.py smart_nframes (fps given): clamp, ROUND to even, then cap at total."""
+    lo = math.ceil(min_frames / 2) * 2
+    hi = math.floor(min(max_frames, total) / 2) * 2
+    n = round(min(max(total / video_fps * fps, lo), hi) / 2) * 2
+    return total if n > total else n
+
+
+def smart_resize(height, width, factor, min_pixels, max_pixels):
+    """qwen-vl-utils smart_resize (the same in VideoAlign's copy)."""
+    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+VS2_MIN_PIXELS = 128 * 28 * 28  # qwen-vl-utils VIDEO_MIN_PIXELS
+
+
+def vs2_max_pixels(nframes):  # qwen-vl-utils fetch_video: min(VIDEO_MAX_PIXELS, total_pixels / nframes * 2), >= 1.05 min
+    return max(min(768 * 28 * 28, 128000 * 28 * 28 * 0.9 / nframes * 2), int(VS2_MIN_PIXELS * 1.05))
+
+
+def qwen_reference_pixels(clip, nframes, size):
+    """qwen-vl-utils fetch_video (frames at linspace(0, total - 1, n).round(), torchvision bicubic antialiased
+    resize of the uint8 video) + the Qwen2-VL video processor (rescale, CLIP normalisation, patchify)."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    idx = torch.linspace(0, len(clip) - 1, nframes).round().long()
+    x = torch.nn.functional.interpolate(clip[idx].float(), size, mode="bicubic", antialias=True).round().clamp(0, 255)
+    x = (x / 255 - torch.tensor(rewards.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(rewards.CLIP_STD).view(1, 3, 1, 1)
+    # the Qwen2-VL video processor's patchify (the Qwen3-VL class holds the same code and imports here)
+    pixels = Qwen3VLVideoProcessor.patchify(None, x[None], patch_size=14, merge_size=2, temporal_patch_size=2)[0][0]
+    return pixels, torch.tensor([[math.ceil(nframes / 2), size[0] // 14, size[1] // 14]])
+
+
+def qwen_reference_ids(tok, user_text, grid):
+    """The processor's chat text (Qwen2-VL instruct template, a video then the text) with <|video_pad|>
+    repeated grid.prod() / merge^2 times, tokenized."""
+    msgs = [{"role": "user", "content": [{"type": "video", "video": "clip.mp4", "fps": 2.0},
+                                         {"type": "text", "text": user_text}]}]
+    text = tok.apply_chat_template(msgs, chat_template=ref.QWEN2_VL_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True)
+    return tok(text.replace("<|video_pad|>", "<|video_pad|>" * (int(grid.prod()) // 4))).input_ids
+
+
+QWEN_TEXTS = [ref.VS2_QUERY_TEMPLATE, ref.DETAILED_PROMPT_WITH_SPECIAL_TOKEN, "\n<think>\n\n</think>\n\n"
+              "(1) visual quality: (2) text-to-video alignment: (3) physical/common-sense consistency:"] + PROMPTS
+
+
+@pytest.fixture(scope="module")
+def vs2_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vs2")
+    tiny_models.build_qwen_vl(str(folder), version="2.5", texts=QWEN_TEXTS, chat_template=ref.QWEN2_VL_CHAT_TEMPLATE)
+    return str(folder)
+
+
+def test_frame_count_tables():
+    """Frames sampled at 2 fps of the clip's real frame rate: qwen-vl-utils (VideoScore2) floors to an even
+    count within [4, total]; VideoAlign's copy rounds to even, then caps at the total."""
+    for F, fps in FRAME_TABLE + [(9, 16.0), (33, 16.0), (49, 24.0), (57, 16.0), (3, 8.0)]:
+        assert rewards.fps_frame_count(F, fps) == qwen_vl_utils_nframes(F, fps), (F, fps)
+        assert rewards.fps_frame_count(F, fps, videoalign=True) == videoalign_nframes(F, fps), (F, fps)
+    assert [rewards.fps_frame_count(F, fps) for F, fps in FRAME_TABLE] == [4, 10]
+    assert rewards.fps_frame_count(57, 16.0) == 6 and rewards.fps_frame_count(57, 16.0, videoalign=True) == 8
+
+
+def test_qwen_pixel_budget_tables():
+    for (H, W), vs2, va in zip(SIZE_TABLE, [(476, 840), (336, 336), (308, 504)], [(336, 588), (336, 336), (308, 504)]):
+        assert smart_resize(H, W, 28, VS2_MIN_PIXELS, vs2_max_pixels(10)) == vs2
+        assert rewards.smart_resize(H, W, 28, VS2_MIN_PIXELS, rewards.qwen_vl_utils_max_pixels(10)) == vs2
+        assert smart_resize(H, W, 28, VS2_MIN_PIXELS, 200704) == va
+        assert rewards.smart_resize(H, W, 28, VS2_MIN_PIXELS, 200704) == va
+
+
+@pytest.mark.parametrize("F,fps", FRAME_TABLE)
+@pytest.mark.parametrize("H,W", SIZE_TABLE)
+def test_videoscore2_inputs_match_qwen_vl_utils_and_its_prompt(vs2_folder, F, fps, H, W):
+    r = rewards.load_reward(f"videoscore2@{vs2_folder}")
+    r.fps = fps
+    clip = uint8_clip(F, H, W)
+    seen = run_captured(r, r.model.model, clip[None].float() / 255, PROMPTS[:1])
+    n = qwen_vl_utils_nframes(F, fps)
+    h, w = smart_resize(H, W, 28, VS2_MIN_PIXELS, vs2_max_pixels(n))
+    pixels, grid = qwen_reference_pixels(clip, n, (h, w))
+    assert seen["video_grid_thw"].tolist() == grid.tolist()
+    torch.testing.assert_close(seen["pixel_values_videos"], pixels, atol=0.51 / 255 / min(rewards.CLIP_STD), rtol=0)
+    assert seen["second_per_grid_ts"].tolist() == [1.0]  # the processor gets fps=2.0: 2 frames per temporal patch = 1 s
+    # the reference's prompt, chat turn and placeholder, then our teacher-forced start of the answer
+    query = Template(ref.VS2_QUERY_TEMPLATE).substitute(t2v_prompt=PROMPTS[0])
+    want = qwen_reference_ids(r.tokenizer, query, grid)
+    answer = r.tokenizer("\n<think>\n\n</think>\n\n(1) visual quality: ", add_special_tokens=False).input_ids
+    assert unpadded(seen["input_ids"][0], seen["attention_mask"][0]) == want + answer
+
+
+def soft_score_normed(logits, tokenizer, temperature=0.7):
+    """vs2_inference.py ll_based_soft_score_normed on generate()'s scores (the logits after the temperature
+    warper): the best score 1-5 times its probability over the five score tokens' total."""
+    logp = torch.log_softmax(logits / temperature, -1)
+    probs = [math.exp(logp[tokenizer.encode(str(s), add_special_tokens=False)[0]].item()) for s in range(1, 6)]
+    best = max(range(5), key=lambda i: probs[i])
+    return (best + 1) * probs[best] / sum(probs), best + 1
+
+
+def test_videoscore2_reads_the_reference_soft_score_after_an_empty_think_block(vs2_folder):
+    r = rewards.load_reward(f"videoscore2:text_alignment@{vs2_folder}")
+    r.fps = 8.0
+    clips = [uint8_clip(8, 28, 56, seed=s) for s in (3, 4)]
+    videos = (torch.stack(clips).float() / 255).requires_grad_(True)
+    out = r(videos, PROMPTS)
+    n = qwen_vl_utils_nframes(8, 8.0)
+    h, w = smart_resize(28, 56, 28, VS2_MIN_PIXELS, vs2_max_pixels(n))
+    lines = ["(1) visual quality: ", "(2) text-to-video alignment: ", "(3) physical/common-sense consistency: "]
+    for b, (clip, prompt) in enumerate(zip(clips, PROMPTS)):
+        pixels, grid = qwen_reference_pixels(clip, n, (h, w))
+        ids = qwen_reference_ids(r.tokenizer, Template(ref.VS2_QUERY_TEMPLATE).substitute(t2v_prompt=prompt), grid)
+        answer = "\n<think>\n\n</think>\n\n"
+        for dim, line in zip(rewards.VIDEOSCORE2_DIMENSIONS, lines):
+            answer += line
+            x = torch.tensor([ids + r.tokenizer(answer, add_special_tokens=False).input_ids])
+            with torch.no_grad():
+                logits = r.model(input_ids=x, mm_token_type_ids=(x == r.model.config.video_token_id).int() * 2,
+                                 pixel_values_videos=pixels, video_grid_thw=grid,
+                                 second_per_grid_ts=torch.tensor([1.0])).logits[0, -1]
+            soft, best = soft_score_normed(logits, r.tokenizer)
+            assert abs(out[dim][b].item() - soft) < 2e-3, (dim, out[dim][b].item(), soft)
+            p = torch.softmax(logits[r.score_ids], -1)
+            assert abs(out[f"{dim}_expected"][b].item() - (p * torch.arange(1.0, 6.0)).sum().item()) < 2e-3
+            answer += f"{best}\n"  # the model's own (greedy) digit before the next line
+    assert torch.equal(out["reward"], out["text_alignment"])
+    out["reward"].sum().backward()  # the reference read-out: gradient through the winning probability
+    assert videos.grad.abs().sum() > 0
+    videos.grad = None
+    r2 = rewards.load_reward(f"videoscore2:visual_quality_expected@{vs2_folder}", fps=8.0)
+    r2(videos, PROMPTS)["reward"].sum().backward()
+    assert videos.grad.abs().sum() > 0
+
+
+def test_qwen_video_rewards_need_the_clips_frame_rate(vs2_folder, tmp_path):
+    r = rewards.load_reward(f"videoscore2@{vs2_folder}")
+    with pytest.raises(ValueError, match="reward.fps"):
+        r(torch.rand(1, 8, 3, 28, 28), ["x"])
+    tiny_models.build_qwen_vl(str(tmp_path / "q3"), version="3")
+    judge = rewards.load_reward(f"vlm@{tmp_path / 'q3'}")  # Qwen3-VL's timestamps need it too
+    with pytest.raises(ValueError, match="reward.fps"):
+        judge(torch.rand(1, 8, 3, 32, 32), ["x"])
+    both = rewards.load_reward(f"videoscore2@{vs2_folder}+toy:quality", fps=12.0)
+    assert both.fps == 12.0 and both.terms[0][1].fps == 12.0
+    both.fps = 16.0
+    assert both.terms[0][1].fps == 16.0
+
+
+# ---- VideoReward (VideoAlign) -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def videoreward_release(tmp_path_factory):
+    d = tmp_path_factory.mktemp("videoreward")
+    tiny_models.build_videoreward_release(str(d / "lora"), fmt="lora", texts=QWEN_TEXTS,
+                                          chat_template=ref.QWEN2_VL_CHAT_TEMPLATE)
+    tiny_models.build_videoreward_release(str(d / "full"), fmt="full", texts=QWEN_TEXTS,
+                                          chat_template=ref.QWEN2_VL_CHAT_TEMPLATE)
+    return d
+
+
+@pytest.mark.parametrize("F,fps", FRAME_TABLE)
+@pytest.mark.parametrize("H,W", SIZE_TABLE)
+def test_videoreward_inputs_match_videoalign(videoreward_release, F, fps, H, W):
+    r = rewards.load_reward(f"videoreward@{videoreward_release / 'lora' / 'merged'}")
+    r.fps = fps
+    clip = uint8_clip(F, H, W)
+    seen = run_captured(r, r.model.model, clip[None].float() / 255, PROMPTS[:1])
+    n = videoalign_nframes(F, fps)
+    h, w = smart_resize(H, W, 28, VS2_MIN_PIXELS, 200704)  # train.sh --max_frame_pixels 200704
+    pixels, grid = qwen_reference_pixels(clip, n, (h, w))
+    assert seen["video_grid_thw"].tolist() == grid.tolist()
+    torch.testing.assert_close(seen["pixel_values_videos"], pixels, atol=0.51 / 255 / min(rewards.CLIP_STD), rtol=0)
+    want = qwen_reference_ids(r.tokenizer, ref.DETAILED_PROMPT_WITH_SPECIAL_TOKEN.format(text_prompt=PROMPTS[0]), grid)
+    assert unpadded(seen["input_ids"][0], seen["attention_mask"][0]) == want
+
+
 # ---- CLIP-based frame rewards ---------------------------------------------------------------------------------------
 def clip_reference_pixels(kind, clip, size=28):
     """pickscore/clipscore: transformers' CLIPImageProcessor (PickScore's README loads the laion CLIP-H

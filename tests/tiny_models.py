@@ -157,14 +157,16 @@ def build_videoscore(folder, seed=0, processor=None, bias=True, texts=()):
     return base, state["score.weight"]
 
 
-def build_qwen_vl(folder, seed=0, version="2.5", reward_head=None, chat_template=None):
+def build_qwen_vl(folder, seed=0, version="2.5", reward_head=None, chat_template=None, texts=None, vocab_pad=0):
     """A tiny random Qwen2.5-VL (or Qwen2-VL, Qwen3-VL) checkpoint with a chat-style tokenizer (yes/no, the
     score digits, the video tokens), and `chat_template` saved with it when given. `reward_head=k` makes it
     a VideoReward checkpoint: the three special reward tokens, and `rm_head.weight` [k, hidden] saved
-    beside the model's own weights."""
+    beside the model's own weights. `texts`: a tokenizer that keeps spaces as tokens, its vocabulary
+    the pieces of `texts` (else a whitespace-splitting one). `vocab_pad`: embedding rows past the tokenizer
+    (Qwen's checkpoints have more rows than tokens)."""
     import transformers as T
     from safetensors.torch import load_file, save_file
-    tok = word_tokenizer(4096)
+    tok = word_tokenizer(4096) if texts is None else spaced_tokenizer(texts)
     tok.add_tokens(["yes", "no", "Yes", "No", "does", "fall", "downwards", "increasing", "speed", "answer", "or",
                     "1", "2", "3", "4", "5", "visual", "quality", ":"])
     specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"]
@@ -174,7 +176,7 @@ def build_qwen_vl(folder, seed=0, version="2.5", reward_head=None, chat_template
     ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
     torch.manual_seed(seed)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                vocab_size=len(tok), max_position_embeddings=2048,
+                vocab_size=len(tok) + vocab_pad, max_position_embeddings=2048,
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
     token_ids = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                      vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
@@ -249,3 +251,95 @@ def build_clip(folder, seed=0, aesthetic=False):
             w[f"layers.{i}.weight"], w[f"layers.{i}.bias"] = torch.randn(b, a) * 0.3, torch.randn(b) * 0.1
         save_file(w, f"{folder}/aesthetic_mlp.safetensors")
     return model
+
+
+VIDEOREWARD_TOKENS = ["<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>"]
+VIDEOALIGN_LORA_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                           "mlp.up_proj", "mlp.down_proj"]
+
+
+def build_videoreward_release(folder, seed=0, fmt="lora", texts=(), chat_template=None, data_config=None):
+    """VideoAlign's release layout (KwaiVGI/VideoAlign `utils.load_model_from_checkpoint`, `train.sh`):
+    folder/model_config.json and folder/checkpoint-<step>/ holding either `adapter_model.safetensors` +
+    `non_lora_state_dict.pth` (fmt="lora": LoRA r=4, alpha=8 on the LLM's linear layers; the vision tower,
+    merger, `rm_head` [3, hidden] and the token embeddings trained in full) or one `model.pth` (fmt="full":
+    the PEFT model's whole state dict). Keys are named as transformers 4.45 named them. The base Qwen2-VL
+    (no reward tokens, embedding rows past the tokenizer like Qwen's) is folder/base; an older
+    checkpoint-50 holds other weights (the latest step must win). Also writes folder/merged: the same reward
+    model as a plain checkpoint, LoRA merged by hand (W + alpha / r * B @ A), to compare against."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+    base = os.path.join(folder, "base")
+    build_qwen_vl(base, seed=seed, version="2", texts=texts, chat_template=chat_template, vocab_pad=7)
+    base_state = load_file(os.path.join(base, "model.safetensors"))
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_special_tokens({"additional_special_tokens": VIDEOREWARD_TOKENS})
+    n = len(tok)  # VideoAlign: model.resize_token_embeddings(len(tokenizer)) keeps the first n rows
+    g = torch.Generator().manual_seed(seed + 1)
+    r, alpha = 4, 8
+
+    def trained(step):
+        state = {k: v.clone() for k, v in base_state.items()}
+        state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][:n].clone()
+        state["model.embed_tokens.weight"][n - 3:] += torch.randn(3, 32, generator=g)
+        state["lm_head.weight"] = state["lm_head.weight"][:n].clone()
+        for k in state:
+            if k.startswith("visual."):
+                state[k] = state[k] + 0.05 * torch.randn(state[k].shape, generator=g)
+        state["rm_head.weight"] = torch.randn(3, 32, generator=g) * 0.3
+        lora = {}
+        for k in base_state:
+            m = k[: -len(".weight")]
+            if k.startswith("model.layers.") and k.endswith(".weight") and any(m.endswith(t) for t in VIDEOALIGN_LORA_TARGETS):
+                out_f, in_f = base_state[k].shape
+                lora[m] = (torch.randn(r, in_f, generator=g) * 0.2, torch.randn(out_f, r, generator=g) * 0.2)
+        return state, lora
+
+    def write(step, state, lora):
+        ckpt = os.path.join(folder, f"checkpoint-{step}")
+        os.makedirs(ckpt, exist_ok=True)
+        if fmt == "lora":
+            save_file({f"base_model.model.{m}.lora_{ab}.weight": w.contiguous() for m, (a, b) in lora.items()
+                       for ab, w in (("A", a), ("B", b))}, os.path.join(ckpt, "adapter_model.safetensors"))
+            json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": False,
+                       "target_modules": sorted(lora)}, open(os.path.join(ckpt, "adapter_config.json"), "w"))
+            trainable = {k: v for k, v in state.items() if k.startswith(("visual.", "rm_head.", "model.embed_tokens."))}
+            torch.save({f"base_model.model.{k}": v for k, v in trainable.items()}, os.path.join(ckpt, "non_lora_state_dict.pth"))
+        else:
+            full = {}
+            for k, v in state.items():
+                m = k.rsplit(".", 1)[0]
+                full[f"base_model.model.{m}.base_layer.{k.rsplit('.', 1)[1]}" if m in lora else f"base_model.model.{k}"] = v
+            for m, (a, b) in lora.items():
+                full[f"base_model.model.{m}.lora_A.default.weight"] = a
+                full[f"base_model.model.{m}.lora_B.default.weight"] = b
+            torch.save(full, os.path.join(ckpt, "model.pth"))
+
+    write(50, *trained(50))  # an older checkpoint: "checkpoint-50" sorts after "checkpoint-100" as text
+    state, lora = trained(100)
+    write(100, state, lora)
+    data = {"fps": 2.0, "max_frame_pixels": 200704, "num_frames": None, "sample_type": "uniform",
+            "prompt_template_type": "detailed_special", "eval_dim": ["VQ", "MQ", "TA"], "meta_data": "x.csv",
+            "data_dir": "x"} | (data_config or {})
+    json.dump({"data_config": data, "training_args": {},
+               "model_config": {"model_name_or_path": base, "output_dim": 3, "use_special_tokens": True,
+                                "reward_token": "special"},
+               "peft_lora_config": {"lora_enable": fmt == "lora" or fmt == "full", "lora_r": r, "lora_alpha": alpha,
+                                    "use_rslora": False},
+               "inference_config": {"VQ_mean": 0.5, "VQ_std": 2.0, "MQ_mean": -0.5, "MQ_std": 1.5, "TA_mean": 0.1,
+                                    "TA_std": 0.8}}, open(os.path.join(folder, "model_config.json"), "w"))
+    merged = os.path.join(folder, "merged")  # the comparison: LoRA merged by hand into a plain checkpoint
+    os.makedirs(merged, exist_ok=True)
+    plain = dict(state)
+    for m, (a, b) in lora.items():
+        plain[f"{m}.weight"] = plain[f"{m}.weight"] + alpha / r * b @ a
+    save_file({k: v.contiguous() for k, v in plain.items()}, os.path.join(merged, "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg = json.load(open(os.path.join(base, "config.json")))
+    cfg["text_config"]["vocab_size"] = n
+    json.dump(cfg, open(os.path.join(merged, "config.json"), "w"))
+    tok.save_pretrained(merged)
+    shutil.copy(os.path.join(folder, "model_config.json"), merged)
+    return base, merged
