@@ -847,6 +847,83 @@ VIDEOALIGN_DATA = {"fps": 2.0, "max_frame_pixels": 200704, "num_frames": None, "
                    "prompt_template_type": "detailed_special"}  # VideoAlign train.sh (the released model's settings)
 
 
+def is_videoalign_release(path):
+    """VideoAlign's own layout: model_config.json and checkpoint-<step>/ folders, no model weights at the top."""
+    return (os.path.exists(os.path.join(path, "model_config.json")) and not any(f.endswith(".safetensors") for f in os.listdir(path))
+            and any(f.startswith("checkpoint-") for f in os.listdir(path)))
+
+
+def videoalign_checkpoint(release, step=None):
+    """The checkpoint folder VideoAlign's load_model_from_checkpoint picks: checkpoint-<step>, else the latest."""
+    steps = sorted(int(f.split("-", 1)[1]) for f in os.listdir(release) if re.fullmatch(r"checkpoint-\d+", f))
+    if not steps or (step is not None and step not in steps):
+        raise FileNotFoundError(f"{release} has no checkpoint-{step if step is not None else '<step>'} folder")
+    return os.path.join(release, f"checkpoint-{steps[-1] if step is None else step}")
+
+
+def convert_videoreward(release, out=None, base=None, step=None):
+    """VideoAlign's release (model_config.json + checkpoint-*/ holding model.pth, or adapter_model.safetensors
+    + non_lora_state_dict.pth over the base Qwen2-VL named in model_config.json, which `base` overrides) ->
+    a plain Qwen2-VL checkpoint folder (default <release>/hf-checkpoint-<step>): the LoRA merged into its
+    layers (W + lora_alpha / r * B @ A, as peft computes it), `rm_head.weight`, the tokenizer with the three
+    reward tokens, the base's chat template and processor files, and model_config.json. Returns the folder."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+    cfg = json.load(open(os.path.join(release, "model_config.json")))
+    ckpt = videoalign_checkpoint(release, step)
+    out = out or os.path.join(release, "hf-" + os.path.basename(ckpt))
+    base = resolve_weights(base or cfg["model_config"]["model_name_or_path"])
+    state = {}
+    for f in sorted(os.listdir(base)):
+        if f.endswith(".safetensors"):
+            state.update(load_file(os.path.join(base, f)))
+    if os.path.exists(os.path.join(ckpt, "model.pth")):  # save_full_model: the (PEFT) model's whole state dict
+        trained = torch.load(os.path.join(ckpt, "model.pth"), map_location="cpu")
+    else:  # the LoRA weights, and every other trained tensor (vision tower, merger, rm_head, embeddings)
+        trained = load_file(os.path.join(ckpt, "adapter_model.safetensors"))
+        trained.update(torch.load(os.path.join(ckpt, "non_lora_state_dict.pth"), map_location="cpu"))
+    lora = {}
+    for k, v in trained.items():  # PEFT's names -> the model's: no wrapper prefix, no base_layer, no adapter name
+        k = re.sub(r"\.lora_([AB])\.default\.", r".lora_\1.", k.removeprefix("base_model.model.").replace(".base_layer.", "."))
+        m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", k)
+        if m:
+            lora.setdefault(m[1], {})[m[2]] = v
+        else:
+            state[k] = v
+    peft = cfg.get("peft_lora_config") or {}
+    adapter_file = os.path.join(ckpt, "adapter_config.json")
+    adapter = json.load(open(adapter_file)) if os.path.exists(adapter_file) else {}
+    r, alpha = adapter.get("r", peft.get("lora_r", 16)), adapter.get("lora_alpha", peft.get("lora_alpha", 32))
+    scale = alpha / (math.sqrt(r) if adapter.get("use_rslora", peft.get("use_rslora", False)) else r)
+    for m, ab in lora.items():
+        w = state[f"{m}.weight"]
+        state[f"{m}.weight"] = (w.float() + scale * ab["B"].float() @ ab["A"].float()).to(w.dtype)
+    # VideoAlign adds the reward tokens to the base tokenizer, then resize_token_embeddings(len(tokenizer))
+    tok_dir = os.path.join(ckpt, "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir if os.path.isdir(tok_dir) else base)
+    tokenizer.add_special_tokens({"additional_special_tokens": VIDEOREWARD_TOKENS})
+    n = next(v.shape[0] for k, v in state.items() if k.endswith("embed_tokens.weight"))
+    if "lm_head.weight" in state:  # an untied output layer follows the resize (its rows are not used here)
+        head = state["lm_head.weight"]
+        state["lm_head.weight"] = torch.cat([head, head.new_zeros(max(0, n - len(head)), head.shape[1])])[:n]
+    config = json.load(open(os.path.join(base, "config.json")))
+    for c in (config, config.get("text_config") or {}):
+        if "vocab_size" in c:
+            c["vocab_size"] = n
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    json.dump(config, open(os.path.join(out, "config.json"), "w"), indent=2)
+    tokenizer.save_pretrained(out)
+    for f in ("model_config.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+              "video_preprocessor_config.json", "generation_config.json"):
+        src = os.path.join(release if f == "model_config.json" else base, f)
+        if os.path.exists(src) and not os.path.exists(os.path.join(out, f)):
+            shutil.copy(src, out)
+    return out
+
+
 class VideoReward(QwenVLVideo):
     """VideoAlign's VideoReward (KwaiVGI): Qwen2-VL + a linear reward head `rm_head` read at the special
     tokens <|VQ_reward|>, <|MQ_reward|>, <|TA_reward|> of its DETAILED_PROMPT_WITH_SPECIAL_TOKEN (visual
@@ -854,10 +931,15 @@ class VideoReward(QwenVLVideo):
     inference_config; overall = their sum. Inputs as VideoAlign's inference builds them (model_config.json's
     data_config, else train.sh's): frames at 2 fps of the clip's real frame rate (`reward.fps`, required: a
     wrong rate gives wrong scores), at most 200704 pixels per frame (at least 128 x 28^2, bicubic). Loads a
-    plain Qwen2-VL folder whose safetensors hold `rm_head.weight` [1 or 3, D]."""
+    plain Qwen2-VL folder whose safetensors hold `rm_head.weight` [1 or 3, D], or VideoAlign's release layout
+    (model_config.json + checkpoint-*/), converted once into <folder>/hf-checkpoint-<step>
+    (`python rewards.py convert-videoreward <release> <out>` does the same)."""
     dimensions = list(VIDEOREWARD_DIMENSIONS) + ["overall"]
 
     def __init__(self, path, dimension="overall", device="cpu", dtype=torch.float32, fps=None):
+        if is_videoalign_release(path):
+            out = os.path.join(path, "hf-" + os.path.basename(videoalign_checkpoint(path)))
+            path = out if os.path.exists(os.path.join(out, "config.json")) else convert_videoreward(path, out)
         cfg_file = os.path.join(path, "model_config.json")
         cfg = json.load(open(cfg_file)) if os.path.exists(cfg_file) else {}
         self.data = {k: (cfg.get("data_config") or {}).get(k, v) for k, v in VIDEOALIGN_DATA.items()}
@@ -1146,3 +1228,15 @@ def load_reward(spec, device="cpu", dtype=torch.float32, fps=None):
         reward.fps = fps
     return reward
 
+
+if __name__ == "__main__":  # python rewards.py convert-videoreward <VideoAlign release folder> <out folder>
+    import argparse
+    p = argparse.ArgumentParser(description="Convert VideoAlign's VideoReward release (model_config.json + "
+                                            "checkpoint-*/) into a plain Qwen2-VL folder for --reward videoreward@<out>")
+    p.add_argument("command", choices=["convert-videoreward"])
+    p.add_argument("release")
+    p.add_argument("out")
+    p.add_argument("--base", help="the base Qwen2-VL folder (default: model_config.json's model_name_or_path)")
+    p.add_argument("--step", type=int, help="the checkpoint-<step> to convert (default: the latest)")
+    a = p.parse_args()
+    print(convert_videoreward(a.release, a.out, a.base, a.step))

@@ -329,6 +329,56 @@ def test_videoreward_inputs_match_videoalign(videoreward_release, F, fps, H, W):
     assert unpadded(seen["input_ids"][0], seen["attention_mask"][0]) == want
 
 
+def test_videoreward_scores_as_videoalign_from_its_release_checkpoints(videoreward_release):
+    """model_config.json + checkpoint-*/ (LoRA adapter + non-LoRA state, or one model.pth) load to the same
+    scores as the hand-merged plain checkpoint, and those are VideoAlign's: rm_head at the three special
+    tokens, the diagonal of the 3x3 output, normalised by inference_config, overall = their sum."""
+    import json
+    merged = videoreward_release / "lora" / "merged"
+    plain = rewards.load_reward(f"videoreward@{merged}")
+    plain.fps = 8.0
+    clips = [uint8_clip(8, 28, 56, seed=s) for s in (5, 6)]
+    videos = (torch.stack(clips).float() / 255).requires_grad_(True)
+    out = plain(videos, PROMPTS)
+    norm = json.load(open(merged / "model_config.json"))["inference_config"]
+    n = videoalign_nframes(8, 8.0)
+    h, w = smart_resize(28, 56, 28, VS2_MIN_PIXELS, 200704)
+    for b, (clip, prompt) in enumerate(zip(clips, PROMPTS)):
+        pixels, grid = qwen_reference_pixels(clip, n, (h, w))
+        x = torch.tensor([qwen_reference_ids(plain.tokenizer, ref.DETAILED_PROMPT_WITH_SPECIAL_TOKEN.format(text_prompt=prompt), grid)])
+        with torch.no_grad():
+            hidden = plain.model.model(input_ids=x, mm_token_type_ids=(x == plain.model.config.video_token_id).int() * 2,
+                                       pixel_values_videos=pixels, video_grid_thw=grid).last_hidden_state[0]
+        special = [plain.tokenizer.convert_tokens_to_ids(t) for t in tiny_models.VIDEOREWARD_TOKENS]
+        pooled = hidden[torch.isin(x[0], torch.tensor(special))] @ plain.head.weight.T  # [3, 3] in token order
+        raw = pooled.diagonal()
+        for i, (dim, key) in enumerate(rewards.VIDEOREWARD_DIMENSIONS.items()):
+            want = (raw[i] - norm[f"{key}_mean"]) / norm[f"{key}_std"]
+            assert abs(out[dim][b].item() - want.item()) < 2e-3, (dim, out[dim][b].item(), want.item())
+    torch.testing.assert_close(out["overall"], out["visual_quality"] + out["motion_quality"] + out["text_alignment"])
+    out["overall"].sum().backward()
+    assert videos.grad.abs().sum() > 0
+    for fmt in ("lora", "full"):  # the release layouts give the same model
+        release = rewards.load_reward(f"videoreward@{videoreward_release / fmt}", fps=8.0)
+        got = release(videos.detach(), PROMPTS)
+        ref_out = rewards.load_reward(f"videoreward@{videoreward_release / fmt / 'merged'}", fps=8.0)(videos.detach(), PROMPTS)
+        for k in ("visual_quality", "motion_quality", "text_alignment"):
+            torch.testing.assert_close(got[k], ref_out[k], atol=1e-4, rtol=0)
+
+
+def test_videoreward_converter_command(videoreward_release, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "converted"
+    res = subprocess.run([sys.executable, rewards.__file__, "convert-videoreward", str(videoreward_release / "full"),
+                          str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = rewards.load_reward(f"videoreward@{out}", fps=8.0)
+    b = rewards.load_reward(f"videoreward@{videoreward_release / 'full' / 'merged'}", fps=8.0)
+    videos = torch.rand(1, 6, 3, 28, 28)
+    torch.testing.assert_close(a(videos, ["x"])["overall"], b(videos, ["x"])["overall"], atol=1e-4, rtol=0)
+
+
 # ---- CLIP-based frame rewards ---------------------------------------------------------------------------------------
 def clip_reference_pixels(kind, clip, size=28):
     """pickscore/clipscore: transformers' CLIPImageProcessor (PickScore's README loads the laion CLIP-H
