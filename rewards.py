@@ -988,8 +988,11 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 class VideoMAEAction(CropPatchScores):
     """VADER's action reward: the probability a VideoMAE Kinetics classifier gives the target action.
     The target is the spec's class (`videomae:playing_guitar`), or else the class named in each prompt
-    (the longest label found in it). 16 frames (repeated when the clip is shorter), shortest side to
-    224 and centre crop, ImageNet normalisation, all in torch: differentiable."""
+    (the longest label found in it). Frames are never repeated: a clip of up to `num_frames` (16) frames
+    goes in whole (rounded down to whole tubelets), with the position table built for that many frames,
+    as VADER builds the model with num_frames = the decoded frame count; a longer clip is sampled to 16
+    frames spread uniformly, the model's clip length. Pixels follow the checkpoint's VideoMAE processor
+    (shortest side, centre crop, bilinear, its mean/std), in torch: differentiable."""
     differentiable = True
     dimensions = ["probability"]
 
@@ -1002,7 +1005,29 @@ class VideoMAEAction(CropPatchScores):
         if self.label is not None and self.label not in self.labels:
             raise ValueError(f"videomae: no class {self.label!r} in {path}; e.g. {sorted(self.labels)[:5]}")
         self.name = f"videomae:{label or 'prompt'}"
-        self.num_frames, self.resolution = self.model.config.num_frames, self.model.config.image_size
+        c = self.model.config
+        self.num_frames, self.tubelet, self.resolution = c.num_frames, c.tubelet_size, c.image_size
+        cfg = processor_config(path)  # videomae-base-finetuned-kinetics ships one: 224, bilinear, ImageNet mean/std
+        self.short = size_entry(cfg.get("size"), "shortest_edge") or c.image_size
+        self.crop = size_entry(cfg.get("crop_size"), "height") or c.image_size
+        self.mode = PIL_MODES[cfg.get("resample", 2)]
+        self.mean, self.std = cfg.get("image_mean", IMAGENET_MEAN), cfg.get("image_std", IMAGENET_STD)
+        self.tables = {}
+
+    def frame_count(self, F):
+        n = min(self.num_frames, F // self.tubelet * self.tubelet)
+        if n < self.tubelet:
+            raise ValueError(f"videomae: a clip of {F} frames is shorter than one tubelet ({self.tubelet} frames)")
+        return n
+
+    def position_table(self, n):
+        """The sinusoidal position table VideoMAE builds for n frames (as from_pretrained(num_frames=n) would)."""
+        from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
+        if n not in self.tables:
+            c = self.model.config
+            per_frame = (c.image_size // c.patch_size) ** 2
+            self.tables[n] = get_sinusoid_encoding_table(n // self.tubelet * per_frame, c.hidden_size)
+        return self.tables[n]
 
     def target(self, prompt):
         if self.label is not None:
@@ -1014,8 +1039,10 @@ class VideoMAEAction(CropPatchScores):
         return self.labels[max(found, key=len)]
 
     def __call__(self, videos, prompts):
-        frames = sample_frames(videos, self.num_frames, exact=True)
-        x = resize_center_crop(frames, self.resolution, IMAGENET_MEAN, IMAGENET_STD)
+        n = self.frame_count(videos.shape[1])
+        frames = sample_frames(videos, n)
+        x = resize_center_crop(frames, self.crop, self.mean, self.std, short=self.short, mode=self.mode)
+        self.model.videomae.embeddings.position_embeddings = self.position_table(n)
         probs = torch.softmax(self.model(pixel_values=x.to(self.model.dtype)).logits.float(), -1)
         p = probs[torch.arange(len(prompts), device=probs.device), torch.tensor([self.target(q) for q in prompts])]
         return {"probability": p, "reward": p}

@@ -231,10 +231,13 @@ def test_videomae_action_probability(more_models):
     r = rewards.load_reward(f"videomae@{d / 'mae'}")  # the target class is the one the prompt names
     videos = torch.rand(2, 3, 3, 20, 30, requires_grad=True)
     out = r(videos, ["a man playing guitar on a stage", "a dog juggling balls"])
-    x = rewards.resize_center_crop(rewards.sample_frames(videos.detach(), 4, exact=True), 32, rewards.IMAGENET_MEAN,
-                                   rewards.IMAGENET_STD)
+    # by hand: 2 of the 3 frames (whole tubelets, none repeated), bilinear as the processor config says, and
+    # the model built for 2 frames, as VADER builds it (num_frames = the decoded frame count)
+    from transformers import VideoMAEForVideoClassification
+    x = rewards.resize_center_crop(rewards.sample_frames(videos.detach(), 2), 32, rewards.IMAGENET_MEAN,
+                                   rewards.IMAGENET_STD, mode="bilinear")
     with torch.no_grad():
-        probs = torch.softmax(r.model(pixel_values=x).logits, -1)
+        probs = torch.softmax(VideoMAEForVideoClassification.from_pretrained(d / "mae", num_frames=2)(pixel_values=x).logits, -1)
     assert torch.allclose(out["reward"], probs[[0, 1], [0, 1]], atol=1e-6)
     out["reward"].sum().backward()
     assert videos.grad.abs().sum() > 0

@@ -439,3 +439,32 @@ def test_hpsv2_is_the_plain_cosine_and_clipscore_clamps_the_mean(clip_folder_aes
     assert videos.grad.abs().sum() > 0
     clip = rewards.load_reward(f"clipscore@{clip_folder_aes}")(videos.detach(), PROMPTS)["reward"]
     torch.testing.assert_close(clip, (100 * cos).mean(1).clamp(min=0), atol=1e-4, rtol=0)
+
+
+# ---- VideoMAE (VADER's action reward) -----------------------------------------------------------------------------
+@pytest.mark.parametrize("F,want_frames", [(16, 16), (81, 16), (9, 8), (5, 4)])
+def test_videomae_uses_the_decoded_frames_without_repeats(tmp_path, F, want_frames):
+    """VADER (Core/actpred_scorer.py) builds VideoMAE with num_frames = the decoded frame count, so no frame is
+    repeated; pixels follow the checkpoint's VideoMAEImageProcessor (shortest side, centre crop, bilinear)."""
+    from transformers import VideoMAEForVideoClassification
+    from transformers.models.videomae.image_processing_pil_videomae import VideoMAEImageProcessorPil
+    import json
+    tiny_models.build_videomae(str(tmp_path), num_frames=16)
+    r = rewards.load_reward(f"videomae:juggling_balls@{tmp_path}")
+    clip = uint8_clip(F, 40, 72)
+    videos = (clip[None].float() / 255).requires_grad_(True)
+    seen = capture(r.model, stop=False)
+    out = r(videos, ["x"])
+    pixels = seen[0]["pixel_values"]
+    assert pixels.shape[1] == want_frames
+    assert all(not torch.equal(pixels[0, i], pixels[0, i + 1]) for i in range(want_frames - 1))  # no repeats
+    idx = rewards.frame_indices(F, want_frames)
+    cfg = {k: v for k, v in json.load(open(tmp_path / "preprocessor_config.json")).items() if k != "image_processor_type"}
+    want = VideoMAEImageProcessorPil(**cfg)(pil_frames(clip, idx.tolist()), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels.detach(), want, atol=1.01 / 255 / 0.224, rtol=0)
+    vader = VideoMAEForVideoClassification.from_pretrained(str(tmp_path), num_frames=want_frames).eval()
+    with torch.no_grad():
+        p = torch.softmax(vader(pixel_values=want).logits, -1)[0, 1]
+    assert abs(out["reward"].item() - p.item()) < 1e-3
+    out["reward"].sum().backward()
+    assert videos.grad.abs().sum() > 0

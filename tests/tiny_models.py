@@ -211,14 +211,20 @@ def build_qwen_vl(folder, seed=0, version="2.5", reward_head=None, chat_template
     return model
 
 
-def build_videomae(folder, seed=0):
+def build_videomae(folder, seed=0, num_frames=4):
+    """A tiny VideoMAE Kinetics-style classifier and its processor config (shortest side, centre crop,
+    bilinear, ImageNet mean/std, as videomae-base-finetuned-kinetics ships it) at 32 pixels."""
     from transformers import VideoMAEConfig, VideoMAEForVideoClassification
     torch.manual_seed(seed)
     labels = ["playing guitar", "juggling balls", "falling off chair", "bouncing ball"]
-    cfg = VideoMAEConfig(image_size=32, patch_size=16, num_frames=4, tubelet_size=2, hidden_size=16, num_hidden_layers=1,
+    cfg = VideoMAEConfig(image_size=32, patch_size=16, num_frames=num_frames, tubelet_size=2, hidden_size=16, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=32, use_mean_pooling=True, num_labels=len(labels),
                          id2label=dict(enumerate(labels)), label2id={v: k for k, v in enumerate(labels)})
     VideoMAEForVideoClassification(cfg).save_pretrained(folder)
+    json.dump({"image_processor_type": "VideoMAEImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
+               "resample": 2, "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "do_rescale": True,
+               "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
+               "image_std": [0.229, 0.224, 0.225]}, open(os.path.join(folder, "preprocessor_config.json"), "w"))
 
 
 def build_vjepa2(folder, seed=0):
