@@ -1051,23 +1051,33 @@ class VideoMAEAction(CropPatchScores):
 class VJEPA2Consistency(CropPatchScores):
     """Temporal feature consistency under V-JEPA 2: the mean cosine similarity between each patch's
     encoder features at consecutive time steps (tubelets). High for smooth, stable video; flicker,
-    identity swaps and jumps lower it. Frames resized to the model's crop size, ImageNet normalisation,
-    in torch: differentiable."""
+    identity swaps and jumps lower it. Pixels as VJEPA2VideoProcessor makes them (shortest side to
+    int(crop * 256 / 224), centre crop, bilinear, ImageNet mean/std), in torch: differentiable. Up to
+    `num_frames` frames spread uniformly, whole tubelets, none repeated unless the clip has fewer than two
+    tubelets' worth."""
     differentiable = True
     dimensions = ["consistency"]
 
     def __init__(self, path, dimension=None, device="cpu", dtype=torch.float32, num_frames=16):
         from transformers import VJEPA2Model
         self.model = VJEPA2Model.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
-        cfg = self.model.config
-        self.tubelet, self.patch, self.resolution = cfg.tubelet_size, cfg.patch_size, cfg.crop_size
-        self.num_frames = min(num_frames, cfg.frames_per_clip)
+        c = self.model.config
+        self.tubelet, self.patch, self.resolution = c.tubelet_size, c.patch_size, c.crop_size
+        self.num_frames = min(num_frames, c.frames_per_clip)
+        cfg = processor_config(path, "video_preprocessor_config.json", "preprocessor_config.json")
+        self.crop = size_entry(cfg.get("crop_size"), "height") or c.crop_size
+        self.short = size_entry(cfg.get("size"), "shortest_edge") or int(self.crop * 256 / 224)
+        self.mode = PIL_MODES[cfg.get("resample", 2)]
+        self.mean, self.std = cfg.get("image_mean", IMAGENET_MEAN), cfg.get("image_std", IMAGENET_STD)
         self.name = "vjepa2:consistency"
 
+    def frame_count(self, F):
+        return max(2 * self.tubelet, min(self.num_frames, F) // self.tubelet * self.tubelet)  # >= two time steps
+
     def __call__(self, videos, prompts):
-        n = max(2 * self.tubelet, self.num_frames // self.tubelet * self.tubelet)  # at least two time steps
+        n = self.frame_count(videos.shape[1])
         frames = sample_frames(videos, n, exact=True)
-        x = resize_center_crop(frames, self.resolution, IMAGENET_MEAN, IMAGENET_STD)
+        x = resize_center_crop(frames, self.crop, self.mean, self.std, short=self.short, mode=self.mode)
         feats = self.model(pixel_values_videos=x.to(self.model.dtype), skip_predictor=True).last_hidden_state.float()
         B, T = x.shape[0], n // self.tubelet
         feats = torch.nn.functional.normalize(feats.view(B, T, -1, feats.shape[-1]), dim=-1)  # [B, T, patches, D]

@@ -468,3 +468,22 @@ def test_videomae_uses_the_decoded_frames_without_repeats(tmp_path, F, want_fram
     assert abs(out["reward"].item() - p.item()) < 1e-3
     out["reward"].sum().backward()
     assert videos.grad.abs().sum() > 0
+
+
+# ---- V-JEPA 2 -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("H,W", SIZE_TABLE)
+def test_vjepa2_pixels_match_its_video_processor(tmp_path, H, W):
+    """VJEPA2VideoProcessor: shortest side to int(crop * 256 / 224), bilinear antialiased on the uint8 frames,
+    centre crop (offsets truncated), ImageNet normalisation; frames without repeats."""
+    tiny_models.build_vjepa2(str(tmp_path))
+    r = rewards.load_reward(f"vjepa2@{tmp_path}")
+    clip = uint8_clip(8, H, W)
+    seen = run_captured(r, r.model, clip[None].float() / 255, ["x"])
+    short, crop = int(32 * 256 / 224), 32
+    h, w = (short, int(short * W / H)) if H <= W else (int(short * H / W), short)
+    x = torch.nn.functional.interpolate(clip.float(), (h, w), mode="bilinear", antialias=True).round().clamp(0, 255)
+    top, left = int((h - crop) / 2.0), int((w - crop) / 2.0)
+    x = x[:, :, top: top + crop, left: left + crop] / 255
+    want = (x - torch.tensor(rewards.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(rewards.IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen["pixel_values_videos"][0], want, atol=0.51 / 255 / 0.224, rtol=0)
+    assert rewards.load_reward(f"vjepa2@{tmp_path}").frame_count(5) == 4  # no repeated frame in a short clip

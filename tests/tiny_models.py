@@ -234,6 +234,10 @@ def build_vjepa2(folder, seed=0):
                        num_attention_heads=2, mlp_ratio=2.0, pred_hidden_size=16, pred_num_hidden_layers=1,
                        pred_num_attention_heads=2, pred_num_mask_tokens=2)
     VJEPA2Model(cfg).save_pretrained(folder)
+    json.dump({"video_processor_type": "VJEPA2VideoProcessor", "crop_size": {"height": 32, "width": 32},
+               "size": {"shortest_edge": int(32 * 256 / 224)}, "resample": 2, "do_center_crop": True,
+               "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]},
+              open(os.path.join(folder, "video_preprocessor_config.json"), "w"))
 
 
 def build_clip(folder, seed=0, aesthetic=False):
