@@ -399,7 +399,7 @@ def clip_reference_pixels(kind, clip, size=28):
         x = torch.nn.functional.interpolate(clip.float() / 255, (h, w), mode="bicubic", antialias=True)
     else:
         from PIL import Image
-        x = torch.stack([torch.from_numpy(np.asarray(im.resize((w, h), Image.BICUBIC))).permute(2, 0, 1)
+        x = torch.stack([torch.from_numpy(np.array(im.resize((w, h), Image.BICUBIC))).permute(2, 0, 1)
                          for im in pil_frames(clip, range(F))]).float() / 255
     return (x[:, :, top: top + size, left: left + size] - mean) / std
 
