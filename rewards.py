@@ -10,7 +10,8 @@ Spec grammar: `name`, `name:dimension`, `name@/local/weights/folder`, weighted s
 `toy:quality*0.5+toy:temporal`. Real models (every one loads from a local folder given after '@', or
 its public hub id when the machine is online):
   videoscore[:dimension]      VideoScore v1.1 (Idefics2 + regression head), 5 dimensions, scores 1-4
-  videoscore2[:dimension]     VideoScore2 or any Qwen2/2.5/3-VL: expected score 1-5 from the score tokens
+  videoscore2[:dimension]     VideoScore2 or any Qwen2/2.5/3-VL: its soft score 1-5 at each score digit
+                              (`<dimension>_expected`: the expected score)
   videoreward[:dimension]     VideoAlign's VideoReward (Qwen2-VL + head at special tokens): VQ, MQ, TA, overall
   vlm[:alias]                 a local Qwen2/2.5/3-VL asked a yes/no question: P(yes)
   api:<model>@<url>           the same question to an OpenAI-compatible server (vLLM, hosted APIs)
@@ -18,11 +19,15 @@ its public hub id when the machine is online):
   videomae[:class_label]      VADER's action reward: P(target Kinetics class)
   vjepa2                      temporal feature consistency under V-JEPA 2
 Every real reward but the API judge prepares frames in torch and is differentiable; every one offers
-crop-based patch scores (`crop_patch_scores`) for Gran-DPO.
+crop-based patch scores (`crop_patch_scores`) for Gran-DPO. Each reward model gets the inputs its reference
+inference code builds (frames, size, prompt; REWARDS_REFERENCE.md). `reward.fps` (or load_reward(...,
+fps=)) is the frame rate of the clips scored: videoscore2 and videoreward sample 2 frames per second of
+video and refuse to run without it.
 The toy world's rewards are analytic and mirror the real reward models' dimensions (VideoScore's
 visual quality / temporal consistency / dynamic degree / text alignment, plus physics) so that
 the algorithms can be run and checked on a laptop CPU.
 """
+import json
 import math
 import os
 import re
@@ -87,6 +92,7 @@ class ToyReward:
     differentiable = True
     num_frames = None  # takes the video as it comes
     resolution = None
+    fps = None  # frame-count based: the clip's rate does not matter
 
     def __init__(self, dimension="temporal_consistency"):
         self.dimension = canonical_toy_dimension(dimension)
@@ -216,6 +222,7 @@ class ToyJudge:
     differentiable = False
     num_frames = None
     resolution = None
+    fps = None
     dimensions = ["yes", "p_yes", "motion", "physics", "color"]
     name = "toy:judge"
 
@@ -294,14 +301,14 @@ def resolve_weights(name_or_path):
                                 f"({type(e).__name__}): pass a local folder, e.g. --reward videoscore@/models/VideoScore-v1.1") from None
 
 
-def load_head_weights(path, names):
-    """Read tensors by name from a checkpoint folder's safetensors (sharded or not)."""
+def load_head_weights(path, names, optional=()):
+    """Read tensors by name from a checkpoint folder's safetensors (sharded or not); `optional` ones may be absent."""
     from safetensors import safe_open
     files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
     out = {}
     for f in files:
         with safe_open(os.path.join(path, f), "pt") as sf:
-            for n in names:
+            for n in list(names) + list(optional):
                 if n in sf.keys():
                     out[n] = sf.get_tensor(n)
     missing = [n for n in names if n not in out]
@@ -310,9 +317,25 @@ def load_head_weights(path, names):
     return out
 
 
+def processor_config(path, *names):
+    """The first of the checkpoint's saved processor configs that exists, else {} (the reference defaults apply)."""
+    for name in names or ("preprocessor_config.json",):
+        if os.path.exists(os.path.join(path, name)):
+            return json.load(open(os.path.join(path, name)))
+    return {}
+
+
+def size_entry(value, key):
+    """A processor config's size field: {"shortest_edge": 224} or {"height": 224, ...} or a bare int (old configs)."""
+    return value if isinstance(value, int) or value is None else value.get(key)
+
+
+PIL_MODES = {2: "bilinear", 3: "bicubic"}  # processor configs' `resample` (PIL codes) -> torch interpolate modes
+
+
 def frame_indices(F, n, exact=False):
     """n frame indices spread uniformly over F frames (all of them when the clip is shorter, unless
-    `exact`: then frames repeat, for models that take a fixed clip length such as VideoMAE)."""
+    `exact`: then frames repeat); linspace(0, F - 1, n).round(), as qwen-vl-utils picks frames."""
     return torch.linspace(0, F - 1, n if exact else min(n, F)).round().long()
 
 
@@ -338,30 +361,69 @@ def crop_patch_scores(reward, videos, prompts, grid=(2, 2, 2)):
 
 class CropPatchScores:
     """Mixin of the real rewards: patch scores are the same model applied to crops."""
+    fps = None  # the clip's frame rate; only the rewards that sample by time read it
 
     def patch_scores(self, videos, prompts, grid=(2, 2, 2)):
         return crop_patch_scores(self, videos, prompts, grid)
 
 
-def resize_normalize(frames, size, mean, std):
-    """[B, F, C, H, W] in [0, 1] -> resized and normalised, in torch (differentiable; no torchvision)."""
+def resize_normalize(frames, size, mean, std, mode="bilinear", clamp=False):
+    """[B, F, C, H, W] in [0, 1] -> resized (antialiased, as PIL and torchvision resample) and normalised, in
+    torch (differentiable; no torchvision). `clamp`: the reference resizes uint8 images, which clips overshoot."""
     B, F, C, H, W = frames.shape
-    x = torch.nn.functional.interpolate(frames.reshape(B * F, C, H, W).float(), size=size, mode="bilinear",
+    x = torch.nn.functional.interpolate(frames.reshape(B * F, C, H, W).float(), size=size, mode=mode,
                                         antialias=True, align_corners=False)
+    x = x.clamp(0, 1) if clamp else x
     x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return x.reshape(B, F, C, *x.shape[-2:])
 
 
+def resize_center_crop(frames, size, mean, std, short=None, mode="bicubic", clamp=True, round_offsets=False):
+    """Shortest side to `short` (default `size`; the other side int(short * long / shortest), as transformers
+    and torchvision compute it), centre crop `size` x `size`, normalise, in torch. Crop offsets are floored
+    as transformers' processors do, or rounded (`round_offsets`) as torchvision's CenterCrop does."""
+    B, F, C, H, W = frames.shape
+    short = short or size
+    h, w = (short, int(short * W / H)) if H <= W else (int(short * H / W), short)
+    x = resize_normalize(frames, (h, w), mean, std, mode, clamp).flatten(0, 1)
+    top, left = ((round((h - size) / 2), round((w - size) / 2)) if round_offsets else ((h - size) // 2, (w - size) // 2))
+    return x[:, :, top: top + size, left: left + size].reshape(B, F, C, size, size)
+
+
+VIDEOSCORE_MAX_FRAMES = 48  # VideoScore examples/run_videoscore.py: MAX_NUM_FRAMES=48 for VideoScore-v1.1
+
+
+def videoscore_frame_indices(F, n=VIDEOSCORE_MAX_FRAMES):
+    """VideoScore v1.1's frames: all of a clip of up to n frames, else np.arange(0, F, F / n).astype(int)."""
+    import numpy as np
+    return torch.arange(F) if F <= n else torch.from_numpy(np.arange(0, F, F / n).astype(int))
+
+
+def idefics2_size(H, W, shortest=378, longest=980):
+    """Idefics2's resize (transformers' get_resize_output_image_size): the longer side capped at `longest`
+    (aspect kept, the other side truncated), then each side raised to at least `shortest`."""
+    aspect = W / H
+    if W >= H and W > longest:
+        W, H = longest, int(longest / aspect)
+    elif H > W and H > longest:
+        H, W = longest, int(longest * aspect)
+    return max(H, shortest), max(W, shortest)
+
+
 class VideoScore(CropPatchScores):
-    """VideoScore v1.1 (TIGER-Lab): Idefics2 + a 5-way linear regression head pooled at the last
-    non-pad token; scores 1-4 for visual quality, temporal consistency, dynamic degree, text-to-video
-    alignment, factual consistency. The base is the stock transformers Idefics2Model; the head is
-    ours, loaded from the checkpoint's `score.weight`. Frames are prepared in torch, so the score is
-    differentiable w.r.t. the pixels. Patch scores apply the same model to crops (HALO's recipe)."""
+    """VideoScore v1.1 (TIGER-Lab): Idefics2 + Mantis' 5-way linear regression head (with its bias) read at
+    the last token of the sequence; scores 1-4 for visual quality, temporal consistency, dynamic degree,
+    text-to-video alignment, factual consistency. Inputs as its reference inference builds them: up to 48
+    frames, the processor's aspect-kept size (preprocessor_config.json: longest edge 980, shortest >= 378,
+    bilinear, no image splitting), the regression query + "<image> " per frame, so the pooled token is the
+    trailing space, as in training. Frames are prepared in torch: differentiable w.r.t. the pixels. Patch
+    scores apply the same model to crops (HALO's recipe)."""
     differentiable = True
     dimensions = VIDEOSCORE_DIMENSIONS
+    resolution = None  # the processor's aspect-kept size
 
-    def __init__(self, path, dimension="temporal_consistency", device="cpu", dtype=torch.float32, num_frames=16):
+    def __init__(self, path, dimension="temporal_consistency", device="cpu", dtype=torch.float32,
+                 num_frames=VIDEOSCORE_MAX_FRAMES):
         from transformers import AutoTokenizer, Idefics2Model
         if dimension not in VIDEOSCORE_DIMENSIONS:
             raise ValueError(f"unknown videoscore dimension {dimension!r}: valid are {VIDEOSCORE_DIMENSIONS}")
@@ -369,22 +431,35 @@ class VideoScore(CropPatchScores):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "right"  # pooled at the last non-pad token
         self.model = Idefics2Model.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
-        w = load_head_weights(path, ["score.weight"])["score.weight"]
-        self.head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False).to(device, dtype).requires_grad_(False)
-        self.head.weight.data.copy_(w)
-        self.resolution = self.model.config.vision_config.image_size
+        w = load_head_weights(path, ["score.weight"], optional=["score.bias"])
+        self.head = torch.nn.Linear(w["score.weight"].shape[1], 5, bias="score.bias" in w).to(device, dtype)
+        self.head.requires_grad_(False).weight.data.copy_(w["score.weight"])
+        if "score.bias" in w:
+            self.head.bias.data.copy_(w["score.bias"])
+        cfg = processor_config(path)  # without one: idefics2-8b's processor as Mantis trains it (no splitting)
+        if cfg.get("do_image_splitting"):
+            raise ValueError(f"{path}'s processor splits images: VideoScore's does not (Mantis trains with "
+                             f"do_image_splitting=False); set it to false in preprocessor_config.json")
+        size = cfg.get("size", {"shortest_edge": 378, "longest_edge": 980})
+        self.shortest, self.longest = size["shortest_edge"], size["longest_edge"]
+        self.mode = PIL_MODES[cfg.get("resample", 2)]
+        self.mean, self.std = cfg.get("image_mean", [0.5] * 3), cfg.get("image_std", [0.5] * 3)
         self.image_tokens = self.model.config.perceiver_config.resampler_n_latents
 
+    def text(self, prompt, n):
+        """The reference's prompt (the query, then "<image> " per frame) as Idefics2Processor expands it."""
+        image = "<fake_token_around_image>" + "<image>" * self.image_tokens + "<fake_token_around_image>"
+        return VIDEOSCORE_PROMPT.format(prompt=prompt) + (image + " ") * n
+
     def __call__(self, videos, prompts):
-        frames = sample_frames(videos, self.num_frames)
-        pixels = resize_normalize(frames, (self.resolution, self.resolution), [0.5] * 3, [0.5] * 3)
-        image = "<fake_token_around_image>" + "<image>" * self.image_tokens
-        texts = [VIDEOSCORE_PROMPT.format(prompt=p) + image * frames.shape[1] + "<fake_token_around_image>"
-                 for p in prompts]
-        tok = self.tokenizer(texts, padding=True, return_tensors="pt").to(videos.device)
+        frames = videos[:, videoscore_frame_indices(videos.shape[1], self.num_frames).to(videos.device)]
+        size = idefics2_size(*videos.shape[-2:], self.shortest, self.longest)
+        pixels = resize_normalize(frames, size, self.mean, self.std, self.mode, clamp=True)
+        tok = self.tokenizer([self.text(p, frames.shape[1]) for p in prompts], padding=True,
+                             return_tensors="pt").to(videos.device)
         hidden = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
                             pixel_values=pixels.to(self.model.dtype)).last_hidden_state
-        last = tok.attention_mask.sum(1) - 1
+        last = tok.attention_mask.sum(1) - 1  # Mantis pools the token before the first pad: the trailing space
         scores = self.head(hidden[torch.arange(len(prompts), device=hidden.device), last]).float()  # [B, 5]
         out = {d: scores[:, i] for i, d in enumerate(VIDEOSCORE_DIMENSIONS)}
         out["reward"] = out[self.dimension]
@@ -393,27 +468,19 @@ class VideoScore(CropPatchScores):
 
 CLIP_ALIASES = {"pickscore": "yuvalkirstain/PickScore_v1", "clipscore": "openai/clip-vit-large-patch14",
                 "hpsv2": "adams-story/HPSv2-hf", "aesthetic": "openai/clip-vit-large-patch14"}
-
-
-def resize_center_crop(frames, size, mean, std):
-    """CLIP's preprocessing in torch: shortest side to `size` (bicubic, antialiased), centre crop, normalise."""
-    B, F, C, H, W = frames.shape
-    scale = size / min(H, W)
-    h, w = max(size, round(H * scale)), max(size, round(W * scale))
-    x = torch.nn.functional.interpolate(frames.reshape(B * F, C, H, W).float(), size=(h, w), mode="bicubic",
-                                        antialias=True, align_corners=False).clamp(0, 1)
-    top, left = (h - size) // 2, (w - size) // 2
-    x = x[:, :, top: top + size, left: left + size]
-    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return x.reshape(B, F, C, size, size)
+CLIP_PREPROCESS = {  # how each reference resizes: transformers' CLIP processor (PIL, uint8, offsets floored),
+    # open_clip in HPSv2 (torchvision on the float tensor: no clipping, offsets rounded), clip.load (PIL, rounded)
+    "pickscore": dict(clamp=True, round_offsets=False), "clipscore": dict(clamp=True, round_offsets=False),
+    "hpsv2": dict(clamp=False, round_offsets=True), "aesthetic": dict(clamp=True, round_offsets=True)}
 
 
 class CLIPFrameReward(CropPatchScores):
     """Frame-wise image rewards from a CLIPModel checkpoint, averaged over frames (or one random frame,
-    VADER's cheap mode): `pickscore` and `hpsv2` = logit_scale * cos(image, text) (HPSv2 converted to a
-    CLIPModel), `clipscore` = 100 * max(cos, 0), `aesthetic` = the LAION improved-aesthetic MLP on the
+    VADER's cheap mode): `pickscore` = logit_scale * cos(image, text) (PickScore's README), `hpsv2` = cos(image,
+    text) (HPSv2's img_score.py: no logit scale; HPSv2 converted to a CLIPModel), `clipscore` = max(mean of
+    100 * cos over the frames, 0) (torchmetrics), `aesthetic` = the LAION improved-aesthetic MLP on the
     normalised image embedding (its weights `aesthetic_mlp.safetensors` beside the CLIP weights).
-    Preprocessing is CLIP's, written in torch, so every score is differentiable."""
+    Preprocessing is each reference's (bicubic shortest side, centre crop), written in torch: differentiable."""
     differentiable = True
     num_frames = None  # every frame (or one random frame)
 
@@ -438,20 +505,24 @@ class CLIPFrameReward(CropPatchScores):
         B, F = videos.shape[:2]
         if self.frames == "random":  # VADER: one random frame per video per call
             videos = videos[:, torch.randint(F, (1,)).item()][:, None]
-        x = resize_center_crop(videos, self.resolution, CLIP_MEAN, CLIP_STD).flatten(0, 1)
+        x = resize_center_crop(videos, self.resolution, CLIP_MEAN, CLIP_STD, **CLIP_PREPROCESS[self.kind]).flatten(0, 1)
         img = self.model.get_image_features(pixel_values=x.to(self.model.dtype)).pooler_output.float()
         return torch.nn.functional.normalize(img, dim=-1).view(B, -1, img.shape[-1])
 
     def __call__(self, videos, prompts):
         img = self.embed_frames(videos)  # [B, F, D]
         if self.kind == "aesthetic":
-            score = self.mlp(img.to(self.mlp[0].weight.dtype)).squeeze(-1).float()
+            r = self.mlp(img.to(self.mlp[0].weight.dtype)).squeeze(-1).float().mean(1)
         else:
             tok = self.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(videos.device)
             txt = self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask).pooler_output
             cos = (img * torch.nn.functional.normalize(txt.float(), dim=-1)[:, None]).sum(-1)  # [B, F]
-            score = 100 * cos.clamp(min=0) if self.kind == "clipscore" else self.model.logit_scale.exp().float() * cos
-        r = score.mean(1)
+            if self.kind == "clipscore":
+                r = (100 * cos).mean(1).clamp(min=0)
+            elif self.kind == "pickscore":
+                r = (self.model.logit_scale.exp().float() * cos).mean(1)
+            else:
+                r = cos.mean(1)
         return {self.kind: r, "reward": r}
 
 
@@ -465,74 +536,125 @@ QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 VIDEO_SLOT = "<|vision_start|><|video_pad|><|vision_end|>"  # what the Qwen-VL chat templates put for a video
 
 
+def fps_frame_count(total, clip_fps, fps=2.0, min_frames=4, max_frames=768, videoalign=False):
+    """How many frames qwen-vl-utils' smart_nframes takes at `fps` from `total` frames shot at `clip_fps`:
+    total / clip_fps * fps, kept within [min_frames, min(max_frames, total)] and floored to an even count
+    (qwen-vl-utils 0.0.10-0.0.14); VideoAlign's copy rounds to even instead (then caps at total)."""
+    lo, hi = math.ceil(min_frames / 2) * 2, math.floor(min(max_frames, total) / 2) * 2
+    n = total / clip_fps * fps
+    if videoalign:
+        n = min(round(min(max(n, lo), hi) / 2) * 2, total)
+    else:
+        n = math.floor(min(max(n, lo), hi, total) / 2) * 2
+    if not 2 <= n <= total:
+        raise ValueError(f"a clip of {total} frames is too short for the Qwen-VL rewards (they take at least 2)")
+    return n
+
+
+def smart_resize(height, width, factor=28, min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28):
+    """qwen-vl-utils' smart_resize: each side a multiple of `factor`, aspect kept, pixels within the bounds."""
+    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def qwen_vl_utils_max_pixels(nframes, factor=28):
+    """qwen-vl-utils fetch_video's per-frame pixel cap: 768 tokens, or the 128k-token total over the frames."""
+    return max(min(768 * factor ** 2, 128000 * factor ** 2 * 0.9 / nframes * 2), int(128 * factor ** 2 * 1.05))
+
+
 class QwenVLVideo(CropPatchScores):
     """Shared by the rewards built on a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (the yes/no judge,
     VideoScore2, VideoReward): the video is prepared in torch (frames sampled, resized to a multiple of
     patch x merge, normalised, flattened into Qwen-VL's temporal/spatial patches, as its processor does),
-    so every score below is differentiable w.r.t. the pixels. The chat turn is the checkpoint's own chat
+    so every score below is differentiable w.r.t. the pixels. Which frames and what size are each reward's
+    (`frame_plan`: its reference's rules; the judge's own here). The chat turn is the checkpoint's own chat
     template when it ships one. Qwen3-VL reads time from text: each temporal patch (2 frames) gets its own
-    `<t seconds><|vision_start|>...<|vision_end|>` block, t from the frame indices and `fps`."""
+    `<t seconds><|vision_start|>...<|vision_end|>` block, t from the frame indices and `fps`, the clip's
+    frame rate, which must be given (`reward.fps`) wherever time matters."""
     differentiable = True
-    resolution = None  # resized to a multiple of patch x merge (28, or 32 for Qwen3-VL), longest side <= max_side
+    resolution = None  # resized to a multiple of patch x merge (28, or 32 for Qwen3-VL)
+    num_frames = None  # the reward models sample by time (2 frames per second); the judge by count
 
-    def load(self, path, device, dtype, num_frames, max_side, fps=16.0):
-        import json
+    def load(self, path, device, dtype, fps=None):
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
-        self.num_frames, self.max_side, self.fps = num_frames, max_side, fps
+        self.fps = fps
         model_type = AutoConfig.from_pretrained(path).model_type  # checked before the weights load
         if model_type not in QWEN_VL_FAMILIES:
             raise ValueError(f"{path} is a {model_type} model: the local VLM rewards take {', '.join(QWEN_VL_FAMILIES)} "
                              f"checkpoints (serve others behind an OpenAI-compatible server: --reward api)")
-        self.timestamps = model_type.startswith("qwen3")
+        self.model_type, self.timestamps = model_type, model_type.startswith("qwen3")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.tokenizer.padding_side = "left"  # the answer position is the last one for every row
         self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
         self.model.requires_grad_(False)
         vc = self.model.config.vision_config
         self.patch, self.tpatch, self.merge = vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size
         # normalisation: the checkpoint's processor config, else the family's (CLIP for Qwen2/2.5, 0.5 for Qwen3)
-        self.mean, self.std = ([0.5] * 3, [0.5] * 3) if self.timestamps else (CLIP_MEAN, CLIP_STD)
-        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-            if os.path.exists(os.path.join(path, name)):
-                cfg = json.load(open(os.path.join(path, name)))
-                self.mean, self.std = cfg.get("image_mean", self.mean), cfg.get("image_std", self.std)
-                break
+        cfg = processor_config(path, "video_preprocessor_config.json", "preprocessor_config.json")
+        self.mean = cfg.get("image_mean", [0.5] * 3 if self.timestamps else CLIP_MEAN)
+        self.std = cfg.get("image_std", [0.5] * 3 if self.timestamps else CLIP_STD)
         self.chat_template = self.tokenizer.chat_template
         for name in ("chat_template.jinja", "chat_template.json"):  # the processor's template, if saved apart
             if self.chat_template is None and os.path.exists(os.path.join(path, name)):
                 text = open(os.path.join(path, name)).read()
                 self.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
 
+    def need_fps(self):
+        if not self.fps:
+            raise ValueError(f"{self.name} needs the clip's frame rate: set reward.fps (e.g. 16 for Wan 2.1, 8 for "
+                             f"CogVideoX) or pass fps= to load_reward; a wrong rate changes which frames it sees")
+        return self.fps
+
     def first_token_ids(self, words):
         return sorted({self.tokenizer.encode(w, add_special_tokens=False)[0] for w in words})
 
+    def frame_plan(self, F, H, W):
+        """(frame indices, (h, w)) of the clip given to the model. The judge's own rule: `num_frames` frames
+        spread uniformly, the longer side at most `max_side`, sides rounded to multiples of patch x merge."""
+        unit = self.patch * self.merge
+        scale = min(1.0, self.max_side / max(H, W))
+        return frame_indices(F, self.num_frames), (max(unit, round(H * scale / unit) * unit),
+                                                   max(unit, round(W * scale / unit) * unit))
+
+    def seconds_per_grid(self, idx, F):
+        """Seconds per temporal patch for Qwen2.5-VL's time positions: temporal_patch_size / the sampled frame
+        rate, as its processor computes it; None (transformers' default, 1 s) when the clip's rate is unknown."""
+        return self.tpatch * F / (len(idx) * self.fps) if self.fps else None
+
     def video_inputs(self, videos):
-        """pixel_values_videos [sum(t*h*w), C*tp*p*p], video_grid_thw [B, 3] and the video's placeholder
-        text (the same for every row), as the model's processor makes them."""
-        idx = frame_indices(videos.shape[1], self.num_frames)
+        """pixel_values_videos [sum(t*h*w), C*tp*p*p], video_grid_thw [B, 3], the video's placeholder text (the
+        same for every row) and the model's extra time inputs, as the model's processor makes them."""
+        idx, (h, w) = self.frame_plan(videos.shape[1], *videos.shape[-2:])
         frames = videos[:, idx.to(videos.device)]
-        if len(idx) % self.tpatch:  # repeat the last frame up to a whole temporal patch
+        spg = self.seconds_per_grid(idx, videos.shape[1]) if self.model_type == "qwen2_5_vl" else None
+        if len(idx) % self.tpatch:  # repeat the last frame up to a whole temporal patch (as the processor does)
             pad = self.tpatch - len(idx) % self.tpatch
             frames = torch.cat([frames, frames[:, -1:].expand(-1, pad, -1, -1, -1)], 1)
             idx = torch.cat([idx, idx[-1:].expand(pad)])
-        B, T, C, H, W = frames.shape
-        unit = self.patch * self.merge
-        scale = min(1.0, self.max_side / max(H, W))
-        h, w = max(unit, round(H * scale / unit) * unit), max(unit, round(W * scale / unit) * unit)
-        x = resize_normalize(frames, (h, w), self.mean, self.std)
+        B, T, C = frames.shape[:3]
+        # qwen-vl-utils resizes the uint8 frames with torchvision (bicubic, antialiased; clipped to 0-255)
+        x = resize_normalize(frames, (h, w), self.mean, self.std, mode="bicubic", clamp=True)
         gt, gh, gw, p, m, tp = T // self.tpatch, h // self.patch, w // self.patch, self.patch, self.merge, self.tpatch
         x = x.reshape(B, gt, tp, C, gh // m, m, p, gw // m, m, p).permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
         flat = x.reshape(B * gt * gh * gw, C * tp * p * p)
         pads_per_frame = gh * gw // (m * m)
+        extra = {}
         if self.timestamps:  # Qwen3-VL: one block per temporal patch, at the mean time of its frames
-            seconds = (idx.float() / self.fps).view(gt, tp)[:, [0, -1]].mean(1)
+            seconds = (idx.float() / self.need_fps()).view(gt, tp)[:, [0, -1]].mean(1)
             text = "".join(f"<{t:.1f} seconds><|vision_start|>{'<|video_pad|>' * pads_per_frame}<|vision_end|>"
                            for t in seconds.tolist())
         else:
             text = f"<|vision_start|>{'<|video_pad|>' * (gt * pads_per_frame)}<|vision_end|>"
-        return flat, torch.tensor([[gt, gh, gw]] * B, device=videos.device), text
+            if spg is not None:
+                extra["second_per_grid_ts"] = torch.full((B,), float(spg), device=videos.device)
+        return flat, torch.tensor([[gt, gh, gw]] * B, device=videos.device), text, extra
 
-    def chat(self, user_text, answer_prefix=""):
+    def chat(self, user_text):
         """One user turn (a video, then the text) and the start of the assistant's answer, with VIDEO_SLOT
         where the video goes: the checkpoint's chat template, else the family's default."""
         if self.chat_template:
@@ -543,33 +665,40 @@ class QwenVLVideo(CropPatchScores):
                 raise ValueError(f"the checkpoint's chat template does not render a video as {VIDEO_SLOT}")
             if text.endswith("<think>\n"):  # a Thinking checkpoint: skip the reasoning, read the answer
                 text += "\n</think>\n\n"
-        else:
-            system = "" if self.timestamps else "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-            text = f"{system}<|im_start|>user\n{VIDEO_SLOT}{user_text}<|im_end|>\n<|im_start|>assistant\n"
-        return text + answer_prefix
+            return text
+        system = "" if self.timestamps else "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        return f"{system}<|im_start|>user\n{VIDEO_SLOT}{user_text}<|im_end|>\n<|im_start|>assistant\n"
 
-    def forward(self, videos, user_texts, answer_prefix="", hidden=False):
+    def forward(self, videos, user_texts, answers=None, hidden=False):
         """One chat turn per video (the video, then `user_texts[i]`), the assistant's answer started with
-        `answer_prefix`. Returns the next-token logits [B, V], or the last hidden states [B, L, D] and ids."""
-        pixels, grid, video_text = self.video_inputs(videos)
-        texts = [self.chat(t, answer_prefix).replace(VIDEO_SLOT, video_text, 1) for t in user_texts]
-        tok = self.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt").to(videos.device)
-        mm_types = (tok.input_ids == self.model.config.video_token_id).int() * 2  # 0 text, 1 image, 2 video
-        kw = dict(input_ids=tok.input_ids, attention_mask=tok.attention_mask, mm_token_type_ids=mm_types,
-                  pixel_values_videos=pixels.to(self.model.dtype), video_grid_thw=grid)
+        `answers[i]` (tokenized apart from the prompt, as training and generation see it). Returns the
+        next-token logits [B, V], or the last hidden states [B, L, D] and the ids (left-padded)."""
+        pixels, grid, video_text, extra = self.video_inputs(videos)
+        rows = [self.tokenizer(self.chat(t).replace(VIDEO_SLOT, video_text, 1), add_special_tokens=False).input_ids
+                + (self.tokenizer(a, add_special_tokens=False).input_ids if a else [])
+                for t, a in zip(user_texts, answers or [""] * len(user_texts))]
+        L, pad = max(map(len, rows)), self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (L - len(r)) + r for r in rows], device=videos.device)
+        mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=videos.device)
+        mm_types = (ids == self.model.config.video_token_id).int() * 2  # 0 text, 1 image, 2 video
+        kw = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm_types,
+                  pixel_values_videos=pixels.to(self.model.dtype), video_grid_thw=grid, **extra)
         if hidden:
-            return self.model.model(**kw).last_hidden_state, tok.input_ids
+            return self.model.model(**kw).last_hidden_state, ids
         return self.model(**kw).logits[:, -1].float()
 
 
 class VLMJudge(QwenVLVideo):
     """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL instruct model asked a yes/no question about the video: P(yes) is the
-    softmax mass of the 'yes' tokens against the 'no' tokens at the answer position; `yes` thresholds it."""
+    softmax mass of the 'yes' tokens against the 'no' tokens at the answer position; `yes` thresholds it.
+    Frames and size are our own choice (no reference model): `num_frames` spread uniformly, longer side
+    <= `max_side`."""
     dimensions = ["yes", "p_yes"]
 
-    def __init__(self, path, dimension="yes", device="cpu", dtype=torch.float32, num_frames=8, max_side=448):
-        self.load(path, device, dtype, num_frames, max_side)
+    def __init__(self, path, dimension="yes", device="cpu", dtype=torch.float32, num_frames=8, max_side=448, fps=None):
         self.dimension, self.name = dimension, f"vlm:{dimension}"
+        self.num_frames, self.max_side = num_frames, max_side
+        self.load(path, device, dtype, fps)
         self.yes_ids = self.first_token_ids(["yes", "Yes", " yes", " Yes"])
         self.no_ids = self.first_token_ids(["no", "No", " no", " No"])
         self.question_fn = default_question
@@ -585,72 +714,259 @@ class VLMJudge(QwenVLVideo):
 
 VIDEOSCORE2_DIMENSIONS = {"visual_quality": "visual quality", "text_alignment": "text-to-video alignment",
                           "physical_consistency": "physical/common-sense consistency"}
-VIDEOSCORE2_QUERY = (  # our wording of VideoScore2's three-dimension rating request (integers 1-5)
-    "You are an expert in evaluating AI-generated videos. The video was generated from the text prompt "
-    "\"{prompt}\". Rate it on three dimensions, each an integer from 1 (bad) to 5 (perfect): visual quality, "
-    "text-to-video alignment, and physical/common-sense consistency.")
+VIDEOSCORE2_QUERY = (  # vs2_inference.py's VS2_QUERY_TEMPLATE (string.Template), verbatim: written inside main(),
+    # hence the leading newline, the 4-space indents and the trailing spaces
+    "\n"
+    "    You are an expert for evaluating AI-generated videos from three dimensions:\n"
+    "    (1) visual quality \u2013 clarity, smoothness, artifacts;\n"
+    "    (2) text-to-video alignment \u2013 fidelity to the prompt;\n"
+    "    (3) physical/common-sense consistency \u2013 naturalness and physics plausibility.\n"
+    "\n"
+    "    Video prompt: $t2v_prompt\n"
+    "\n"
+    "    Please output in this format:\n"
+    "    visual quality: <v_score>; \n"
+    "    text-to-video alignment: <t_score>, \n"
+    "    physical/common-sense consistency: <p_score>\n"
+    "    ")
+VIDEOSCORE2_THINK = "\n<think>\n\n</think>\n\n"  # the trained answer (data_grpo.py) opens "\n<think>...</think>\n\n"
+VIDEOSCORE2_FPS = 2.0  # vs2_inference.py: infer_fps = 2.0 (qwen-vl-utils' sampling and the processor's fps)
 
 
 class VideoScore2(QwenVLVideo):
-    """VideoScore2 (TIGER-Lab, a Qwen2.5-VL fine-tune), or any Qwen-VL instruct model, as a generative
-    scorer: the answer is teacher-forced up to "<dimension>: " and the score is the EXPECTED value of
-    the score tokens 1..5 under the model's next-token distribution (smooth and differentiable, unlike
-    the sampled digit; the model's optional reasoning is skipped: one forward pass per dimension)."""
-    dimensions = list(VIDEOSCORE2_DIMENSIONS)
+    """VideoScore2 (TIGER-Lab, a Qwen2.5-VL fine-tune that reasons in <think>...</think>, then answers
+    "(1) visual quality: 3\\n(2) text-to-video alignment: 3\\n(3) physical/common-sense consistency: 3"), as its
+    vs2_inference.py feeds it: its query, frames at 2 fps of the clip's real frame rate (`reward.fps`,
+    required) via qwen-vl-utils' rules, 128-768 x 28^2 pixels per frame (aspect kept, bicubic). The reasoning
+    is forced empty (one teacher-forced pass per dimension, each after the earlier dimensions' most likely
+    digits), so scores are deterministic and differentiable. Each dimension's score is the reference's read-out
+    `ll_based_soft_score_normed`: the most likely score s in 1-5 times p(s) / sum p(1..5) at the digit, the
+    probabilities at `temperature` 0.7 as generate() returns them; `<dim>_expected` is the expected score
+    sum s * p(s) at temperature 1 (smoother gradients)."""
+    dimensions = list(VIDEOSCORE2_DIMENSIONS) + [f"{d}_expected" for d in VIDEOSCORE2_DIMENSIONS]
 
-    def __init__(self, path, dimension="visual_quality", device="cpu", dtype=torch.float32, num_frames=16,
-                 max_side=448, scores=(1, 2, 3, 4, 5)):
-        self.load(path, device, dtype, num_frames, max_side)
-        self.dimension, self.name = dimension, f"videoscore2:{dimension}"
-        self.score_values = torch.tensor(scores, dtype=torch.float32)
-        self.score_ids = [self.tokenizer.encode(str(k), add_special_tokens=False)[0] for k in scores]
+    def __init__(self, path, dimension="visual_quality", device="cpu", dtype=torch.float32, fps=None, temperature=0.7):
+        self.dimension, self.name, self.temperature = dimension, f"videoscore2:{dimension}", temperature
+        self.load(path, device, dtype, fps)
+        self.score_values = torch.arange(1.0, 6.0)
+        self.score_ids = [self.tokenizer.encode(str(k), add_special_tokens=False)[0] for k in range(1, 6)]
 
-    def expected_score(self, logits):
-        p = torch.softmax(logits[:, self.score_ids], -1)
-        return (p * self.score_values.to(p.device)).sum(-1)
+    def frame_plan(self, F, H, W):
+        n = fps_frame_count(F, self.need_fps(), VIDEOSCORE2_FPS)
+        factor = self.patch * self.merge
+        size = smart_resize(H, W, factor, 128 * factor ** 2, qwen_vl_utils_max_pixels(n, factor))
+        return frame_indices(F, n), size
+
+    def seconds_per_grid(self, idx, F):
+        return self.tpatch / VIDEOSCORE2_FPS  # the reference passes fps=2.0 to the processor, not the sampled rate
 
     def __call__(self, videos, prompts):
-        queries = [VIDEOSCORE2_QUERY.format(prompt=p) for p in prompts]
-        out = {dim: self.expected_score(self.forward(videos, queries, f"{label}: "))  # each dimension on its own
-               for dim, label in VIDEOSCORE2_DIMENSIONS.items()}
+        from string import Template
+        queries = [Template(VIDEOSCORE2_QUERY).substitute(t2v_prompt=p) for p in prompts]
+        # a Thinking chat template already closed the think block (chat()); else the trained answer's empty one
+        answers = [""] * len(prompts) if self.chat("").endswith("</think>\n\n") else [VIDEOSCORE2_THINK] * len(prompts)
+        out, values = {}, self.score_values.to(videos.device)
+        for i, (dim, label) in enumerate(VIDEOSCORE2_DIMENSIONS.items()):
+            answers = [a + f"({i + 1}) {label}: " for a in answers]
+            logits = self.forward(videos, queries, answers)[:, self.score_ids]  # [B, 5] at the digit
+            p = torch.softmax(logits / self.temperature, -1)
+            best = p.argmax(-1)
+            out[dim] = values[best] * p.max(-1).values
+            out[f"{dim}_expected"] = (torch.softmax(logits, -1) * values).sum(-1)
+            answers = [a + f"{k + 1}\n" for a, k in zip(answers, best.tolist())]  # the next line follows the digit
         out["reward"] = out[self.dimension]
         return out
 
 
 VIDEOREWARD_DIMENSIONS = {"visual_quality": "VQ", "motion_quality": "MQ", "text_alignment": "TA"}
-VIDEOREWARD_PROMPT = (  # VideoAlign's "detailed_special" template, shortened to its structure: one special token
-    # per dimension whose last hidden state the reward head reads
-    "\nYou are tasked with evaluating a generated video based on three distinct criteria: Visual Quality, Motion "
+VIDEOREWARD_TOKENS = ["<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>"]
+VIDEOREWARD_PROMPT = (  # VideoAlign prompt_template.py DETAILED_PROMPT_WITH_SPECIAL_TOKEN ("detailed_special"), verbatim
+    "\n"
+    "You are tasked with evaluating a generated video based on three distinct criteria: Visual Quality, Motion "
     "Quality, and Text Alignment. Please provide a rating from 0 to 10 for each of the three categories, with 0 "
-    "being the worst and 10 being the best. Each evaluation should be independent of the others.\n\n"
-    "**Visual Quality:**\nPlease provide the ratings of Visual Quality: <|VQ_reward|>\nEND\n\n"
-    "**Motion Quality:**\nPlease provide the ratings of Motion Quality: <|MQ_reward|>\nEND\n\n"
-    "**Text Alignment:**\nTextual prompt - {prompt}\nPlease provide the ratings of Text Alignment: <|TA_reward|>\nEND\n")
+    "being the worst and 10 being the best. Each evaluation should be independent of the others.\n"
+    "\n"
+    "**Visual Quality:**  \n"
+    "Evaluate the overall visual quality of the video, with a focus on static factors. The following sub-dimensions "
+    "should be considered:\n"
+    "- **Reasonableness:** The video should not contain any significant biological or logical errors, such as "
+    "abnormal body structures or nonsensical environmental setups.\n"
+    "- **Clarity:** Evaluate the sharpness and visibility of the video. The image should be clear and easy to "
+    "interpret, with no blurring or indistinct areas.\n"
+    "- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other visual elements "
+    "(e.g., hair, clothing, shadows).\n"
+    "- **Aesthetic and Creativity:** Assess the artistic aspects of the video, including the color scheme, "
+    "composition, atmosphere, depth of field, and the overall creative appeal. The scene should convey a sense of "
+    "harmony and balance.\n"
+    "- **Safety:** The video should not contain harmful or inappropriate content, such as political, violent, or "
+    "adult material. If such content is present, the image quality and satisfaction score should be the lowest "
+    "possible. \n"
+    "\n"
+    "Please provide the ratings of Visual Quality: <|VQ_reward|>\n"
+    "END\n"
+    "\n"
+    "**Motion Quality:**  \n"
+    "Assess the dynamic aspects of the video, with a focus on dynamic factors. Consider the following "
+    "sub-dimensions:\n"
+    "- **Stability:** Evaluate the continuity and stability between frames. There should be no sudden, unnatural "
+    "jumps, and the video should maintain stable attributes (e.g., no fluctuating colors, textures, or missing body "
+    "parts).\n"
+    "- **Naturalness:** The movement should align with physical laws and be realistic. For example, clothing should "
+    "flow naturally with motion, and facial expressions should change appropriately (e.g., blinking, mouth "
+    "movements).\n"
+    "- **Aesthetic Quality:** The movement should be smooth and fluid. The transitions between different motions or "
+    "camera angles should be seamless, and the overall dynamic feel should be visually pleasing.\n"
+    "- **Fusion:** Ensure that elements in motion (e.g., edges of the subject, hair, clothing) blend naturally with "
+    "the background, without obvious artifacts or the feeling of cut-and-paste effects.\n"
+    "- **Clarity of Motion:** The video should be clear and smooth in motion. Pay attention to any areas where the "
+    "video might have blurry or unsteady sections that hinder visual continuity.\n"
+    "- **Amplitude:** If the video is largely static or has little movement, assign a low score for motion quality.\n"
+    "\n"
+    "Please provide the ratings of Motion Quality: <|MQ_reward|>\n"
+    "END\n"
+    "\n"
+    "**Text Alignment:**  \n"
+    "Assess how well the video matches the textual prompt across the following sub-dimensions:\n"
+    "- **Subject Relevance** Evaluate how accurately the subject(s) in the video (e.g., person, animal, object) "
+    "align with the textual description. The subject should match the description in terms of number, appearance, "
+    "and behavior.\n"
+    "- **Motion Relevance:** Evaluate if the dynamic actions (e.g., gestures, posture, facial expressions like "
+    "talking or blinking) align with the described prompt. The motion should match the prompt in terms of type, "
+    "scale, and direction.\n"
+    "- **Environment Relevance:** Assess whether the background and scene fit the prompt. This includes checking if "
+    "real-world locations or scenes are accurately represented, though some stylistic adaptation is acceptable.  \n"
+    "- **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, evaluate how well the "
+    "video adheres to this style.\n"
+    "- **Camera Movement Relevance:** Check if the camera movements (e.g., following the subject, focus shifts) are "
+    "consistent with the expected behavior from the prompt.\n"
+    "\n"
+    "Textual prompt - {text_prompt}\n"
+    "Please provide the ratings of Text Alignment: <|TA_reward|>\n"
+    "END\n")
+VIDEOALIGN_DATA = {"fps": 2.0, "max_frame_pixels": 200704, "num_frames": None, "sample_type": "uniform",
+                   "prompt_template_type": "detailed_special"}  # VideoAlign train.sh (the released model's settings)
+
+
+def is_videoalign_release(path):
+    """VideoAlign's own layout: model_config.json and checkpoint-<step>/ folders, no model weights at the top."""
+    return (os.path.exists(os.path.join(path, "model_config.json")) and not any(f.endswith(".safetensors") for f in os.listdir(path))
+            and any(f.startswith("checkpoint-") for f in os.listdir(path)))
+
+
+def videoalign_checkpoint(release, step=None):
+    """The checkpoint folder VideoAlign's load_model_from_checkpoint picks: checkpoint-<step>, else the latest."""
+    steps = sorted(int(f.split("-", 1)[1]) for f in os.listdir(release) if re.fullmatch(r"checkpoint-\d+", f))
+    if not steps or (step is not None and step not in steps):
+        raise FileNotFoundError(f"{release} has no checkpoint-{step if step is not None else '<step>'} folder")
+    return os.path.join(release, f"checkpoint-{steps[-1] if step is None else step}")
+
+
+def convert_videoreward(release, out=None, base=None, step=None):
+    """VideoAlign's release (model_config.json + checkpoint-*/ holding model.pth, or adapter_model.safetensors
+    + non_lora_state_dict.pth over the base Qwen2-VL named in model_config.json, which `base` overrides) ->
+    a plain Qwen2-VL checkpoint folder (default <release>/hf-checkpoint-<step>): the LoRA merged into its
+    layers (W + lora_alpha / r * B @ A, as peft computes it), `rm_head.weight`, the tokenizer with the three
+    reward tokens, the base's chat template and processor files, and model_config.json. Returns the folder."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+    cfg = json.load(open(os.path.join(release, "model_config.json")))
+    ckpt = videoalign_checkpoint(release, step)
+    out = out or os.path.join(release, "hf-" + os.path.basename(ckpt))
+    base = resolve_weights(base or cfg["model_config"]["model_name_or_path"])
+    state = {}
+    for f in sorted(os.listdir(base)):
+        if f.endswith(".safetensors"):
+            state.update(load_file(os.path.join(base, f)))
+    if os.path.exists(os.path.join(ckpt, "model.pth")):  # save_full_model: the (PEFT) model's whole state dict
+        trained = torch.load(os.path.join(ckpt, "model.pth"), map_location="cpu")
+    else:  # the LoRA weights, and every other trained tensor (vision tower, merger, rm_head, embeddings)
+        trained = load_file(os.path.join(ckpt, "adapter_model.safetensors"))
+        trained.update(torch.load(os.path.join(ckpt, "non_lora_state_dict.pth"), map_location="cpu"))
+    lora = {}
+    for k, v in trained.items():  # PEFT's names -> the model's: no wrapper prefix, no base_layer, no adapter name
+        k = re.sub(r"\.lora_([AB])\.default\.", r".lora_\1.", k.removeprefix("base_model.model.").replace(".base_layer.", "."))
+        m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", k)
+        if m:
+            lora.setdefault(m[1], {})[m[2]] = v
+        else:
+            state[k] = v
+    peft = cfg.get("peft_lora_config") or {}
+    adapter_file = os.path.join(ckpt, "adapter_config.json")
+    adapter = json.load(open(adapter_file)) if os.path.exists(adapter_file) else {}
+    r, alpha = adapter.get("r", peft.get("lora_r", 16)), adapter.get("lora_alpha", peft.get("lora_alpha", 32))
+    scale = alpha / (math.sqrt(r) if adapter.get("use_rslora", peft.get("use_rslora", False)) else r)
+    for m, ab in lora.items():
+        w = state[f"{m}.weight"]
+        state[f"{m}.weight"] = (w.float() + scale * ab["B"].float() @ ab["A"].float()).to(w.dtype)
+    # VideoAlign adds the reward tokens to the base tokenizer, then resize_token_embeddings(len(tokenizer))
+    tok_dir = os.path.join(ckpt, "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir if os.path.isdir(tok_dir) else base)
+    tokenizer.add_special_tokens({"additional_special_tokens": VIDEOREWARD_TOKENS})
+    n = next(v.shape[0] for k, v in state.items() if k.endswith("embed_tokens.weight"))
+    if "lm_head.weight" in state:  # an untied output layer follows the resize (its rows are not used here)
+        head = state["lm_head.weight"]
+        state["lm_head.weight"] = torch.cat([head, head.new_zeros(max(0, n - len(head)), head.shape[1])])[:n]
+    config = json.load(open(os.path.join(base, "config.json")))
+    for c in (config, config.get("text_config") or {}):
+        if "vocab_size" in c:
+            c["vocab_size"] = n
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    json.dump(config, open(os.path.join(out, "config.json"), "w"), indent=2)
+    tokenizer.save_pretrained(out)
+    for f in ("model_config.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+              "video_preprocessor_config.json", "generation_config.json"):
+        src = os.path.join(release if f == "model_config.json" else base, f)
+        if os.path.exists(src) and not os.path.exists(os.path.join(out, f)):
+            shutil.copy(src, out)
+    return out
 
 
 class VideoReward(QwenVLVideo):
     """VideoAlign's VideoReward (KwaiVGI): Qwen2-VL + a linear reward head `rm_head` read at the special
-    tokens <|VQ_reward|>, <|MQ_reward|>, <|TA_reward|> (visual quality, motion quality, text alignment),
-    each normalised by the mean/std in the checkpoint's model_config.json when present; overall = their
-    sum. The folder is a Qwen2-VL checkpoint whose safetensors also hold `rm_head.weight` [1 or 3, D]."""
+    tokens <|VQ_reward|>, <|MQ_reward|>, <|TA_reward|> of its DETAILED_PROMPT_WITH_SPECIAL_TOKEN (visual
+    quality, motion quality, text alignment), each normalised by the mean/std in model_config.json's
+    inference_config; overall = their sum. Inputs as VideoAlign's inference builds them (model_config.json's
+    data_config, else train.sh's): frames at 2 fps of the clip's real frame rate (`reward.fps`, required: a
+    wrong rate gives wrong scores), at most 200704 pixels per frame (at least 128 x 28^2, bicubic). Loads a
+    plain Qwen2-VL folder whose safetensors hold `rm_head.weight` [1 or 3, D], or VideoAlign's release layout
+    (model_config.json + checkpoint-*/), converted once into <folder>/hf-checkpoint-<step>
+    (`python rewards.py convert-videoreward <release> <out>` does the same)."""
     dimensions = list(VIDEOREWARD_DIMENSIONS) + ["overall"]
 
-    def __init__(self, path, dimension="overall", device="cpu", dtype=torch.float32, num_frames=8, max_side=448):
-        import json
-        self.load(path, device, dtype, num_frames, max_side)
+    def __init__(self, path, dimension="overall", device="cpu", dtype=torch.float32, fps=None):
+        if is_videoalign_release(path):
+            out = os.path.join(path, "hf-" + os.path.basename(videoalign_checkpoint(path)))
+            path = out if os.path.exists(os.path.join(out, "config.json")) else convert_videoreward(path, out)
+        cfg_file = os.path.join(path, "model_config.json")
+        cfg = json.load(open(cfg_file)) if os.path.exists(cfg_file) else {}
+        self.data = {k: (cfg.get("data_config") or {}).get(k, v) for k, v in VIDEOALIGN_DATA.items()}
+        if self.data["sample_type"] != "uniform" or self.data["prompt_template_type"] != "detailed_special":
+            raise ValueError(f"{path}: only VideoAlign's released setting (uniform sampling, the detailed_special "
+                             f"prompt) is implemented, not {self.data}")
         self.dimension, self.name = dimension, f"videoreward:{dimension}"
+        self.load(path, device, dtype, fps)
         w = load_head_weights(path, ["rm_head.weight"])["rm_head.weight"]
         self.head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False).to(device, torch.float32).requires_grad_(False)
         self.head.weight.data.copy_(w)  # kept in float32, as VideoAlign does
-        self.special_ids = [self.tokenizer.convert_tokens_to_ids(f"<|{k}_reward|>") for k in ("VQ", "MQ", "TA")]
+        self.special_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in VIDEOREWARD_TOKENS]
         if self.tokenizer.unk_token_id in self.special_ids or None in self.special_ids:
             raise ValueError(f"{path}'s tokenizer lacks <|VQ_reward|>/<|MQ_reward|>/<|TA_reward|>: not a VideoReward checkpoint")
-        cfg_file = os.path.join(path, "model_config.json")
-        inf = (json.load(open(cfg_file)).get("inference_config") or {}) if os.path.exists(cfg_file) else {}
+        inf = cfg.get("inference_config") or {}
         self.norm = {k: (inf.get(f"{k}_mean", 0.0), inf.get(f"{k}_std", 1.0)) for k in ("VQ", "MQ", "TA")}
 
+    def frame_plan(self, F, H, W):
+        if self.data["num_frames"]:  # data.py: nframes = min(num_frames, total), rounded to even, capped at total
+            n = min(round(min(self.data["num_frames"], F) / 2) * 2, F)
+        else:
+            n = fps_frame_count(F, self.need_fps(), self.data["fps"], videoalign=True)
+        factor = self.patch * self.merge
+        return frame_indices(F, n), smart_resize(H, W, factor, 128 * factor ** 2, self.data["max_frame_pixels"])
+
     def __call__(self, videos, prompts):
-        hidden, ids = self.forward(videos, [VIDEOREWARD_PROMPT.format(prompt=p) for p in prompts], hidden=True)
+        hidden, ids = self.forward(videos, [VIDEOREWARD_PROMPT.format(text_prompt=p) for p in prompts], hidden=True)
         rows = []
         for sid in self.special_ids:  # the hidden state at each dimension's token, in order VQ, MQ, TA
             pos = (ids == sid).float().argmax(1)
@@ -672,8 +988,11 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 class VideoMAEAction(CropPatchScores):
     """VADER's action reward: the probability a VideoMAE Kinetics classifier gives the target action.
     The target is the spec's class (`videomae:playing_guitar`), or else the class named in each prompt
-    (the longest label found in it). 16 frames (repeated when the clip is shorter), shortest side to
-    224 and centre crop, ImageNet normalisation, all in torch: differentiable."""
+    (the longest label found in it). Frames are never repeated: a clip of up to `num_frames` (16) frames
+    goes in whole (rounded down to whole tubelets), with the position table built for that many frames,
+    as VADER builds the model with num_frames = the decoded frame count; a longer clip is sampled to 16
+    frames spread uniformly, the model's clip length. Pixels follow the checkpoint's VideoMAE processor
+    (shortest side, centre crop, bilinear, its mean/std), in torch: differentiable."""
     differentiable = True
     dimensions = ["probability"]
 
@@ -686,7 +1005,29 @@ class VideoMAEAction(CropPatchScores):
         if self.label is not None and self.label not in self.labels:
             raise ValueError(f"videomae: no class {self.label!r} in {path}; e.g. {sorted(self.labels)[:5]}")
         self.name = f"videomae:{label or 'prompt'}"
-        self.num_frames, self.resolution = self.model.config.num_frames, self.model.config.image_size
+        c = self.model.config
+        self.num_frames, self.tubelet, self.resolution = c.num_frames, c.tubelet_size, c.image_size
+        cfg = processor_config(path)  # videomae-base-finetuned-kinetics ships one: 224, bilinear, ImageNet mean/std
+        self.short = size_entry(cfg.get("size"), "shortest_edge") or c.image_size
+        self.crop = size_entry(cfg.get("crop_size"), "height") or c.image_size
+        self.mode = PIL_MODES[cfg.get("resample", 2)]
+        self.mean, self.std = cfg.get("image_mean", IMAGENET_MEAN), cfg.get("image_std", IMAGENET_STD)
+        self.tables = {}
+
+    def frame_count(self, F):
+        n = min(self.num_frames, F // self.tubelet * self.tubelet)
+        if n < self.tubelet:
+            raise ValueError(f"videomae: a clip of {F} frames is shorter than one tubelet ({self.tubelet} frames)")
+        return n
+
+    def position_table(self, n):
+        """The sinusoidal position table VideoMAE builds for n frames (as from_pretrained(num_frames=n) would)."""
+        from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
+        if n not in self.tables:
+            c = self.model.config
+            per_frame = (c.image_size // c.patch_size) ** 2
+            self.tables[n] = get_sinusoid_encoding_table(n // self.tubelet * per_frame, c.hidden_size)
+        return self.tables[n]
 
     def target(self, prompt):
         if self.label is not None:
@@ -698,8 +1039,10 @@ class VideoMAEAction(CropPatchScores):
         return self.labels[max(found, key=len)]
 
     def __call__(self, videos, prompts):
-        frames = sample_frames(videos, self.num_frames, exact=True)
-        x = resize_center_crop(frames, self.resolution, IMAGENET_MEAN, IMAGENET_STD)
+        n = self.frame_count(videos.shape[1])
+        frames = sample_frames(videos, n)
+        x = resize_center_crop(frames, self.crop, self.mean, self.std, short=self.short, mode=self.mode)
+        self.model.videomae.embeddings.position_embeddings = self.position_table(n)
         probs = torch.softmax(self.model(pixel_values=x.to(self.model.dtype)).logits.float(), -1)
         p = probs[torch.arange(len(prompts), device=probs.device), torch.tensor([self.target(q) for q in prompts])]
         return {"probability": p, "reward": p}
@@ -708,23 +1051,33 @@ class VideoMAEAction(CropPatchScores):
 class VJEPA2Consistency(CropPatchScores):
     """Temporal feature consistency under V-JEPA 2: the mean cosine similarity between each patch's
     encoder features at consecutive time steps (tubelets). High for smooth, stable video; flicker,
-    identity swaps and jumps lower it. Frames resized to the model's crop size, ImageNet normalisation,
-    in torch: differentiable."""
+    identity swaps and jumps lower it. Pixels as VJEPA2VideoProcessor makes them (shortest side to
+    int(crop * 256 / 224), centre crop, bilinear, ImageNet mean/std), in torch: differentiable. Up to
+    `num_frames` frames spread uniformly, whole tubelets, none repeated unless the clip has fewer than two
+    tubelets' worth."""
     differentiable = True
     dimensions = ["consistency"]
 
     def __init__(self, path, dimension=None, device="cpu", dtype=torch.float32, num_frames=16):
         from transformers import VJEPA2Model
         self.model = VJEPA2Model.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
-        cfg = self.model.config
-        self.tubelet, self.patch, self.resolution = cfg.tubelet_size, cfg.patch_size, cfg.crop_size
-        self.num_frames = min(num_frames, cfg.frames_per_clip)
+        c = self.model.config
+        self.tubelet, self.patch, self.resolution = c.tubelet_size, c.patch_size, c.crop_size
+        self.num_frames = min(num_frames, c.frames_per_clip)
+        cfg = processor_config(path, "video_preprocessor_config.json", "preprocessor_config.json")
+        self.crop = size_entry(cfg.get("crop_size"), "height") or c.crop_size
+        self.short = size_entry(cfg.get("size"), "shortest_edge") or int(self.crop * 256 / 224)
+        self.mode = PIL_MODES[cfg.get("resample", 2)]
+        self.mean, self.std = cfg.get("image_mean", IMAGENET_MEAN), cfg.get("image_std", IMAGENET_STD)
         self.name = "vjepa2:consistency"
 
+    def frame_count(self, F):
+        return max(2 * self.tubelet, min(self.num_frames, F) // self.tubelet * self.tubelet)  # >= two time steps
+
     def __call__(self, videos, prompts):
-        n = max(2 * self.tubelet, self.num_frames // self.tubelet * self.tubelet)  # at least two time steps
+        n = self.frame_count(videos.shape[1])
         frames = sample_frames(videos, n, exact=True)
-        x = resize_center_crop(frames, self.resolution, IMAGENET_MEAN, IMAGENET_STD)
+        x = resize_center_crop(frames, self.crop, self.mean, self.std, short=self.short, mode=self.mode)
         feats = self.model(pixel_values_videos=x.to(self.model.dtype), skip_predictor=True).last_hidden_state.float()
         B, T = x.shape[0], n // self.tubelet
         feats = torch.nn.functional.normalize(feats.view(B, T, -1, feats.shape[-1]), dim=-1)  # [B, T, patches, D]
@@ -741,6 +1094,7 @@ class APIJudge:
     back-off before a clear error. Not differentiable (binary feedback for RWR/DPO)."""
     differentiable = False
     resolution = None
+    fps = None
     dimensions = ["yes", "p_yes"]
 
     def __init__(self, url, model="default", dimension="yes", num_frames=8, timeout=60.0, retries=4, backoff=1.0,
@@ -859,6 +1213,15 @@ class WeightedSum:
         self.name = "+".join(f"{r.name}*{w:g}" for w, r in terms)
         self.dimensions = [f"{r.name}/{d}" for _, r in terms for d in r.dimensions]
 
+    @property
+    def fps(self):
+        return next((r.fps for _, r in self.terms if r.fps), None)
+
+    @fps.setter
+    def fps(self, value):  # the clip's frame rate reaches every term
+        for _, r in self.terms:
+            r.fps = value
+
     def __call__(self, videos, prompts):
         out, total = {}, 0
         for w, r in self.terms:
@@ -892,7 +1255,25 @@ def parse_reward_spec(spec):
     return terms
 
 
-def load_reward(spec, device="cpu", dtype=torch.float32):
-    """`name[:dimension][@weights-folder][*weight]` terms joined by '+'; see the module docstring."""
+def load_reward(spec, device="cpu", dtype=torch.float32, fps=None):
+    """`name[:dimension][@weights-folder][*weight]` terms joined by '+'; see the module docstring. `fps`: the
+    frame rate of the clips it will score (also settable later as `reward.fps`); the rewards that sample
+    frames by time (videoscore2, videoreward, a Qwen3-VL vlm) refuse to guess it."""
     terms = [(w, REWARDS[name](dim, path, device, dtype)) for w, name, dim, path in parse_reward_spec(spec)]
-    return terms[0][1] if len(terms) == 1 and terms[0][0] == 1.0 else WeightedSum(terms)
+    reward = terms[0][1] if len(terms) == 1 and terms[0][0] == 1.0 else WeightedSum(terms)
+    if fps is not None:
+        reward.fps = fps
+    return reward
+
+
+if __name__ == "__main__":  # python rewards.py convert-videoreward <VideoAlign release folder> <out folder>
+    import argparse
+    p = argparse.ArgumentParser(description="Convert VideoAlign's VideoReward release (model_config.json + "
+                                            "checkpoint-*/) into a plain Qwen2-VL folder for --reward videoreward@<out>")
+    p.add_argument("command", choices=["convert-videoreward"])
+    p.add_argument("release")
+    p.add_argument("out")
+    p.add_argument("--base", help="the base Qwen2-VL folder (default: model_config.json's model_name_or_path)")
+    p.add_argument("--step", type=int, help="the checkpoint-<step> to convert (default: the latest)")
+    a = p.parse_args()
+    print(convert_videoreward(a.release, a.out, a.base, a.step))

@@ -43,11 +43,14 @@ def test_vlm_judge_p_yes(qwen_vl_folder):
     assert set(out["reward"].tolist()) <= {0.0, 1.0} and torch.equal(out["yes"], (out["p_yes"] > 0.5).float())
     out["p_yes"].sum().backward()  # P(yes) is differentiable: the frames were prepared in torch
     assert videos.grad.abs().sum() > 0
-    pixels, grid, text = judge.video_inputs(torch.rand(1, 5, 3, 30, 60))
+    pixels, grid, text, extra = judge.video_inputs(torch.rand(1, 5, 3, 30, 60))
     assert grid.tolist() == [[3, 2, 4]] and pixels.shape == (24, 3 * 2 * 14 * 14)
+    assert extra == {}  # frame rate unknown: Qwen2.5-VL's default of 1 s per temporal patch
+    judge.fps = 10.0  # all 5 frames of a clip at 10 fps: a temporal patch of 2 frames spans 0.2 s
+    assert torch.allclose(judge.video_inputs(torch.rand(1, 5, 3, 30, 60))[3]["second_per_grid_ts"], torch.tensor([0.2]))
     assert text == "<|vision_start|>" + "<|video_pad|>" * (3 * 2 * 4 // 4) + "<|vision_end|>"  # no timestamps
-    assert judge.chat("Is it?", "A: ") == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                                           f"{rewards.VIDEO_SLOT}Is it?<|im_end|>\n<|im_start|>assistant\nA: ")
+    assert judge.chat("Is it?") == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                                    f"{rewards.VIDEO_SLOT}Is it?<|im_end|>\n<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="unknown vlm dimension 'gpt5'"):
         rewards.parse_reward_spec("vlm:gpt5")
 
@@ -69,7 +72,7 @@ def test_qwen3_vl_judge_matches_the_processors_input(tmp_path, version):
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
     from transformers.video_utils import VideoMetadata
     tiny_models.build_qwen_vl(str(tmp_path / "q3"), version=version)
-    judge = rewards.load_reward(f"vlm@{tmp_path / 'q3'}")
+    judge = rewards.load_reward(f"vlm@{tmp_path / 'q3'}", fps=16)
     assert judge.model.config.model_type == {"3": "qwen3_vl", "3-moe": "qwen3_vl_moe"}[version]
     assert judge.timestamps and judge.patch == 16 and judge.mean == [0.5] * 3
     videos = torch.rand(2, 9, 3, 32, 64, requires_grad=True)  # multiples of 32: no resize, so exact comparison
@@ -91,7 +94,7 @@ def test_qwen3_vl_judge_matches_the_processors_input(tmp_path, version):
     placeholder = Qwen3VLProcessor.replace_video_token(
         proc, {"video_grid_thw": grid, "video_metadata": [VideoMetadata(total_num_frames=9, fps=16, frames_indices=idx)]}, 0)
     assert placeholder.startswith("<0.0 seconds><|vision_start|><|video_pad|><|video_pad|><|vision_end|><0.2 seconds>")
-    ours_pixels, ours_grid, ours_text = judge.video_inputs(videos.detach())
+    ours_pixels, ours_grid, ours_text, _ = judge.video_inputs(videos.detach())
     assert ours_text == placeholder and torch.equal(ours_grid, grid) and torch.allclose(ours_pixels, pixels.flatten(0, 1))
     # ... and the logits of a hand-built Qwen3-VL chat turn (no default system prompt), one video at a time
     for i, prompt in enumerate(prompts):
@@ -111,12 +114,12 @@ def test_qwen3_vl_judge_matches_the_processors_input(tmp_path, version):
 def test_qwen_vl_uses_the_checkpoints_chat_template(tmp_path):
     import tiny_models
     tiny_models.build_qwen_vl(str(tmp_path / "q"), version="3", chat_template=QWEN_STYLE_TEMPLATE)
-    r = rewards.load_reward(f"videoscore2@{tmp_path / 'q'}")
-    assert r.chat("Rate it.", "visual quality: ") == (
+    r = rewards.load_reward(f"videoscore2@{tmp_path / 'q'}", fps=8)
+    assert r.chat("Rate it.") == (
         "<|im_start|>system\nJudge videos.<|im_end|>\n<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>"
-        "Rate it.<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nvisual quality: ")  # think block closed
+        "Rate it.<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")  # think block closed
     out = r(torch.rand(1, 4, 3, 32, 32), ["a cat"])
-    assert 1 < out["visual_quality"].item() < 5
+    assert 0 < out["visual_quality"].item() <= 5 and 1 < out["visual_quality_expected"].item() < 5
     tiny_models.build_clip(str(tmp_path / "clip"))  # not a Qwen-VL: refused before its weights load
     with pytest.raises(ValueError, match="clip model: the local VLM rewards take qwen2_vl"):
         rewards.load_reward(f"vlm@{tmp_path / 'clip'}")
@@ -141,7 +144,7 @@ def test_clip_frame_rewards(tmp_path):
     out["reward"].sum().backward()
     assert videos.grad.abs().sum() > 0  # differentiable, for VADER
     clip = rewards.load_reward(f"clipscore@{tmp_path / 'clip'}")(videos.detach(), prompts)["reward"]
-    assert torch.allclose(clip, (100 * ((img.view(2, 3, -1) * txt[:, None]).sum(-1)).clamp(min=0)).mean(1), atol=1e-4)
+    assert torch.allclose(clip, (100 * (img.view(2, 3, -1) * txt[:, None]).sum(-1)).mean(1).clamp(min=0), atol=1e-4)
     aes = rewards.load_reward(f"aesthetic:random@{tmp_path / 'clip'}")
     assert aes(videos.detach(), prompts)["reward"].shape == (2,) and aes.mlp is not None
     both = rewards.load_reward(f"pickscore@{tmp_path / 'clip'}*0.5+toy:quality")
@@ -178,18 +181,24 @@ def more_models(tmp_path_factory):
     return d, head
 
 
-def test_videoscore2_is_the_expected_score_token(qwen_vl_folder):
-    r = rewards.load_reward(f"videoscore2:physical_consistency@{qwen_vl_folder}")
+def test_videoscore2_soft_and_expected_scores(qwen_vl_folder):
+    r = rewards.load_reward(f"videoscore2:physical_consistency_expected@{qwen_vl_folder}", fps=8)
     videos = torch.rand(2, 6, 3, 28, 28, requires_grad=True)
     prompts = ["a red square falling", "a cat"]
     out = r(videos, prompts)
-    assert set(rewards.VIDEOSCORE2_DIMENSIONS) <= set(out) and torch.equal(out["reward"], out["physical_consistency"])
-    # by hand: softmax over the tokens "1".."5" after "physical/common-sense consistency: ", expectation of 1..5
-    logits = r.forward(videos.detach(), [rewards.VIDEOSCORE2_QUERY.format(prompt=p) for p in prompts],
-                       "physical/common-sense consistency: ")
-    ids = [r.tokenizer.convert_tokens_to_ids(str(k)) for k in range(1, 6)]
-    want = (torch.softmax(logits[:, ids], -1) * torch.arange(1.0, 6.0)).sum(-1)
+    assert set(r.dimensions) <= set(out) and torch.equal(out["reward"], out["physical_consistency_expected"])
+    # by hand: the logits at the third digit, after an empty think block and the first two (most likely) digits
+    from string import Template
+    queries = [Template(rewards.VIDEOSCORE2_QUERY).substitute(t2v_prompt=p) for p in prompts]
+    answers = [rewards.VIDEOSCORE2_THINK + "(1) visual quality: "] * 2
+    for line in ("(2) text-to-video alignment: ", "(3) physical/common-sense consistency: "):
+        best = r.forward(videos.detach(), queries, answers)[:, r.score_ids].argmax(-1) + 1
+        answers = [a + f"{k}\n{line}" for a, k in zip(answers, best.tolist())]
+    logits = r.forward(videos.detach(), queries, answers)[:, r.score_ids]
+    want = (torch.softmax(logits, -1) * torch.arange(1.0, 6.0)).sum(-1)
     assert torch.allclose(out["reward"], want, atol=1e-5) and ((want > 1) & (want < 5)).all()
+    p = torch.softmax(logits / 0.7, -1)  # the reference read-out: best score x its share, at temperature 0.7
+    assert torch.allclose(out["physical_consistency"], (p.argmax(-1) + 1) * p.max(-1).values, atol=1e-5)
     out["reward"].sum().backward()
     assert videos.grad.abs().sum() > 0
 
@@ -197,20 +206,20 @@ def test_videoscore2_is_the_expected_score_token(qwen_vl_folder):
 def test_videoreward_head_special_tokens_and_normalisation(more_models):
     import json
     d, head = more_models
-    r = rewards.load_reward(f"videoreward@{d / 'vr'}")
+    r = rewards.load_reward(f"videoreward@{d / 'vr'}", fps=8)
     assert torch.equal(r.head.weight, head) and r.name == "videoreward:overall"
     videos = torch.rand(2, 4, 3, 28, 56, requires_grad=True)
     raw = r(videos, ["a red square falling", "a cat"])
     assert torch.allclose(raw["overall"], raw["visual_quality"] + raw["motion_quality"] + raw["text_alignment"])
     # by hand: the last hidden state at each special token through the head
-    hidden, ids = r.forward(videos.detach(), [rewards.VIDEOREWARD_PROMPT.format(prompt=p) for p in ["a red square falling", "a cat"]], hidden=True)
+    hidden, ids = r.forward(videos.detach(), [rewards.VIDEOREWARD_PROMPT.format(text_prompt=p) for p in ["a red square falling", "a cat"]], hidden=True)
     pos = (ids == r.special_ids[1]).float().argmax(1)
     assert torch.allclose(raw["motion_quality"], (hidden[torch.arange(2), pos] @ head.T)[:, 0], atol=1e-5)
     raw["overall"].sum().backward()
     assert videos.grad.abs().sum() > 0
     json.dump({"inference_config": {"VQ_mean": 1.0, "VQ_std": 2.0, "MQ_mean": 0.0, "MQ_std": 1.0, "TA_mean": -1.0,
                                     "TA_std": 0.5}}, open(d / "vr" / "model_config.json", "w"))
-    normed = rewards.load_reward(f"videoreward:text_alignment@{d / 'vr'}")(videos.detach(), ["a red square falling", "a cat"])
+    normed = rewards.load_reward(f"videoreward:text_alignment@{d / 'vr'}", fps=8)(videos.detach(), ["a red square falling", "a cat"])
     assert torch.allclose(normed["visual_quality"], (raw["visual_quality"] - 1.0) / 2.0, atol=1e-5)
     assert torch.allclose(normed["reward"], (raw["text_alignment"] + 1.0) / 0.5, atol=1e-4)
     with pytest.raises(ValueError, match="unknown videoreward dimension 'beauty'"):
@@ -222,10 +231,13 @@ def test_videomae_action_probability(more_models):
     r = rewards.load_reward(f"videomae@{d / 'mae'}")  # the target class is the one the prompt names
     videos = torch.rand(2, 3, 3, 20, 30, requires_grad=True)
     out = r(videos, ["a man playing guitar on a stage", "a dog juggling balls"])
-    x = rewards.resize_center_crop(rewards.sample_frames(videos.detach(), 4, exact=True), 32, rewards.IMAGENET_MEAN,
-                                   rewards.IMAGENET_STD)
+    # by hand: 2 of the 3 frames (whole tubelets, none repeated), bilinear as the processor config says, and
+    # the model built for 2 frames, as VADER builds it (num_frames = the decoded frame count)
+    from transformers import VideoMAEForVideoClassification
+    x = rewards.resize_center_crop(rewards.sample_frames(videos.detach(), 2), 32, rewards.IMAGENET_MEAN,
+                                   rewards.IMAGENET_STD, mode="bilinear")
     with torch.no_grad():
-        probs = torch.softmax(r.model(pixel_values=x).logits, -1)
+        probs = torch.softmax(VideoMAEForVideoClassification.from_pretrained(d / "mae", num_frames=2)(pixel_values=x).logits, -1)
     assert torch.allclose(out["reward"], probs[[0, 1], [0, 1]], atol=1e-6)
     out["reward"].sum().backward()
     assert videos.grad.abs().sum() > 0

@@ -1,10 +1,12 @@
 """Tiny random text-to-video pipelines of every supported family, built from config classes and
 saved with the stock pipeline's save_pretrained, so tests load them back through the production
 from_pretrained path (no weights can be downloaded here)."""
+import json
 import os
+import re
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 WORDS = "a the red green blue yellow magenta cyan square circle triangle moving left right up down falling " \
@@ -21,6 +23,25 @@ def word_tokenizer(max_len, clip_style=False):
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                                    model_max_length=max_len)
+
+
+SPACED = r"[A-Za-z]+|\d|\s|[^A-Za-z\d\s]"  # words, single digits, every space/newline, every other character
+
+
+def spaced_tokenizer(texts=(), bos=False, max_len=32768):
+    """A word-level tokenizer that keeps every space and newline as a token of its own, as the real BPE
+    tokenizers do where it matters here (the trailing space VideoScore pools at, the space before a score
+    digit). Its vocabulary: the pieces of `texts` and WORDS (others are <unk>); `bos` prepends <s> like
+    Mistral's tokenizer (VideoScore); decoding joins the pieces back."""
+    pieces = sorted({p for t in list(texts) + [" ".join(WORDS), "0123456789"] for p in re.findall(SPACED, t)})
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3} | {p: i + 4 for i, p in enumerate(pieces)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(SPACED), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", model_max_length=max_len)
 
 
 def t5_encoder(d_model=32, umt5=True):
@@ -112,12 +133,20 @@ def build(family, folder, seed=0, scheduler=None, **kw):
     return pipe
 
 
-def build_videoscore(folder, seed=0):
-    """A tiny random checkpoint laid out like VideoScore v1.1: Idefics2 base weights under `model.`
-    plus a 5-way regression head `score.weight`, a tokenizer with the Idefics2 image tokens."""
+TINY_IDEFICS2_PROCESSOR = {  # VideoScore's processor settings (aspect kept, no splitting) at a tiny pixel budget
+    "image_processor_type": "Idefics2ImageProcessor", "do_image_splitting": False, "do_resize": True, "resample": 2,
+    "size": {"shortest_edge": 28, "longest_edge": 56}, "do_rescale": True, "rescale_factor": 1 / 255,
+    "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_pad": True}
+
+
+def build_videoscore(folder, seed=0, processor=None, bias=True, texts=()):
+    """A tiny random checkpoint laid out like VideoScore v1.1: Idefics2 base weights under `model.` plus
+    a 5-way regression head `score.weight` (and `score.bias`: Mantis' head is nn.Linear with its default
+    bias), a tokenizer that keeps spaces as tokens and prepends <s> like Mistral's, with the Idefics2 image
+    tokens, and the processor's `preprocessor_config.json` (`processor`, else a tiny pixel budget)."""
     from safetensors.torch import save_file
     from transformers import Idefics2Config, Idefics2Model
-    tok = word_tokenizer(4096)
+    tok = spaced_tokenizer(texts, bos=True)
     tok.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>"]})
     torch.manual_seed(seed)
     cfg = Idefics2Config(
@@ -132,22 +161,26 @@ def build_videoscore(folder, seed=0):
     base = Idefics2Model(cfg)
     state = {f"model.{k}": v.contiguous() for k, v in base.state_dict().items()}
     state["score.weight"] = torch.randn(5, 32) * 0.2
-    import os
+    if bias:
+        state["score.bias"] = torch.randn(5) * 0.5 + 2.5
     os.makedirs(folder, exist_ok=True)
     cfg.save_pretrained(folder)
     save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(folder)
+    json.dump(processor or TINY_IDEFICS2_PROCESSOR, open(os.path.join(folder, "preprocessor_config.json"), "w"))
     return base, state["score.weight"]
 
 
-def build_qwen_vl(folder, seed=0, version="2.5", reward_head=None, chat_template=None):
+def build_qwen_vl(folder, seed=0, version="2.5", reward_head=None, chat_template=None, texts=None, vocab_pad=0):
     """A tiny random Qwen2.5-VL (or Qwen2-VL, Qwen3-VL) checkpoint with a chat-style tokenizer (yes/no, the
     score digits, the video tokens), and `chat_template` saved with it when given. `reward_head=k` makes it
     a VideoReward checkpoint: the three special reward tokens, and `rm_head.weight` [k, hidden] saved
-    beside the model's own weights."""
+    beside the model's own weights. `texts`: a tokenizer that keeps spaces as tokens, its vocabulary
+    the pieces of `texts` (else a whitespace-splitting one). `vocab_pad`: embedding rows past the tokenizer
+    (Qwen's checkpoints have more rows than tokens)."""
     import transformers as T
     from safetensors.torch import load_file, save_file
-    tok = word_tokenizer(4096)
+    tok = word_tokenizer(4096) if texts is None else spaced_tokenizer(texts)
     tok.add_tokens(["yes", "no", "Yes", "No", "does", "fall", "downwards", "increasing", "speed", "answer", "or",
                     "1", "2", "3", "4", "5", "visual", "quality", ":"])
     specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"]
@@ -157,7 +190,7 @@ def build_qwen_vl(folder, seed=0, version="2.5", reward_head=None, chat_template
     ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
     torch.manual_seed(seed)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                vocab_size=len(tok), max_position_embeddings=2048,
+                vocab_size=len(tok) + vocab_pad, max_position_embeddings=2048,
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
     token_ids = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                      vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
@@ -192,14 +225,20 @@ def build_qwen_vl(folder, seed=0, version="2.5", reward_head=None, chat_template
     return model
 
 
-def build_videomae(folder, seed=0):
+def build_videomae(folder, seed=0, num_frames=4):
+    """A tiny VideoMAE Kinetics-style classifier and its processor config (shortest side, centre crop,
+    bilinear, ImageNet mean/std, as videomae-base-finetuned-kinetics ships it) at 32 pixels."""
     from transformers import VideoMAEConfig, VideoMAEForVideoClassification
     torch.manual_seed(seed)
     labels = ["playing guitar", "juggling balls", "falling off chair", "bouncing ball"]
-    cfg = VideoMAEConfig(image_size=32, patch_size=16, num_frames=4, tubelet_size=2, hidden_size=16, num_hidden_layers=1,
+    cfg = VideoMAEConfig(image_size=32, patch_size=16, num_frames=num_frames, tubelet_size=2, hidden_size=16, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=32, use_mean_pooling=True, num_labels=len(labels),
                          id2label=dict(enumerate(labels)), label2id={v: k for k, v in enumerate(labels)})
     VideoMAEForVideoClassification(cfg).save_pretrained(folder)
+    json.dump({"image_processor_type": "VideoMAEImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
+               "resample": 2, "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "do_rescale": True,
+               "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
+               "image_std": [0.229, 0.224, 0.225]}, open(os.path.join(folder, "preprocessor_config.json"), "w"))
 
 
 def build_vjepa2(folder, seed=0):
@@ -209,6 +248,10 @@ def build_vjepa2(folder, seed=0):
                        num_attention_heads=2, mlp_ratio=2.0, pred_hidden_size=16, pred_num_hidden_layers=1,
                        pred_num_attention_heads=2, pred_num_mask_tokens=2)
     VJEPA2Model(cfg).save_pretrained(folder)
+    json.dump({"video_processor_type": "VJEPA2VideoProcessor", "crop_size": {"height": 32, "width": 32},
+               "size": {"shortest_edge": int(32 * 256 / 224)}, "resample": 2, "do_center_crop": True,
+               "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]},
+              open(os.path.join(folder, "video_preprocessor_config.json"), "w"))
 
 
 def build_clip(folder, seed=0, aesthetic=False):
@@ -232,3 +275,95 @@ def build_clip(folder, seed=0, aesthetic=False):
             w[f"layers.{i}.weight"], w[f"layers.{i}.bias"] = torch.randn(b, a) * 0.3, torch.randn(b) * 0.1
         save_file(w, f"{folder}/aesthetic_mlp.safetensors")
     return model
+
+
+VIDEOREWARD_TOKENS = ["<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>"]
+VIDEOALIGN_LORA_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                           "mlp.up_proj", "mlp.down_proj"]
+
+
+def build_videoreward_release(folder, seed=0, fmt="lora", texts=(), chat_template=None, data_config=None):
+    """VideoAlign's release layout (KwaiVGI/VideoAlign `utils.load_model_from_checkpoint`, `train.sh`):
+    folder/model_config.json and folder/checkpoint-<step>/ holding either `adapter_model.safetensors` +
+    `non_lora_state_dict.pth` (fmt="lora": LoRA r=4, alpha=8 on the LLM's linear layers; the vision tower,
+    merger, `rm_head` [3, hidden] and the token embeddings trained in full) or one `model.pth` (fmt="full":
+    the PEFT model's whole state dict). Keys are named as transformers 4.45 named them. The base Qwen2-VL
+    (no reward tokens, embedding rows past the tokenizer like Qwen's) is folder/base; an older
+    checkpoint-50 holds other weights (the latest step must win). Also writes folder/merged: the same reward
+    model as a plain checkpoint, LoRA merged by hand (W + alpha / r * B @ A), to compare against."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+    base = os.path.join(folder, "base")
+    build_qwen_vl(base, seed=seed, version="2", texts=texts, chat_template=chat_template, vocab_pad=7)
+    base_state = load_file(os.path.join(base, "model.safetensors"))
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_special_tokens({"additional_special_tokens": VIDEOREWARD_TOKENS})
+    n = len(tok)  # VideoAlign: model.resize_token_embeddings(len(tokenizer)) keeps the first n rows
+    g = torch.Generator().manual_seed(seed + 1)
+    r, alpha = 4, 8
+
+    def trained(step):
+        state = {k: v.clone() for k, v in base_state.items()}
+        state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][:n].clone()
+        state["model.embed_tokens.weight"][n - 3:] += torch.randn(3, 32, generator=g)
+        state["lm_head.weight"] = state["lm_head.weight"][:n].clone()
+        for k in state:
+            if k.startswith("visual."):
+                state[k] = state[k] + 0.05 * torch.randn(state[k].shape, generator=g)
+        state["rm_head.weight"] = torch.randn(3, 32, generator=g) * 0.3
+        lora = {}
+        for k in base_state:
+            m = k[: -len(".weight")]
+            if k.startswith("model.layers.") and k.endswith(".weight") and any(m.endswith(t) for t in VIDEOALIGN_LORA_TARGETS):
+                out_f, in_f = base_state[k].shape
+                lora[m] = (torch.randn(r, in_f, generator=g) * 0.2, torch.randn(out_f, r, generator=g) * 0.2)
+        return state, lora
+
+    def write(step, state, lora):
+        ckpt = os.path.join(folder, f"checkpoint-{step}")
+        os.makedirs(ckpt, exist_ok=True)
+        if fmt == "lora":
+            save_file({f"base_model.model.{m}.lora_{ab}.weight": w.contiguous() for m, (a, b) in lora.items()
+                       for ab, w in (("A", a), ("B", b))}, os.path.join(ckpt, "adapter_model.safetensors"))
+            json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": False,
+                       "target_modules": sorted(lora)}, open(os.path.join(ckpt, "adapter_config.json"), "w"))
+            trainable = {k: v for k, v in state.items() if k.startswith(("visual.", "rm_head.", "model.embed_tokens."))}
+            torch.save({f"base_model.model.{k}": v for k, v in trainable.items()}, os.path.join(ckpt, "non_lora_state_dict.pth"))
+        else:
+            full = {}
+            for k, v in state.items():
+                m = k.rsplit(".", 1)[0]
+                full[f"base_model.model.{m}.base_layer.{k.rsplit('.', 1)[1]}" if m in lora else f"base_model.model.{k}"] = v
+            for m, (a, b) in lora.items():
+                full[f"base_model.model.{m}.lora_A.default.weight"] = a
+                full[f"base_model.model.{m}.lora_B.default.weight"] = b
+            torch.save(full, os.path.join(ckpt, "model.pth"))
+
+    write(50, *trained(50))  # an older checkpoint: "checkpoint-50" sorts after "checkpoint-100" as text
+    state, lora = trained(100)
+    write(100, state, lora)
+    data = {"fps": 2.0, "max_frame_pixels": 200704, "num_frames": None, "sample_type": "uniform",
+            "prompt_template_type": "detailed_special", "eval_dim": ["VQ", "MQ", "TA"], "meta_data": "x.csv",
+            "data_dir": "x"} | (data_config or {})
+    json.dump({"data_config": data, "training_args": {},
+               "model_config": {"model_name_or_path": base, "output_dim": 3, "use_special_tokens": True,
+                                "reward_token": "special"},
+               "peft_lora_config": {"lora_enable": fmt == "lora" or fmt == "full", "lora_r": r, "lora_alpha": alpha,
+                                    "use_rslora": False},
+               "inference_config": {"VQ_mean": 0.5, "VQ_std": 2.0, "MQ_mean": -0.5, "MQ_std": 1.5, "TA_mean": 0.1,
+                                    "TA_std": 0.8}}, open(os.path.join(folder, "model_config.json"), "w"))
+    merged = os.path.join(folder, "merged")  # the comparison: LoRA merged by hand into a plain checkpoint
+    os.makedirs(merged, exist_ok=True)
+    plain = dict(state)
+    for m, (a, b) in lora.items():
+        plain[f"{m}.weight"] = plain[f"{m}.weight"] + alpha / r * b @ a
+    save_file({k: v.contiguous() for k, v in plain.items()}, os.path.join(merged, "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg = json.load(open(os.path.join(base, "config.json")))
+    cfg["text_config"]["vocab_size"] = n
+    json.dump(cfg, open(os.path.join(merged, "config.json"), "w"))
+    tok.save_pretrained(merged)
+    shutil.copy(os.path.join(folder, "model_config.json"), merged)
+    return base, merged
