@@ -101,11 +101,11 @@ def check_video_size(family, num_frames, height, width):
         raise ValueError(f"--height/--width {height}x{width} must be multiples of {mult} for {family}")
 
 
-FAMILY_DEFAULTS = {  # video size, sampler steps and guidance that suit each family
-    "wan": dict(num_frames=33, height=480, width=832, sample_steps=30, guidance=5.0),
-    "cogvideox": dict(num_frames=49, height=480, width=720, sample_steps=30, guidance=6.0),
-    "ltx": dict(num_frames=65, height=480, width=704, sample_steps=30, guidance=3.0),
-    "modelscope": dict(num_frames=16, height=256, width=256, sample_steps=25, guidance=9.0),
+FAMILY_DEFAULTS = {  # video size, sampler steps, guidance and frame rate (the family's own) that suit each family
+    "wan": dict(num_frames=33, height=480, width=832, sample_steps=30, guidance=5.0, fps=16),
+    "cogvideox": dict(num_frames=49, height=480, width=720, sample_steps=30, guidance=6.0, fps=8),
+    "ltx": dict(num_frames=65, height=480, width=704, sample_steps=30, guidance=3.0, fps=25),
+    "modelscope": dict(num_frames=16, height=256, width=256, sample_steps=25, guidance=9.0, fps=8),
 }
 
 
@@ -115,17 +115,19 @@ def model_defaults(path, family):
         index = json.load(f)
     if family == "wan" and index.get("transformer_2", [None])[0] is not None:  # Wan 2.2 A14B (its sample_guide_scale)
         return dict(FAMILY_DEFAULTS["wan"], guidance=4.0, guidance_2=3.0)
+    if family == "wan" and index.get("expand_timesteps"):  # Wan 2.2 TI2V 5B renders 24 fps
+        return dict(FAMILY_DEFAULTS["wan"], fps=24)
     if family != "toy":
         return dict(FAMILY_DEFAULTS[family])
     return dict(num_frames=index.get("num_frames", 8), height=index.get("height", 32), width=index.get("width", 32),
-                sample_steps=10, guidance=3.0)
+                sample_steps=10, guidance=3.0, fps=index.get("fps", 8))
 
 
 def fill_video_args(args, path, family):
     """Fill unset --num-frames/--height/--width/--guidance from the model's defaults and check them,
     before anything heavy loads."""
     defaults = model_defaults(path, family)
-    for k in ("num_frames", "height", "width", "guidance", "guidance_2"):
+    for k in ("num_frames", "height", "width", "guidance", "guidance_2", "fps"):
         if getattr(args, k) is None:
             setattr(args, k, defaults.get(k))
     check_video_size(family, args.num_frames, args.height, args.width)

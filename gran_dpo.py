@@ -58,6 +58,7 @@ p.add_argument("--width", type=int, default=None, help="video width (default: th
 p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 10 on the toy model, 30 otherwise)")
 p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
 p.add_argument("--guidance-2", type=float, default=None, help="Wan 2.2 A14B: guidance of the low-noise expert (default: the model's, 3.0; else --guidance)")
+p.add_argument("--fps", type=float, default=None, help="frame rate of the generated clips, for rewards that sample by time (VideoScore2, VideoReward, Qwen3-VL); default: the model's (Wan 16, CogVideoX 8, LTX 25)")
 p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the denoiser (saves memory)")
 p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, reward) are stored in it, trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
 p.add_argument("--fsdp", action="store_true", help="shard the denoiser with PyTorch FSDP2 over the torchrun ranks (for full fine-tunes and models of 5B and up; bf16 or fp32)")
@@ -136,7 +137,7 @@ def main(args):
     dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype
     model = common.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
     args.beta = args.beta or (100.0 if model.prediction == "flow" else 5000.0)
-    reward_fn = rewards.load_reward(args.reward, d.device, dtype)
+    reward_fn = rewards.load_reward(args.reward, d.device, dtype, fps=args.fps)
     if not hasattr(reward_fn, "patch_scores"):
         raise ValueError(f"reward {reward_fn.name} offers no patch scores: Gran-DPO needs one that does (e.g. toy:quality)")
     args.patch_beta = args.patch_beta or args.beta

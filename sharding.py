@@ -56,7 +56,7 @@ def save(folder, model, params, optimizer, extra_tensors):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     model_sd, optim_sd = get_state_dict(torch.nn.ModuleList(model.experts), optimizer,
-                                        options=StateDictOptions(ignore_frozen_params=True))
+                                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
     state = {"model": model_sd, "optimizer": optim_sd}
     state |= {name: {str(i): t for i, t in enumerate(ts)} for name, ts in extra_tensors.items()}
     dcp.save(state, checkpoint_id=os.path.join(folder, "sharded"))
@@ -67,7 +67,7 @@ def load(folder, model, params, optimizer, extra_tensors):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
     experts = torch.nn.ModuleList(model.experts)
-    options = StateDictOptions(ignore_frozen_params=True)
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)  # (the frozen base is not in it)
     model_sd, optim_sd = get_state_dict(experts, optimizer, options=options)
     state = {"model": model_sd, "optimizer": optim_sd}
     state |= {name: {str(i): t for i, t in enumerate(ts)} for name, ts in extra_tensors.items()}

@@ -57,6 +57,7 @@ p.add_argument("--width", type=int, default=None, help="video width (default: th
 p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 10 on the toy model, 30 otherwise)")
 p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
 p.add_argument("--guidance-2", type=float, default=None, help="Wan 2.2 A14B: guidance of the low-noise expert (default: the model's, 3.0; else --guidance)")
+p.add_argument("--fps", type=float, default=None, help="frame rate of the generated clips, for rewards that sample by time (VideoScore2, VideoReward, Qwen3-VL); default: the model's (Wan 16, CogVideoX 8, LTX 25)")
 p.add_argument("--sample-batch-size", type=int, default=8, help="videos per sampler/decoder/judge call (results do not depend on it; lower it if sampling runs out of memory)")
 p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the denoiser (saves memory)")
 p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, judge) are stored in it, trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
@@ -109,7 +110,7 @@ def main(args):
     dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype
     model = common.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
     args.dpo_beta = args.dpo_beta or (100.0 if model.prediction == "flow" else 5000.0)
-    judge = rewards.load_reward(args.judge, d.device, dtype)
+    judge = rewards.load_reward(args.judge, d.device, dtype, fps=args.fps)
     question = (lambda pr: args.question.format(prompt=pr)) if args.question else rewards.default_question
     if hasattr(judge, "question_fn"):  # a VLM judge is asked exactly this question
         judge.question_fn = question

@@ -16,6 +16,7 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 torch.set_num_threads(1)
 import common  # noqa: E402
 import rewards  # noqa: E402
+import sharding  # noqa: E402
 
 script, argv = sys.argv[1], sys.argv[2:]
 captured = {"grads": []}
@@ -26,8 +27,8 @@ if "--no-grad-average" in argv:
 
 
 def recording_average(params, d):
-    average(params, d)
-    captured["grads"] += [p.grad.detach().cpu().clone() if p.grad is not None else torch.zeros_like(p).cpu()
+    average(params, d)  # (under FSDP: the gradient shards, gathered whole; every rank calls this)
+    captured["grads"] += [sharding.full(p.grad).detach().cpu().clone() if p.grad is not None else torch.zeros(p.shape)
                           for p in params]
 
 
@@ -55,15 +56,28 @@ if "--tie" in argv:
 _setup = common.setup_trainable
 
 
-def capture(*a, **k):
-    captured["params"] = _setup(*a, **k)
-    return captured["params"]
+def capture(model, *a, **k):
+    captured["model"] = model
+    return _setup(model, *a, **k)
+
+
+def trainable():  # read from the model: under FSDP the parameters are replaced by sharded ones
+    return [sharding.full(p).detach().cpu() for den in captured["model"].experts for p in den.parameters() if p.requires_grad]
+
+
+_destroy = torch.distributed.destroy_process_group
+
+
+def destroy(*a, **k):  # gather sharded weights while the process group still exists
+    captured["final"] = trainable()
+    _destroy(*a, **k)
 
 
 common.setup_trainable = capture
+torch.distributed.destroy_process_group = destroy
 mod = importlib.import_module(script)
 args = mod.p.parse_args(argv)
 rank = int(os.environ.get("RANK", 0))
 out = mod.main(args)
-torch.save([p.detach().cpu() for p in captured["params"]], os.path.join(out, f"rank{rank}.pt"))
+torch.save(captured.get("final") or trainable(), os.path.join(out, f"rank{rank}.pt"))
 torch.save(captured["grads"], os.path.join(out, f"grads{rank}.pt"))

@@ -42,13 +42,13 @@ def final_params(out):
     return state["params"]
 
 
-def assert_ranks_agree_with_one_process(script, argv, tmp_path, tol=1e-5, grad_rtol=1e-5, extra=()):
+def assert_ranks_agree_with_one_process(script, argv, tmp_path, tol=1e-5, grad_rtol=1e-5, extra=(), ranks_only=()):
     """torchrun 2 ranks: identical weights on both, equal to one process on the union of the data; and every
     update's gradient after the cross-rank average equal to the single process's. The gradient check
     is what AdamW and clipping cannot hide (a sum over ranks not divided by the world size, or a per-rank
     mean where ranks hold uneven pair counts, changes the gradient but barely the AdamW update).
-    Returns (rank-0 weights, single-process weights)."""
-    torchrun(script, argv + ["--out", str(tmp_path / "ddp")], extra=extra)
+    `ranks_only`: flags for the torchrun run alone (e.g. --fsdp). Returns (rank-0 weights, single-process weights)."""
+    torchrun(script, argv + list(ranks_only) + ["--out", str(tmp_path / "ddp")], extra=extra)
     r0, r1 = load_rank(str(tmp_path / "ddp"), 0), load_rank(str(tmp_path / "ddp"), 1)
     assert max_diff(r0, r1) == 0.0  # every rank holds the same weights
     single(script, argv + ["--out", str(tmp_path / "one")], extra=extra)

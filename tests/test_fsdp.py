@@ -1,0 +1,41 @@
+"""FSDP2 (--fsdp): each script under `torchrun --nproc_per_node 2 --fsdp` (gloo, CPU tensors: FSDP2 runs
+there) ends with the weights one process reaches on the union of the data, its every update's gradient
+equal to one process's; a sharded save/resume round trip equals an uninterrupted run; the LoRA that rank 0
+gathers and writes equals the single process's file."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+from helpers import assert_ranks_agree_with_one_process, load_rank, max_diff, torchrun
+from test_regime import DPO, RWR, UNEVEN, VADER, two_prompts  # noqa: F401 (a fixture)
+
+
+@pytest.mark.parametrize("script,argv,extra", [
+    ("online_vpo", DPO + UNEVEN + ["--steps", "2"], ["--tie", "red"]),  # a rank with no pair still runs its forward
+    ("gran_dpo", DPO + UNEVEN + ["--steps", "2", "--reward", "toy:quality"], ["--tie", "red"]),
+    ("vader_grad", VADER + ["--steps", "2"], []),
+    ("vlm_feedback_rwr", RWR, []),
+])
+def test_fsdp_two_ranks_equal_one_process(tmp_path, toy_model, two_prompts, script, argv, extra):
+    args = argv + (two_prompts if extra else [])
+    # gradients agree to ~2e-6 relative (reduce-scatter sums in another order); AdamW turns that into weight
+    # differences of a few 1e-5 on near-zero entries, so weights at 1e-4 and gradients at 1e-5 relative
+    assert_ranks_agree_with_one_process(script, args, tmp_path, tol=1e-4, extra=extra, ranks_only=["--fsdp"])
+    ck = {f: common.latest_checkpoint(str(tmp_path / f)) for f in ("ddp", "one")}
+    assert os.path.isdir(os.path.join(ck["ddp"], "sharded"))  # torch.distributed.checkpoint shards
+    lora = {f: load_file(os.path.join(ck[f], "lora", "pytorch_lora_weights.safetensors")) for f in ck}
+    assert sorted(lora["ddp"]) == sorted(lora["one"]) and all(
+        (lora["ddp"][k] - lora["one"][k]).abs().max() < 1e-4 for k in lora["one"])  # rank 0 wrote the whole LoRA
+
+
+def test_fsdp_resume_equals_an_uninterrupted_run(tmp_path, toy_model):
+    args = DPO + ["--fsdp", "--lr", "1e-2", "--ref-update-interval", "3"]
+    torchrun("online_vpo", args + ["--steps", "4", "--save-every", "2", "--out", str(tmp_path / "full")])
+    torchrun("online_vpo", args + ["--steps", "2", "--out", str(tmp_path / "part")])
+    torchrun("online_vpo", args + ["--steps", "4", "--resume", str(tmp_path / "part")])
+    assert max_diff(load_rank(str(tmp_path / "full"), 0), load_rank(str(tmp_path / "part"), 0)) < 1e-6
+    with pytest.raises(AssertionError, match="written with --fsdp"):  # a sharded checkpoint needs --fsdp to resume
+        torchrun("online_vpo", DPO + ["--steps", "6", "--resume", str(tmp_path / "part")])
