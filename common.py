@@ -675,19 +675,18 @@ def setup_distributed(device_arg=None):
 
 
 def average_gradients(params, d):
-    """All-reduce the gradients of `params` and divide by the world size, in one flat bucket.
-    Called explicitly in every loop after backward: the popular video-alignment repos that skip this
-    train each rank on its own shard and silently drift apart (tests/test_distributed.py catches it)."""
-    if d.world == 1 or sharding.is_sharded(params):  # (FSDP2 has reduce-scattered the mean already)
+    """All-reduce the gradients of `params` in place and divide by the world size. Called explicitly in
+    every loop after backward: the popular video-alignment repos that skip this train each rank on its
+    own shard and silently drift apart (tests/test_distributed.py catches it). Tensor by tensor, so a full
+    fine-tune never holds a second, flat copy of its gradients. Under FSDP2 (sharded parameters) the
+    gradients were already reduce-scattered as a mean: nothing to do."""
+    if d.world == 1 or sharding.is_sharded(params):
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= d.world
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
+    for p in params:
+        if p.grad is None:  # (a rank with no DPO pair this step still joins the average, with zeros)
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad /= d.world
 
 
 def clip_grad_norm(params, max_norm):
