@@ -1023,6 +1023,7 @@ def command_line(script):
 
 PIPELINE_CLASS = {"toy": "WanPipeline", "wan": "WanPipeline", "cogvideox": "CogVideoXPipeline", "ltx": "LTXPipeline",
                   "modelscope": "TextToVideoSDPipeline"}
+PIPELINE_CLASS["hunyuan15"] = "HunyuanVideo15Pipeline"
 
 
 def write_model_card(out, script, algorithm, paper, samples_seen):
@@ -1053,6 +1054,9 @@ def write_model_card(out, script, algorithm, paper, samples_seen):
     lines += [f"| {k} | {before.get(k, '')} | {after[k]} |" for k in figures]
     lines += ["", "```python", f"pipe = diffusers.{pipe}.from_pretrained(\"{base}\", torch_dtype=torch.bfloat16)",
               "pipe.load_lora_weights(\"path/to/this/folder\")"]
+    if cfg["family"] == "hunyuan15":  # HunyuanVideo15Pipeline has no load_lora_weights (diffusers 0.42): its DiT loads it
+        lines[-1] = ("pipe.transformer.load_lora_adapter(\"path/to/this/folder\", "
+                     "weight_name=\"pytorch_lora_weights.safetensors\", prefix=\"transformer\")")
     if two_experts:  # Wan 2.2 A14B: the low-noise expert's adapter is its own folder
         lines += ["pipe.load_lora_weights(\"path/to/lora_transformer_2\", load_into_transformer_2=True)"]
     lines += ["```", ""]

@@ -10,7 +10,7 @@ import torch
 
 import common
 import tiny_models
-from helpers import run_main
+from helpers import assert_model_card_matches, run_main
 
 # the second prompt quotes glyph text, so the ByT5 stream is non-empty for it (and empty for the first)
 PROMPTS = ["a red square falling", 'a sign that reads "hello" and "bye"']
@@ -162,7 +162,10 @@ def rows_of(out):
 
 
 def assert_lora_checkpoint(out):
+    """The final LoRA and its model card (figures = metrics.jsonl; the snippet uses the DiT's loader, as
+    HunyuanVideo15Pipeline has no load_lora_weights)."""
     assert os.path.exists(os.path.join(common.latest_checkpoint(out), "lora", "pytorch_lora_weights.safetensors"))
+    return assert_model_card_matches(out, loader="pipe.transformer.load_lora_adapter(")
 
 
 def test_online_vpo_end_to_end(tmp_path, tiny_folders):
@@ -175,7 +178,14 @@ def test_online_vpo_end_to_end(tmp_path, tiny_folders):
     assert [r["step"] for r in rows if not r.get("eval")] == [1, 2] and rows[-1]["eval"]
     assert all(math.isfinite(r["loss"]) for r in rows if not r.get("eval"))
     assert json.load(open(os.path.join(out, "config.json")))["family"] == "hunyuan15"
-    assert_lora_checkpoint(out)
+    card = assert_lora_checkpoint(out)
+    import diffusers  # the card's own snippet, run as written (its base model is the tiny folder --model named)
+    snippet = card.split("```python\n")[1].split("```")[0]
+    assert "HunyuanVideo15Pipeline.from_pretrained" in snippet and "load_lora_weights" not in snippet
+    scope = {"diffusers": diffusers, "torch": torch}
+    exec(snippet.replace("path/to/this/folder", os.path.join(common.latest_checkpoint(out), "lora")), scope)
+    assert scope["pipe"].transformer.peft_config and any("lora_B" in n for n, _ in
+                                                         scope["pipe"].transformer.named_parameters())
 
 
 def test_vader_grad_end_to_end(tmp_path, tiny_folders):
