@@ -7,6 +7,8 @@ Plain functions and one bundle class, no framework. Supported families (diffuser
   cogvideox  CogVideoX 1.0 / 1.5 (DDIM or DPM, v-prediction), [B, F, C, H, W]
   ltx        LTX-Video (flow matching, tokens packed inside the denoiser call), [B, C, F, H, W] outside
   modelscope ModelScope UNet3DConditionModel (eps-prediction, 2D VAE per frame), [B, C, F, H, W]
+  hunyuan15  HunyuanVideo 1.5 (Qwen2.5-VL + ByT5 text, HunyuanVideo15Transformer3DModel + its causal VAE),
+             flow matching, [B, C, F, H, W]
 Latents stay in the family's own layout everywhere; `denoise` is the one place that knows the
 family's call convention. Videos handed to rewards are always [B, F, C, H, W] floats in [0, 1].
 """
@@ -38,12 +40,17 @@ MODEL_ALIASES = {  # short names for the public checkpoints (hub ids; pass a loc
     "cogvideox1.5-5b": "THUDM/CogVideoX1.5-5B",
     "ltx-video": "Lightricks/LTX-Video",
     "modelscope-1.7b": "ali-vilab/text-to-video-ms-1.7b",
+    "hunyuanvideo1.5": "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v",
 }
 PIPELINE_FAMILY = {"WanPipeline": "wan", "CogVideoXPipeline": "cogvideox", "LTXPipeline": "ltx",
                    "TextToVideoSDPipeline": "modelscope"}
 DENOISER_FOLDER = {"toy": "transformer", "wan": "transformer", "cogvideox": "transformer", "ltx": "transformer",
                    "modelscope": "unet"}
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections, same names in every family
+# HunyuanVideo 1.5 (HunyuanVideo15Pipeline): the second flow-matching DiT family with two text encoders
+PIPELINE_FAMILY["HunyuanVideo15Pipeline"] = "hunyuan15"
+DENOISER_FOLDER["hunyuan15"] = "transformer"
+HUNYUAN15_IMAGE_TOKENS = 729  # HunyuanVideo15Pipeline.vision_num_semantic_tokens: the (all-zero) image tokens of T2V
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,7 +84,8 @@ def resolve_model(name_or_path):
         family = PIPELINE_FAMILY[index["_class_name"]]
     else:
         raise ValueError(f"unsupported model family {index.get('_class_name')!r} in {path}: supported are "
-                         f"the toy model and {sorted(PIPELINE_FAMILY)} (Wan, CogVideoX, LTX-Video, ModelScope)")
+                         f"the toy model and {sorted(PIPELINE_FAMILY)} (Wan, CogVideoX, LTX-Video, ModelScope, "
+                         f"HunyuanVideo 1.5)")
     folder = os.path.join(path, DENOISER_FOLDER[family])
     if not os.path.isdir(folder) or not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(folder)):
         raise FileNotFoundError(f"no weights in {folder}: the model folder is incomplete (download it fully, "
@@ -93,6 +101,8 @@ def check_video_size(family, num_frames, height, width):
         "cogvideox": (lambda f: (f - 1) % 4 == 0, "4k+1 (e.g. 13, 49)", 16),
         "ltx": (lambda f: (f - 1) % 8 == 0, "8k+1 (e.g. 9, 17, 161)", 32),
         "modelscope": (lambda f: f >= 1, "at least 1", 8),
+        # VAE: 4x in time (causal), 16x in space; the DiT's patches are 1x1x1 (patch_size, patch_size_t)
+        "hunyuan15": (lambda f: (f - 1) % 4 == 0, "4k+1 (e.g. 33, 121)", 16),
     }
     ok, text, mult = rules[family]
     if not ok(num_frames):
@@ -106,11 +116,28 @@ FAMILY_DEFAULTS = {  # video size, sampler steps, guidance and frame rate (the f
     "cogvideox": dict(num_frames=49, height=480, width=720, sample_steps=30, guidance=6.0, fps=8),
     "ltx": dict(num_frames=65, height=480, width=704, sample_steps=30, guidance=3.0, fps=25),
     "modelscope": dict(num_frames=16, height=256, width=256, sample_steps=25, guidance=9.0, fps=8),
+    # HunyuanVideo15Pipeline's own defaults: 121 frames, 50 steps, 480x848 (its 16:9 bucket for target_size 640),
+    # guidance 6.0 (the 480p/720p guider), 24 fps; model_defaults reads the checkpoint's guider and target size
+    "hunyuan15": dict(num_frames=121, height=480, width=848, sample_steps=50, guidance=6.0, fps=24),
 }
 
 
 def model_defaults(path, family):
     """The family's defaults (the toy model's come from its model_index.json); no weights are read."""
+    if family == "hunyuan15":  # guidance lives in the guider's config (1.0 for the step-distilled checkpoints),
+        defaults = dict(FAMILY_DEFAULTS[family])  # the default size in the transformer's target_size (480p / 720p)
+        guider, transformer = (os.path.join(path, *name) for name in (("guider", "guider_config.json"),
+                                                                       ("transformer", "config.json")))
+        if os.path.exists(guider):
+            with open(guider) as f:
+                defaults["guidance"] = float(json.load(f).get("guidance_scale", defaults["guidance"]))
+        if os.path.exists(transformer):
+            from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+            with open(transformer) as f:
+                target = json.load(f).get("target_size", 640)
+            defaults["height"], defaults["width"] = HunyuanVideo15ImageProcessor(
+                vae_scale_factor=16).calculate_default_height_width(9, 16, target)  # the pipeline's 16:9 default
+        return defaults
     with open(os.path.join(path, "model_index.json")) as f:
         index = json.load(f)
     if family == "wan" and index.get("transformer_2", [None])[0] is not None:  # Wan 2.2 A14B (its sample_guide_scale)
@@ -148,6 +175,8 @@ class VideoModel:
     expand_timesteps: bool = False  # Wan 2.2 TI2V gives the timestep per token
     denoiser_2: torch.nn.Module = None  # Wan 2.2 A14B's low-noise expert (`transformer_2`), else None
     boundary: float = None  # timesteps >= boundary go to `denoiser` (high noise), the others to `denoiser_2`
+    tokenizer_2: object = None  # HunyuanVideo 1.5: the ByT5 glyph tokenizer and encoder beside Qwen2.5-VL
+    text_encoder_2: torch.nn.Module = None
     prompt_cache: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
 
     @property
@@ -198,6 +227,10 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, denoiser_dtype=t
     cls = type(scheduler).__name__
     prediction = "flow" if ("FlowMatch" in cls or scheduler.config.get("use_flow_sigmas")) else \
         ("v" if scheduler.config.get("prediction_type") == "v_prediction" else "eps")
+    if family == "hunyuan15":  # + the ByT5 glyph encoder; Qwen2.5-VL's 1000 tokens after the template (the pipeline's)
+        return VideoModel(path, family, prediction, tokenizer, text_encoder, denoiser, vae, scheduler, 1000,
+                          tokenizer_2=component("tokenizer_2"),
+                          text_encoder_2=component("text_encoder_2", dtype).eval().requires_grad_(False))
     max_len = {"toy": index.get("max_sequence_length", 16), "wan": 512, "cogvideox": 226, "ltx": 128,
                "modelscope": tokenizer.model_max_length}[family]
     return VideoModel(path, family, prediction, tokenizer, text_encoder, denoiser, vae, scheduler, max_len,
@@ -228,10 +261,46 @@ PROMPT_CACHE_SIZE = 128  # prompts whose embeddings stay on the device (one Wan 
 
 
 @torch.no_grad()
+def _encode_prompts_hunyuan15(model, prompts):
+    """HunyuanVideo 1.5's two text streams, packed into encode_prompts' (embeddings, mask) pair so the sampler
+    and the loops pass them on untouched: rows [0, L) are Qwen2.5-VL's hidden states (layer -3, after the chat
+    template's first 108 tokens are cropped), rows [L, L + 256) ByT5's embedding of the quoted glyph text (zeros
+    and mask 0 when the prompt quotes none); features are zero-padded to the wider of the two. `denoise` unpacks.
+    The encoding calls the stock pipeline's own static helpers with their defaults, which are the pipeline's
+    settings (system prompt, crop 108, 1000 + 256 tokens): re-implementing the chat template, the crop and the
+    glyph-text regex would only be a second copy to keep in sync (tests/test_hunyuan15.py checks the result
+    against HunyuanVideo15Pipeline.encode_prompt)."""
+    from diffusers import HunyuanVideo15Pipeline as P
+    cache = model.prompt_cache
+    missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+    if missing:
+        dev = model.text_encoder.device
+        e1, m1 = P._get_mllm_prompt_embeds(model.text_encoder, model.tokenizer, missing, dev,
+                                            tokenizer_max_length=model.max_sequence_length)
+        e2, m2 = P._get_byt5_prompt_embeds(model.tokenizer_2, model.text_encoder_2, missing, dev)
+        emb = e1.new_zeros(len(missing), e1.shape[1] + e2.shape[1], max(e1.shape[2], e2.shape[2]),
+                           dtype=torch.promote_types(e1.dtype, e2.dtype))
+        emb[:, : e1.shape[1], : e1.shape[2]] = e1
+        emb[:, e1.shape[1]:, : e2.shape[2]] = e2
+        mask = torch.cat([m1.to(dev), m2.to(dev)], 1).bool()
+        for p, e, m in zip(missing, emb, mask):
+            cache[p] = (e.clone(), m)
+    for p in prompts:
+        cache.move_to_end(p)
+    emb = torch.stack([cache[p][0] for p in prompts])
+    mask = torch.stack([cache[p][1] for p in prompts])
+    while len(cache) > PROMPT_CACHE_SIZE:
+        cache.popitem(last=False)
+    return emb, mask
+
+
+@torch.no_grad()
 def encode_prompts(model, prompts):
     """(embeddings [B, L, D], attention mask [B, L] or None) exactly as the family's pipeline builds them.
     Repeated prompts (the empty negative prompt, candidates of one prompt) are encoded once; the cache keeps
     the PROMPT_CACHE_SIZE most recently used."""
+    if model.family == "hunyuan15":
+        return _encode_prompts_hunyuan15(model, prompts)
     cache = model.prompt_cache
     missing = [p for p in dict.fromkeys(prompts) if p not in cache]
     if missing:
@@ -277,6 +346,9 @@ def latent_shape(model, num_frames, height, width):
     if model.family == "ltx":
         st, ss = model.vae.temporal_compression_ratio, model.vae.spatial_compression_ratio
         return (model.denoiser.config.in_channels, (num_frames - 1) // st + 1, height // ss, width // ss)
+    if model.family == "hunyuan15":  # the VAE's latent channels (the DiT's input adds condition + mask channels)
+        st, ss = model.vae.temporal_compression_ratio, model.vae.spatial_compression_ratio
+        return (model.vae.config.latent_channels, (num_frames - 1) // st + 1, height // ss, width // ss)
     ss = 2 ** (len(model.vae.config.block_out_channels) - 1)  # modelscope: 2D VAE, one latent per frame
     return (model.denoiser.config.in_channels, num_frames, height // ss, width // ss)
 
@@ -334,6 +406,16 @@ def _denoise(model, den, latents, timestep, embeds, mask=None):
         out = den(hidden_states=tokens, encoder_hidden_states=embeds, timestep=timestep, encoder_attention_mask=mask,
                   num_frames=F, height=H, width=W, rope_interpolation_scale=(st / 25, ss, ss), return_dict=False)[0]
         return out.reshape(B, F, H, W, -1).permute(0, 4, 1, 2, 3)
+    if fam == "hunyuan15":  # T2V, as HunyuanVideo15Pipeline calls it: the input is [x, zero condition latents,
+        # zero mask channel] on channels, the image tokens all zero (which the DiT reads as "no image"), the
+        # timestep in the DiT's dtype; the two text streams come packed by encode_prompts
+        B, C, F, H, W = x.shape
+        cfg, L = den.config, model.max_sequence_length
+        embeds, mask = embeds.to(den.dtype), mask.to(den.dtype)
+        return den(torch.cat([x, x.new_zeros(B, C + 1, F, H, W)], 1), timestep=timestep.to(den.dtype),
+                   encoder_hidden_states=embeds[:, :L, : cfg.text_embed_dim], encoder_attention_mask=mask[:, :L],
+                   encoder_hidden_states_2=embeds[:, L:, : cfg.text_embed_2_dim], encoder_attention_mask_2=mask[:, L:],
+                   image_embeds=x.new_zeros(B, HUNYUAN15_IMAGE_TOKENS, cfg.image_embed_dim), return_dict=False)[0]
     return den(x, timestep, encoder_hidden_states=embeds, return_dict=False)[0]  # modelscope UNet3D
 
 
@@ -373,6 +455,13 @@ def decode(model, latents, frames=None):
         x = x * std / vae.config.scaling_factor + mean
         t = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype) if vae.config.timestep_conditioning else None
         video = vae.decode(x, t, return_dict=False)[0].permute(0, 2, 1, 3, 4)
+    elif model.family == "hunyuan15":  # causal 3D VAE (4x in time): a frame subset needs only its causal prefix.
+        # One video per decoder call: diffusers 0.42's VAE mid-block attention builds a [B, N, N] mask that
+        # breaks on B > 1 (diffusers PR #13133); the stock pipeline decodes a batch only with vae.enable_slicing()
+        if frames is not None:
+            x = x[:, :, : _causal_prefix(max(frames), vae.temporal_compression_ratio)]
+        x = x / vae.config.scaling_factor
+        video = torch.cat([vae.decode(z, return_dict=False)[0] for z in x.split(1)]).permute(0, 2, 1, 3, 4)
     else:  # modelscope: a 2D VAE frame by frame, so a frame subset costs only those frames
         if frames is not None:
             x = x[:, :, frames]
@@ -402,6 +491,9 @@ def set_timesteps(model, steps, shape):
                              c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
         sch.set_timesteps(sigmas=[1.0 - i * (1 - 1 / steps) / max(steps - 1, 1) for i in range(steps)],
                           device=model.device, mu=mu)
+    elif model.family == "hunyuan15":  # HunyuanVideo15Pipeline: sigmas linspace(1, 0, steps + 1)[:-1], then the shift
+        import numpy as np
+        sch.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1], device=model.device)
     else:
         sch.set_timesteps(steps, device=model.device)
     if hasattr(sch, "set_begin_index"):
@@ -634,6 +726,12 @@ def _save_lora(model, den, folder, main):
     if model.family == "modelscope":
         diffusers.TextToVideoSDPipeline.save_lora_weights(folder, unet_lora_layers=state,
                                                           unet_lora_adapter_metadata=config)
+    elif model.family == "hunyuan15":  # HunyuanVideo15Pipeline has no LoRA loader mixin (no load_lora_weights) in
+        # diffusers 0.42: the file is the standard one (keys "transformer.*" + the LoraConfig metadata) that its
+        # transformer reads with `pipe.transformer.load_lora_adapter(folder, prefix="transformer")`
+        from diffusers.loaders import HunyuanVideoLoraLoaderMixin
+        HunyuanVideoLoraLoaderMixin.save_lora_weights(folder, transformer_lora_layers=state,
+                                                      transformer_lora_adapter_metadata=config)
     else:
         getattr(diffusers, PIPELINE_CLASS[model.family]).save_lora_weights(folder, transformer_lora_layers=state,
                                                                            transformer_lora_adapter_metadata=config)
@@ -926,6 +1024,7 @@ def command_line(script):
 
 PIPELINE_CLASS = {"toy": "WanPipeline", "wan": "WanPipeline", "cogvideox": "CogVideoXPipeline", "ltx": "LTXPipeline",
                   "modelscope": "TextToVideoSDPipeline"}
+PIPELINE_CLASS["hunyuan15"] = "HunyuanVideo15Pipeline"
 
 
 def write_model_card(out, script, algorithm, paper, samples_seen):
@@ -956,6 +1055,9 @@ def write_model_card(out, script, algorithm, paper, samples_seen):
     lines += [f"| {k} | {before.get(k, '')} | {after[k]} |" for k in figures]
     lines += ["", "```python", f"pipe = diffusers.{pipe}.from_pretrained(\"{base}\", torch_dtype=torch.bfloat16)",
               "pipe.load_lora_weights(\"path/to/this/folder\")"]
+    if cfg["family"] == "hunyuan15":  # HunyuanVideo15Pipeline has no load_lora_weights (diffusers 0.42): its DiT loads it
+        lines[-1] = ("pipe.transformer.load_lora_adapter(\"path/to/this/folder\", "
+                     "weight_name=\"pytorch_lora_weights.safetensors\", prefix=\"transformer\")")
     if two_experts:  # Wan 2.2 A14B: the low-noise expert's adapter is its own folder
         lines += ["pipe.load_lora_weights(\"path/to/lora_transformer_2\", load_into_transformer_2=True)"]
     lines += ["```", ""]

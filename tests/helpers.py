@@ -61,9 +61,9 @@ def assert_ranks_agree_with_one_process(script, argv, tmp_path, tol=1e-5, grad_r
     return r0, one
 
 
-def assert_model_card_matches(out):
+def assert_model_card_matches(out, loader="load_lora_weights"):
     """The final LoRA's README.md: Hugging Face card metadata, and every before/after figure equal to the
-    first and last evaluation rows of metrics.jsonl."""
+    first and last evaluation rows of metrics.jsonl; its snippet loads the LoRA with `loader`."""
     import json
     import common
     card = open(os.path.join(common.latest_checkpoint(out), "lora", "README.md")).read()
@@ -77,5 +77,5 @@ def assert_model_card_matches(out):
     for k in want:
         before, after = (float(v) for v in rows[k])
         assert before == evals[0][k] and after == evals[-1][k], k
-    assert "load_lora_weights" in card
+    assert loader in card
     return card

@@ -14,6 +14,7 @@ WORDS = "a the red green blue yellow magenta cyan square circle triangle moving 
 SIZES = {  # family -> (num_frames, height, width) the tiny model is tested at
     "wan": (9, 16, 16), "cogvideox": (9, 16, 16), "ltx": (9, 32, 32), "modelscope": (4, 16, 16),
     "wan_a14b": (9, 16, 16)}  # Wan 2.2 A14B: two experts (transformer, transformer_2) switched at boundary_ratio
+SIZES["hunyuan15"] = (9, 32, 32)  # the real VAE's 4x / 16x compression: latents 3 x 2 x 2
 
 
 def word_tokenizer(max_len, clip_style=False):
@@ -50,6 +51,49 @@ def t5_encoder(d_model=32, umt5=True):
     return model_cls(cfg_cls(vocab_size=len(WORDS) + 3, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                              relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
                              decoder_start_token_id=0))
+
+
+QWEN_CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                      "'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}")
+
+
+def qwen2_byte_tokenizer():
+    """A Qwen2Tokenizer (byte-level BPE, the real class) whose vocabulary is the 256 byte symbols and no merges,
+    with Qwen's chat markers and a ChatML template: HunyuanVideo 1.5's prompt template tokenizes as in the real
+    one, one token per byte."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+    tok = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}, merges=[])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+def hunyuan15_components(scheduler=None, guidance=4.0):
+    """Tiny random HunyuanVideo 1.5 parts: Qwen2.5-VL text model (3 layers: the pipeline reads layer -3), ByT5
+    (T5 encoder + the byte tokenizer), the DiT (latent 4 channels -> input 2 * 4 + 1, text widths 32 and 24 so
+    the two streams differ), the VAE at the real 4x temporal / 16x spatial compression, the CFG guider."""
+    import diffusers as D
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+    tok = qwen2_byte_tokenizer()
+    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=len(tok), max_position_embeddings=2048, bos_token_id=None, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}))
+    tok2 = ByT5Tokenizer()
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=24, d_kv=8, d_ff=37, num_layers=2,
+                                             num_heads=3, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                             pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = D.HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2, num_refiner_layers=1,
+        mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=24, image_embed_dim=12,
+        rope_axes_dim=(2, 2, 4), target_size=32, task_type="t2v")
+    vae = D.AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1,
+                                        spatial_compression_ratio=16, temporal_compression_ratio=4)
+    return dict(tokenizer=tok, text_encoder=text_encoder, tokenizer_2=tok2, text_encoder_2=text_encoder_2,
+                transformer=transformer, vae=vae, scheduler=scheduler or D.FlowMatchEulerDiscreteScheduler(shift=5.0),
+                guider=D.ClassifierFreeGuidance(guidance_scale=guidance))
 
 
 def build(family, folder, seed=0, scheduler=None, **kw):
@@ -127,6 +171,8 @@ def build(family, folder, seed=0, scheduler=None, **kw):
                                 latent_channels=4, sample_size=16, norm_num_groups=2),
             scheduler=scheduler or D.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                                    clip_sample=False, set_alpha_to_one=False))
+    elif family == "hunyuan15":
+        pipe = D.HunyuanVideo15Pipeline(**hunyuan15_components(scheduler))
     else:
         raise ValueError(family)
     pipe.save_pretrained(folder)
