@@ -679,8 +679,8 @@ class Reference:
     `update()` is OnlineVPO's curriculum step ref <- policy. Call `forward` BEFORE the policy's
     forward of the same step (swapping weights under a live autograd graph would corrupt it)."""
 
-    def __init__(self, params):
-        self.params = params
+    def __init__(self, params, modules=()):
+        self.params, self.modules = params, modules  # modules: the denoisers (FSDP2 roots under --fsdp)
         self.weights = [p.detach().clone() for p in params]
 
     @torch.no_grad()
@@ -695,14 +695,17 @@ class Reference:
             p.copy_(w)
         # autocast caches its low-precision cast of every trainable weight for the whole region and does not
         # see in-place swaps: without clearing, the policy forward that follows reuses the REFERENCE's casts
-        # (policy == reference, inside = 0, loss = log 2 under bf16), or the reference reuses the policy's
+        # (policy == reference, inside = 0, loss = log 2 under bf16), or the reference reuses the policy's.
+        # Likewise FSDP2 keeps a root module's weights gathered after its forward: reshard them on each swap
         torch.clear_autocast_cache()
+        sharding.reshard(self.modules)
         try:
             return fn(*args)
         finally:
             for p, s in zip(self.params, saved):
                 p.copy_(s)
             torch.clear_autocast_cache()
+            sharding.reshard(self.modules)
 
 
 def save_lora(model, folder, main=True):

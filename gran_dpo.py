@@ -150,7 +150,7 @@ def main(args):
     if args.fsdp:  # FSDP2: each block, then the root; trainable weights, gradients and AdamW state sharded
         params = sharding.shard(model, args.mixed_precision)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    ref = common.Reference(params)  # f_ref: starts as the initial policy
+    ref = common.Reference(params, model.experts)  # f_ref: starts as the initial policy
     autocast = common.autocast_context(args.mixed_precision, d.device)
     scaler = common.grad_scaler(args.mixed_precision, d.device)
     video_kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, steps=args.sample_steps,

@@ -32,6 +32,10 @@ def blocks(den):
 def shard(model, mixed_precision):
     """fully_shard each block, then each denoiser; returns the (now sharded) trainable parameters."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if not dist.is_initialized():  # one process without torchrun: FSDP2 still needs a process group (of one)
+        import common
+        dist.init_process_group(common.process_group_backend(torch.cuda.is_available()), store=dist.HashStore(),
+                                rank=0, world_size=1)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for den in model.experts:
@@ -39,6 +43,15 @@ def shard(model, mixed_precision):
             fully_shard(block, mp_policy=policy)
         fully_shard(den, mp_policy=policy)
     return [p for den in model.experts for p in den.parameters() if p.requires_grad]
+
+
+def reshard(modules):
+    """Free the gathered weights of FSDP2 modules (a root keeps them after its forward): after an in-place
+    swap of the sharded weights (the DPO reference), the next forward must gather them again."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in modules:
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def is_sharded(params):

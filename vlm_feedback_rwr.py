@@ -120,7 +120,7 @@ def main(args):
     if args.fsdp:  # FSDP2: each block, then the root; trainable weights, gradients and AdamW state sharded
         params = sharding.shard(model, args.mixed_precision)
     optimizer = torch.optim.AdamW(params, lr=args.lr)
-    ref = common.Reference(params) if args.loss == "dpo" else None
+    ref = common.Reference(params, model.experts) if args.loss == "dpo" else None
     autocast = common.autocast_context(args.mixed_precision, d.device)
     scaler = common.grad_scaler(args.mixed_precision, d.device)
     start_round, opt_steps = 0, 0

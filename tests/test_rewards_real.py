@@ -15,8 +15,10 @@ def test_videoscore_loads_and_scores(videoscore_folder):
     assert torch.equal(out["reward"], out["dynamic_degree"])
     assert torch.equal(r.head.weight, head)  # the head came from the checkpoint, by name
     assert all(torch.equal(a, b) for a, b in zip(r.model.state_dict().values(), base.state_dict().values()))
-    other = r(torch.rand(2, 9, 3, 16, 16), ["a red square falling", "a cat"])
-    assert not torch.allclose(out["reward"], other["reward"])  # the video matters
+    # the video matters (a random one-layer model pooled at the trailing text token moves little: contrast
+    # a black clip with a white one, and ask only that the scores differ)
+    black, white = (r(torch.full((2, 9, 3, 16, 16), v), ["a red square falling", "a cat"])["reward"] for v in (0.0, 1.0))
+    assert (black - white).abs().min() > 0
 
 
 def test_videoscore_gradient_reaches_the_pixels_and_patches(videoscore_folder):
