@@ -49,11 +49,19 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, toy_model, two_prompts, scri
         (lora["ddp"][k] - lora["one"][k]).abs().max() < (5e-3 if bf16 else 1e-4) for k in lora["one"])  # rank 0: all of it
 
 
-def test_fsdp_resume_equals_an_uninterrupted_run(tmp_path, toy_model):
-    args = DPO + ["--fsdp", "--lr", "1e-2", "--ref-update-interval", "3"]
-    torchrun("online_vpo", args + ["--steps", "4", "--save-every", "2", "--out", str(tmp_path / "full")])
-    torchrun("online_vpo", args + ["--steps", "2", "--out", str(tmp_path / "part")])
-    torchrun("online_vpo", args + ["--steps", "4", "--resume", str(tmp_path / "part")])
+@pytest.mark.parametrize("script,argv,length", [
+    ("online_vpo", DPO + ["--lr", "1e-2", "--ref-update-interval", "3"], "steps"),
+    ("gran_dpo", DPO + ["--lr", "1e-2"], "steps"),
+    ("vader_grad", VADER, "steps"),
+    ("vlm_feedback_rwr", RWR, "rounds"),
+])
+def test_fsdp_resume_equals_an_uninterrupted_run(tmp_path, toy_model, script, argv, length):
+    n, half = ("4", "2") if length == "steps" else ("2", "1")
+    every = ["--save-every", half] if length == "steps" else []
+    torchrun(script, argv + ["--fsdp", f"--{length}", n, "--out", str(tmp_path / "full")] + every)
+    torchrun(script, argv + ["--fsdp", f"--{length}", half, "--out", str(tmp_path / "part")])
+    torchrun(script, argv + ["--fsdp", f"--{length}", n, "--resume", str(tmp_path / "part")])
     assert max_diff(load_rank(str(tmp_path / "full"), 0), load_rank(str(tmp_path / "part"), 0)) < 1e-6
-    with pytest.raises(AssertionError, match="written with --fsdp"):  # a sharded checkpoint needs --fsdp to resume
-        torchrun("online_vpo", DPO + ["--steps", "6", "--resume", str(tmp_path / "part")])
+    if script == "online_vpo":  # a sharded checkpoint needs --fsdp to resume, and says so
+        with pytest.raises(AssertionError, match="written with --fsdp"):
+            torchrun(script, argv + ["--steps", "6", "--resume", str(tmp_path / "part")])
