@@ -143,7 +143,11 @@ def main(args):
     args.patch_beta = args.patch_beta or args.beta
     channel_dim = 2 if family == "cogvideox" else 1
     shape = common.latent_shape(model, args.num_frames, args.height, args.width)
-    masks = patch_masks(shape[:1] + shape[2:] if channel_dim == 2 else shape[1:], grid).to(d.device)
+    grid_of = shape[:1] + shape[2:] if channel_dim == 2 else shape[1:]  # latent (frames, rows, columns)
+    if any(g > n for g, n in zip(grid, grid_of)):  # an empty patch would make its error 0/0 and the weights NaN
+        raise ValueError(f"--patch-grid {args.patch_grid} has more cells than the latent has positions "
+                         f"({','.join(map(str, grid_of))} for this model and video size): pass a coarser grid")
+    masks = patch_masks(grid_of, grid).to(d.device)
     torch.manual_seed(args.seed)  # LoRA's random init
     params = common.setup_trainable(model, args.lora_rank, args.lora_alpha, args.grad_checkpointing)
     common.broadcast_params(params, d)

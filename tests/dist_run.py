@@ -5,7 +5,8 @@
 --no-grad-average replaces common.average_gradients by a no-op: the negative control proving the
 test detects a loop that forgets to average gradients across ranks.
 --tie WORD gives every video of a prompt containing WORD the same reward (0): its DPO pairs have no
-margin and are skipped, so ranks hold uneven pair counts (or none) depending on their prompts."""
+margin and are skipped, so ranks hold uneven pair counts (or none) depending on their prompts.
+--judge-alternates makes the toy judge answer yes, no, yes, no ...: RWR's --loss dpo gets (yes, no) pairs."""
 import importlib
 import os
 import sys
@@ -53,6 +54,10 @@ if "--tie" in argv:
             return out
 
     rewards.load_reward = lambda *a, **k: Tied(load(*a, **k))
+if "--judge-alternates" in argv:  # the toy judge answers yes, no, yes, no ... in each call: (yes, no) pairs for DPO
+    argv.remove("--judge-alternates")
+    rewards.ToyJudge.__call__ = lambda self, v, p: {"reward": (torch.arange(len(p)) % 2 == 0).float(),
+                                                    "yes": (torch.arange(len(p)) % 2 == 0).float()}
 _setup = common.setup_trainable
 
 

@@ -307,3 +307,11 @@ def test_torchrun_fp16_rank_without_pairs_on_its_first_step(tmp_path, toy_model,
     args = DPO + two_prompts + UNEVEN + ["--steps", "2", "--mixed-precision", "fp16", "--out", str(tmp_path / "f")]
     torchrun("online_vpo", args, extra=["--tie", "red"])
     assert [r["pairs_used"] for r in train_rows(str(tmp_path / "f"))] == [1, 3]
+
+
+def test_torchrun_rwr_dpo_bf16(tmp_path, toy_model):
+    args = RWR + ["--loss", "dpo", "--epochs", "2", "--lr", "1e-2", "--mixed-precision", "bf16"]
+    assert_ranks_agree_with_one_process("vlm_feedback_rwr", args, tmp_path, tol=2e-2, grad_rtol=2e-2,
+                                        extra=["--judge-alternates"])
+    epochs = [r for r in train_rows(str(tmp_path / "ddp")) if "epoch" in r]
+    assert [r["batches"] for r in epochs] == [1, 1] and abs(epochs[1]["loss"] - LOG2) > 1e-4  # a real DPO signal

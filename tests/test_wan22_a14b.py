@@ -2,6 +2,7 @@
 boundary_ratio, each with its own guidance. Our sampler against the stock WanPipeline, the routing of
 training timesteps, LoRA on both experts into the stock pipeline, and the four scripts end to end."""
 import json
+import math
 import os
 
 import pytest
@@ -100,6 +101,10 @@ def test_early_size_check_and_alias(tiny_folders, tmp_path):
     assert common.MODEL_ALIASES["wan2.2-a14b"] == "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
     with pytest.raises(ValueError, match="must be 4k\\+1"):
         run_main(online_vpo, ["--model", tiny_folders["wan_a14b"], "--num-frames", "8", "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="pass a coarser grid"):  # 16x16 pixels are a 2x2 latent: 4x4 patches cannot tile it
+        run_main(gran_dpo, ["--model", tiny_folders["wan_a14b"], "--num-frames", "9", "--height", "16", "--width", "16",
+                            "--patch-grid", "2,4,4", "--reward", "toy:quality", "--out", str(tmp_path / "g")])
+    assert not os.path.exists(tmp_path / "g" / "metrics.jsonl")
 
 
 @pytest.mark.parametrize("script", [online_vpo, gran_dpo, vader_grad, rwr])
@@ -116,9 +121,10 @@ def test_each_script_end_to_end(tmp_path, tiny_folders, script):
                 "--diversity-seeds", "2", "--reward", "toy:quality"]
     else:
         argv = ["--batch-size", "2", "--num-candidates", "2", "--steps", "2", "--num-eval-prompts", "2",
-                "--min-margin", "0", "--reward", "toy:quality"]
+                "--min-margin", "0", "--reward", "toy:quality"] + (["--patch-grid", "1,2,2"] if script is gran_dpo else [])
     out = run_main(script, argv + size)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert rows[-1]["eval"] and any("loss" in r for r in rows)
+    assert rows[-1]["eval"] and all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert all(math.isfinite(v) for v in rows[-1].values() if isinstance(v, float))
     ck = common.latest_checkpoint(out)
     assert all(os.path.exists(os.path.join(ck, f, "pytorch_lora_weights.safetensors")) for f in ("lora", "lora_transformer_2"))
