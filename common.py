@@ -778,7 +778,7 @@ def setup_distributed(device_arg=None):
 def average_gradients(params, d):
     """All-reduce the gradients of `params` in place and divide by the world size. Called explicitly in
     every loop after backward: the popular video-alignment repos that skip this train each rank on its
-    own shard and silently drift apart (tests/test_distributed.py catches it). Tensor by tensor, so a full
+    own shard and silently drift apart (the torchrun tests catch it). Tensor by tensor, so a full
     fine-tune never holds a second, flat copy of its gradients. Under FSDP2 (sharded parameters) the
     gradients were already reduce-scattered as a mean: nothing to do."""
     if d.world == 1 or sharding.is_sharded(params):
@@ -1026,8 +1026,8 @@ def command_line(script):
 
 
 PIPELINE_CLASS = {"toy": "WanPipeline", "wan": "WanPipeline", "cogvideox": "CogVideoXPipeline", "ltx": "LTXPipeline",
-                  "modelscope": "TextToVideoSDPipeline"}
-PIPELINE_CLASS["hunyuan15"] = "HunyuanVideo15Pipeline"
+                  "modelscope": "TextToVideoSDPipeline",
+                  "hunyuan15": "HunyuanVideo15Pipeline"}
 
 
 def write_model_card(out, script, algorithm, paper, samples_seen):
