@@ -45,6 +45,9 @@ p.add_argument("--head-dim", type=int, default=16, help="attention head dim; Wan
 p.add_argument("--layers", type=int, default=4, help="transformer blocks of the denoiser")
 p.add_argument("--ffn-dim", type=int, default=128, help="feed-forward width of the denoiser")
 p.add_argument("--patch", type=int, default=4, help="spatial patch size of the denoiser (tokens = frames x (size/patch)^2)")
+p.add_argument("--patch-t", type=int, default=1, help="temporal patch size: 2 puts two frames in a token (half the tokens)")
+p.add_argument("--shift", type=float, default=1.0,
+               help="flow shift of the noise levels, in training and in the shipped sampler (>1: more time at high noise)")
 p.add_argument("--device", default="cpu", help="cpu or cuda (data and noise are drawn on the CPU: the same run on either)")
 p.add_argument("--timesteps", default="logit-normal", choices=["logit-normal", "uniform"],
                help="training noise levels: SD3's logit-normal (the shipped base; rarely sigma > 0.9) or uniform in [0, 1]")
@@ -55,7 +58,7 @@ BY_CATEGORY = [[p for p in toy_world.TRAIN_PROMPTS if toy_world.CATEGORY[toy_wor
                for c in sorted(set(toy_world.CATEGORY.values()))]
 
 
-def build_components(seed, heads=4, head_dim=16, layers=4, ffn_dim=128, patch=4):
+def build_components(seed, heads=4, head_dim=16, layers=4, ffn_dim=128, patch=4, patch_t=1, shift=1.0):
     """Fresh tokenizer, text encoder, denoiser and scheduler of the toy model (random weights)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -72,11 +75,11 @@ def build_components(seed, heads=4, head_dim=16, layers=4, ffn_dim=128, patch=4)
                                                num_heads=4, relative_attention_num_buckets=8,
                                                relative_attention_max_distance=16, dropout_rate=0.0,
                                                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    denoiser = WanTransformer3DModel(patch_size=(1, patch, patch), num_attention_heads=heads, attention_head_dim=head_dim,
+    denoiser = WanTransformer3DModel(patch_size=(patch_t, patch, patch), num_attention_heads=heads, attention_head_dim=head_dim,
                                      in_channels=3, out_channels=3, text_dim=32, freq_dim=64, ffn_dim=ffn_dim,
                                      num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                                      rope_max_seq_len=64)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     return tokenizer, text_encoder, denoiser, scheduler
 
 
@@ -90,7 +93,7 @@ def encode(tokenizer, text_encoder, prompts, max_len=16):
 def main(args):
     torch.set_num_threads(args.threads)
     tokenizer, text_encoder, denoiser, scheduler = build_components(args.seed, args.heads, args.head_dim, args.layers,
-                                                                    args.ffn_dim, args.patch)
+                                                                    args.ffn_dim, args.patch, args.patch_t, args.shift)
     dev = torch.device(args.device)
     text_encoder.to(dev)
     denoiser.to(dev)
@@ -136,6 +139,7 @@ def main(args):
             sigma = torch.rand(args.batch_size, generator=g)
         else:
             sigma = torch.sigmoid(torch.randn(args.batch_size, generator=g))  # logit-normal t (SD3)
+        sigma = args.shift * sigma / (1 + (args.shift - 1) * sigma)  # the sampler's shift (SD3 eq. 23), 1 = none
         sigma, eps = sigma.to(dev), torch.randn(x0.shape, generator=g).to(dev)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * eps  # flow matching: x_t = (1 - s) x0 + s eps, target eps - x0

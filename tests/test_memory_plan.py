@@ -1,0 +1,43 @@
+"""benchmarks/memory_plan.py's smoke version (CI): the plan's fake-tensor estimate equals the same code on real
+tensors, and its categories (weights, gradients, AdamW state) equal their hand-computed sizes, on one rank and
+sharded over 8 ranks of torch's fake process group. Runs in its own process (it creates a process group)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan") / "plan.json"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "memory_plan.py"), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_fake_estimate_equals_real_tensors_on_the_tiny_wan(smoke):
+    assert len(smoke["validations"]) == 4  # DPO update, VADER update, sampling, RWR update
+    for v in smoke["validations"]:
+        assert v["reference_gib"] > 0
+        assert abs(v["ratio"] - 1) < 1e-3, v
+
+
+def test_categories_equal_their_hand_computed_sizes(smoke):
+    one, eight = smoke["rows"]
+    assert (one["ranks"], one["fsdp"], eight["ranks"], eight["fsdp"]) == (1, False, 8, True)
+    a1, e1 = one["after_step_gib"], one["expected_gib"]
+    assert a1["grad"] == pytest.approx(e1["grads"], rel=1e-9)  # fp32 LoRA gradients
+    assert a1["opt"] == pytest.approx(e1["optimizer"], rel=0.02)  # exp_avg + exp_avg_sq (+ AdamW's step scalars)
+    assert a1["oth"] == pytest.approx(e1["grads"], rel=1e-9)  # the DPO reference: one fp32 copy of the LoRA
+    assert a1["param"] + a1["grad"] + a1["oth"] == pytest.approx(e1["weights"] + e1["grads"], rel=1e-6)
+    a8, e8 = eight["after_step_gib"], eight["expected_gib"]
+    assert a8["sharded_grad"] == pytest.approx(e8["grads"], rel=1e-9)  # each rank: its shard of the gradients
+    assert a8["opt"] == pytest.approx(e8["optimizer"], rel=0.05)
+    assert a8["sharded_grad"] < a1["grad"] / 4 and a8["opt"] < a1["opt"] / 4  # (1/8, plus padding of tiny dims)
+    for row in smoke["rows"]:
+        assert row["peak_gib"] >= sum(row["after_step_gib"].values()) - 1e-9
