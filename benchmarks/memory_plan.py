@@ -42,6 +42,8 @@ p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--models", default="wan2.1-1.3b,wan2.1-14b,wan2.2-5b,cogvideox-5b,ltx-video,modelscope-1.7b",
                help="comma-separated models to plan")
 p.add_argument("--sizes", default="480x832x33,480x832x81,720x1280x33,720x1280x81", help="HxWxF video sizes")
+p.add_argument("--vader-sizes", default="480x832x17,240x416x33",
+               help="extra, smaller sizes planned for VADER (its decoder backward is what stops it first)")
 p.add_argument("--scripts", default="online_vpo,vlm_feedback_rwr,vader_grad",
                help="scripts to plan (gran_dpo's rows are online_vpo's: the same reward model and DPO update)")
 p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory the table checks against")
@@ -50,6 +52,7 @@ p.add_argument("--smoke", action="store_true", help="tiny Wan only, fake vs real
 p.add_argument("--skip-validation", action="store_true", help="plan only")
 p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "memory_plan.json"), help="JSON output")
 p.add_argument("--fresh", action="store_true", help="recompute rows already in the JSON")
+p.add_argument("--report", action="store_true", help="print the tables from the JSON only, computing nothing")
 
 # ----------------------------------------------------------------------------------------------
 # The real architectures (their published config.json values)
@@ -135,6 +138,8 @@ def build_model(name, dtype=torch.bfloat16):
         text.eval().requires_grad_(False)
     with host_side():
         scheduler = getattr(diffusers, sch_cls)(**sch_cfg)
+    step = scheduler.step
+    scheduler.step = lambda *a, **k: real_timesteps(step)(*a, **k)  # (indexes its tables by the timestep)
     prediction = "flow" if "FlowMatch" in sch_cls else ("v" if sch_cfg.get("prediction_type") == "v_prediction" else "eps")
     return common.VideoModel(name, family, prediction, FakeTokenizer(max_len), text, den, vae, scheduler, max_len,
                              expand_timesteps=name == "wan2.2-5b")
@@ -151,6 +156,15 @@ def real_timesteps(set_timesteps):  # (any host-side function)
     def wrapped(*a, **k):
         with host_side():
             return set_timesteps(*a, **k)
+    return wrapped
+
+
+def timestep_list(set_timesteps):
+    """The sampler's timesteps as a list of real scalars (iterating a tensor inside the fake mode yields
+    shape-only elements, and a scheduler indexes its tables with them)."""
+    def wrapped(*a, **k):
+        with host_side():
+            return list(set_timesteps(*a, **k).unbind())
     return wrapped
 
 
@@ -252,7 +266,7 @@ def build_reward(kind, dtype=torch.bfloat16):
 
     def aesthetic(videos):  # rewards.CLIPFrameReward: every decoded frame at 224x224
         x = rewards.resize_center_crop(videos, 224, rewards.CLIP_MEAN, rewards.CLIP_STD,
-                                       **rewards.CLIP_PREPROCESS["aesthetic"]).to(dtype)
+                                       **rewards.CLIP_PREPROCESS["aesthetic"]).flatten(0, 1).to(dtype)
         emb = net["vision"](pixel_values=x).image_embeds
         emb = emb / emb.norm(dim=-1, keepdim=True)
         return net["mlp"](emb).float().view(videos.shape[0], -1).mean(1)
@@ -415,7 +429,7 @@ def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=Fal
         run = fn
     parts = [model.denoiser, model.text_encoder, model.vae, rnet]
     t0 = time.time()
-    with mock_attr(common, "set_timesteps", real_timesteps(common.set_timesteps)):
+    with mock_attr(common, "set_timesteps", timestep_list(common.set_timesteps)):
         peak, cats, after = measure(run, parts, opt, ref_tensors, fsdp_root=model.denoiser if fsdp else None)
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
     trainable = sum(q.numel() for q in params) * 4 // (1 if not fsdp else 1)  # (sharded numel is already local)
@@ -489,9 +503,11 @@ def validate_vader(cache):
 # ----------------------------------------------------------------------------------------------
 def plan_configs(args):
     for model in args.models.split(","):
-        for size in args.sizes.split(","):
+        for size in args.sizes.split(",") + args.vader_sizes.split(","):
             H, W, F = (int(v) for v in size.split("x"))
             for script in args.scripts.split(","):
+                if size not in args.sizes.split(",") and script != "vader_grad":
+                    continue
                 phases = ["update"] if script == "vader_grad" else ["sample", "update"]
                 for phase in phases:
                     for ranks, fsdp in ((1, False), (8, True)):
@@ -554,7 +570,41 @@ def fits_table(rows, gib):
     return "\n".join(lines)
 
 
+def detail_table(rows, models=("wan2.1-1.3b", "wan2.1-14b")):
+    """Peak GiB per rank of every measured phase: 1 GPU | 8 GPUs with --fsdp."""
+    sizes = sorted({(r["height"], r["width"], r["frames"]) for r in rows}, key=lambda s: s[0] * s[1] * s[2])
+    head = " | ".join(f"{h}x{w}x{f}" for h, w, f in sizes)
+    lines = [f"| model | script | phase | {head} |", "|---|---|---|" + "---|" * len(sizes)]
+    order = ["online_vpo", "vlm_feedback_rwr", "vader_grad"]
+    for model in models:
+        kinds = sorted({(r["script"], r["phase"], r["lora_rank"], r["flags"].split(" --decode-frames ")[-1].split()[0]
+                         if "--decode-frames" in r["flags"] else "") for r in rows if r["model"] == model
+                        and "derived_from" not in r}, key=lambda k: (order.index(k[0]) if k[0] in order else 9, k[1], -k[2], k[3]))
+        for script, phase, lora, decode in kinds:
+            cells = []
+            for h, w, f in sizes:
+                got = {}
+                for r in rows:
+                    if (r["model"], r["script"], r["phase"], r["lora_rank"], r["height"], r["width"], r["frames"]) == \
+                            (model, script, phase, lora, h, w, f) and "derived_from" not in r and \
+                            (not decode or f"--decode-frames {decode}" in r["flags"]):
+                        got[r["fsdp"]] = r["peak_gib"]
+                cells.append(" / ".join(f"{got[k]:.1f}" for k in (False, True) if k in got) or "-")
+            name = phase + ("" if lora else ", full fine-tune") + (f", {decode} frame(s) decoded" if decode else "")
+            lines.append(f"| {model} | {script} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(args):
+    if args.report:
+        with open(args.out) as f:
+            result = json.load(f)
+        rows = result["rows"] + derived_rows(result["rows"])
+        print(fits_table(rows, args.gpu_gib) + "\n\n" + detail_table(result["rows"]))
+        for v in result["validations"]:
+            print(f"{v['check']}: estimate {v['estimate_gib']:.3f} GiB, reference {v['reference_gib']:.3f} GiB, "
+                  f"ratio {v['ratio']:.2f}")
+        return result
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
     import torch.distributed as dist

@@ -52,7 +52,9 @@ def main(args):
         results[f"base / {split}"] = score(videos, prompts)
         results[f"ground truth / {split}"] = score(toy_world.render(prompts, seed=1), prompts)
         if split == "held-out":
-            common.save_video_grid(os.path.join(ROOT, "assets", "toy_base_heldout.gif"), videos[: 2 * 8: 2], prompts[: 2 * 8: 2])
+            gif = (os.path.join(ROOT, "assets", "toy_base_heldout.gif") if args.model == "toy" else  # (a candidate's
+                   os.path.splitext(args.out)[0] + "_heldout.gif")  # samples go beside its JSON, not over the shipped ones)
+            common.save_video_grid(gif, videos[: 2 * 8: 2], prompts[: 2 * 8: 2])
     keys = ["visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment", "physics", "color", "shape",
             "motion", "color_accuracy", "judge_pass_rate"]
     print("| videos | " + " | ".join(keys) + " |")
