@@ -158,6 +158,10 @@ def fill_video_args(args, path, family):
         if getattr(args, k) is None:
             setattr(args, k, defaults.get(k))
     check_video_size(family, args.num_frames, args.height, args.width)
+    per_block = getattr(args, "grad_checkpointing", False) and not hasattr(args, "backprop_steps")  # (VADER's flag
+    if family == "modelscope" and per_block:  # checkpoints whole sampler calls, which works for every family)
+        raise ValueError("--grad-checkpointing: diffusers' UNet3DConditionModel (ModelScope) does not support "
+                         "gradient checkpointing; drop the flag for this model")
 
 
 @dataclasses.dataclass
@@ -664,7 +668,10 @@ def setup_trainable(model, lora_rank, lora_alpha=None, grad_checkpointing=False)
         else:
             den.requires_grad_(True)
         params += [p for p in den.parameters() if p.requires_grad]
-        if grad_checkpointing and hasattr(den, "enable_gradient_checkpointing"):
+        if grad_checkpointing and not getattr(den, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"--grad-checkpointing: diffusers' {type(den).__name__} does not support gradient "
+                             f"checkpointing; drop the flag for this model")
+        if grad_checkpointing:
             den.enable_gradient_checkpointing()
         den.train()
     for p in params:

@@ -407,7 +407,10 @@ def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=Fal
     rnet, rfn = cache[("reward", reward)]
     with no_adapter_move():
         model = build_model(model_name, dtype)
-        params = common.setup_trainable(model, lora_rank, grad_checkpointing=checkpointing and phase != "sample")
+        # the DPO / RWR scripts' --grad-checkpointing (per block); VADER checkpoints inside common.sample
+        blocks = checkpointing and phase != "sample" and script != "vader_grad" and \
+            model.denoiser._supports_gradient_checkpointing
+        params = common.setup_trainable(model, lora_rank, grad_checkpointing=blocks)
     if fsdp:  # (the device mesh is host-side bookkeeping too: built from real tensors)
         import torch.distributed.fsdp._fully_shard._fully_shard as fs
         mesh = fs._init_default_mesh
@@ -449,7 +452,7 @@ def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=Fal
 def flags_of(script, ranks, fsdp, lora_rank, k=1, decode="all", checkpointing=True):
     per_rank = {"vlm_feedback_rwr": f"--batch-size {ranks}", "vader_grad": "--sample-batch-size 1"}.get(
         script, f"--batch-size {ranks}")  # DPO: one pair per rank per step
-    f = f"--mixed-precision bf16 --lora-rank {lora_rank} {per_rank} --sample-batch-size 1"
+    f = f"--mixed-precision bf16 --lora-rank {lora_rank} {per_rank} --sample-batch-size 1 --grad-checkpointing"
     if script == "vader_grad":
         f = f"--mixed-precision bf16 --lora-rank {lora_rank} --sample-batch-size 1 --backprop-steps {k} " \
             f"--decode-frames {decode}" + ("" if checkpointing else " --no-grad-checkpointing")

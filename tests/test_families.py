@@ -73,3 +73,12 @@ def test_modelscope_trains_end_to_end(tmp_path, tiny_folders):
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in rows if not r.get("eval")] == [1, 2] and all(r["loss"] == r["loss"] for r in rows[1:-1])
     assert os.path.exists(os.path.join(common.latest_checkpoint(out), "lora", "pytorch_lora_weights.safetensors"))
+
+
+def test_modelscope_refuses_grad_checkpointing_before_loading(tmp_path, tiny_folders):
+    import online_vpo
+    from helpers import run_main
+    # diffusers' UNet3DConditionModel cannot checkpoint its blocks: a clear error before the weights load
+    with pytest.raises(ValueError, match="does not support gradient checkpointing"):
+        run_main(online_vpo, ["--model", tiny_folders["modelscope"], "--grad-checkpointing", "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
