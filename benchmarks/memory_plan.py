@@ -18,7 +18,7 @@ Phases (one rank, LoRA r16, bf16):
 Validations (printed as ratios): (a) the fake estimate vs the same code on real tensors (tiny Wan, CPU);
 (b) VADER's published ModelScope ladder; (c) a GPU measurement where one was lent (`--device cuda`).
 
-    python benchmarks/memory_plan.py                      # the whole plan (~40 min on 2 CPU cores), resumable
+    python benchmarks/memory_plan.py                      # the whole plan (~15 min a model on 2 CPU cores), resumable
     python benchmarks/memory_plan.py --models wan2.1-1.3b --sizes 480x832x81
     python benchmarks/memory_plan.py --smoke              # tiny Wan, seconds (CI)
 Writes benchmarks/results/memory_plan.json (one row per configuration) and prints the README table.
