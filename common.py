@@ -158,6 +158,12 @@ def fill_video_args(args, path, family):
         if getattr(args, k) is None:
             setattr(args, k, defaults.get(k))
     check_video_size(family, args.num_frames, args.height, args.width)
+    if family == "wan" and args.height and args.width and (args.height % 32 or args.width % 32):
+        with open(os.path.join(path, "model_index.json")) as f:
+            ti2v = json.load(f).get("expand_timesteps")
+        if ti2v:  # Wan 2.2 TI2V 5B: a 16x VAE and 2x2 patches
+            raise ValueError(f"--height {args.height} --width {args.width}: Wan 2.2 TI2V 5B needs multiples of 32 "
+                             f"(its 16x VAE, then 2x2 patches), e.g. 704x1280 for 720p")
     per_block = getattr(args, "grad_checkpointing", False) and not hasattr(args, "backprop_steps")  # (VADER's flag
     if family == "modelscope" and per_block:  # checkpoints whole sampler calls, which works for every family)
         raise ValueError("--grad-checkpointing: diffusers' UNet3DConditionModel (ModelScope) does not support "

@@ -508,6 +508,8 @@ def plan_configs(args):
     for model in args.models.split(","):
         for size in args.sizes.split(",") + args.vader_sizes.split(","):
             H, W, F = (int(v) for v in size.split("x"))
+            if model == "wan2.2-5b" and H % 32:  # its 16x VAE and 2x2 patches: 720p is 704x1280 there
+                H = H // 32 * 32
             for script in args.scripts.split(","):
                 if size not in args.sizes.split(",") and script != "vader_grad":
                     continue

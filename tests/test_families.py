@@ -82,3 +82,15 @@ def test_modelscope_refuses_grad_checkpointing_before_loading(tmp_path, tiny_fol
     with pytest.raises(ValueError, match="does not support gradient checkpointing"):
         run_main(online_vpo, ["--model", tiny_folders["modelscope"], "--grad-checkpointing", "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
+
+
+def test_wan22_ti2v_refuses_a_size_its_patches_cannot_tile(tmp_path):
+    # 720 / 16 = 45 latent rows cannot be cut into 2x2 patches: the denoiser's output came back 44 rows high
+    import argparse
+    import json
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "expand_timesteps": True}))
+    args = argparse.Namespace(num_frames=33, height=720, width=1280, guidance=5.0, guidance_2=None, fps=24)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        common.fill_video_args(args, str(tmp_path), "wan")
+    args.height = 704
+    common.fill_video_args(args, str(tmp_path), "wan")  # Wan 2.2 5B's own 720p
