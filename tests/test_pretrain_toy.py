@@ -41,3 +41,15 @@ def test_options_and_init_from(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.denoiser.state_dict().values(), b.denoiser.state_dict().values()))
     assert all(torch.equal(x, y) for x, y in zip(a.text_encoder.state_dict().values(), b.text_encoder.state_dict().values()))
     assert not os.path.exists(tmp_path / "b" / "toy_pretrain_ckpt.pt.tmp")
+
+
+def test_temporal_patches_and_shift_reach_the_shipped_folder(tmp_path):
+    out = tmp_path / "t" / "toy"
+    arch = ["--heads", "2", "--head-dim", "32", "--layers", "1", "--ffn-dim", "64", "--patch-t", "2", "--shift", "2"]
+    run_main(pretrain_toy, TINY + arch + ["--steps", "1", "--out", str(out)])
+    model = common.load_model(str(out))
+    assert tuple(model.denoiser.config.patch_size) == (2, 4, 4)  # two frames per token
+    assert model.scheduler.config.shift == 2.0  # the sampler shifts the noise levels as training did
+    with torch.no_grad():
+        _, video = common.sample(model, ["a red square falling"], [0], 4, 16, 16, 2, 3.0)
+    assert video.shape == (1, 4, 3, 16, 16)
