@@ -119,7 +119,7 @@ def main(args):
             p_.data.copy_(v)
         for e, v in zip(ema, ck["ema"]):
             e.copy_(v)
-        opt.load_state_dict(ck["opt"])
+        opt.load_state_dict(torch.load(ckpt_path + ".opt", weights_only=False, map_location="cpu"))
         sched.load_state_dict(ck["sched"])
         start, losses = ck["step"], ck["losses"]
         print(f"resumed at step {start}")
@@ -157,10 +157,13 @@ def main(args):
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            ck = {"params": [p_.detach() for p_ in params], "ema": ema, "opt": opt.state_dict(),
+            ck = {"params": [p_.detach() for p_ in params], "ema": ema,
                   "sched": sched.state_dict(), "step": step + 1, "losses": losses}
-            torch.save(ck, ckpt_path + ".tmp")
-            os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
+            # AdamW's moments in a file of their own (<ckpt>.opt): neither half of a larger model's checkpoint
+            # passes git's comfortable file size, so a run can be committed and resumed in another session
+            for path, obj in ((ckpt_path + ".opt", opt.state_dict()), (ckpt_path, ck)):
+                torch.save(obj, path + ".tmp")
+                os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a file (weights written last)
     # ship the EMA weights in the ordinary diffusers / transformers folder layout
     with torch.no_grad():
         for p_, e in zip(params, ema):

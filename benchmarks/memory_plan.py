@@ -139,7 +139,7 @@ def build_model(name, dtype=torch.bfloat16):
     with host_side():
         scheduler = getattr(diffusers, sch_cls)(**sch_cfg)
     step = scheduler.step
-    scheduler.step = lambda *a, **k: real_timesteps(step)(*a, **k)  # (indexes its tables by the timestep)
+    scheduler.step = lambda *a, **k: on_host(step)(*a, **k)  # (indexes its tables by the timestep)
     prediction = "flow" if "FlowMatch" in sch_cls else ("v" if sch_cfg.get("prediction_type") == "v_prediction" else "eps")
     return common.VideoModel(name, family, prediction, FakeTokenizer(max_len), text, den, vae, scheduler, max_len,
                              expand_timesteps=name == "wan2.2-5b")
@@ -152,10 +152,11 @@ def host_side():
     return unset_fake_temporarily()
 
 
-def real_timesteps(set_timesteps):  # (any host-side function)
+def on_host(fn):
+    """fn, run with real tensors (see host_side)."""
     def wrapped(*a, **k):
         with host_side():
-            return set_timesteps(*a, **k)
+            return fn(*a, **k)
     return wrapped
 
 
@@ -414,7 +415,7 @@ def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=Fal
     if fsdp:  # (the device mesh is host-side bookkeeping too: built from real tensors)
         import torch.distributed.fsdp._fully_shard._fully_shard as fs
         mesh = fs._init_default_mesh
-        with mock_attr(fs, "_init_default_mesh", lambda *a: real_timesteps(mesh)(*a)):
+        with mock_attr(fs, "_init_default_mesh", lambda *a: on_host(mesh)(*a)):
             params = sharding.shard(model, "bf16" if dtype == torch.bfloat16 else "fp16")
     autocast = torch.autocast("cpu", dtype=dtype)
     kind = {"sample": "sample"}.get(phase) or {"vader_grad": "vader", "vlm_feedback_rwr": "rwr"}.get(script, "dpo")
@@ -435,9 +436,7 @@ def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=Fal
     with mock_attr(common, "set_timesteps", timestep_list(common.set_timesteps)):
         peak, cats, after = measure(run, parts, opt, ref_tensors, fsdp_root=model.denoiser if fsdp else None)
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-    trainable = sum(q.numel() for q in params) * 4 // (1 if not fsdp else 1)  # (sharded numel is already local)
-    if fsdp:
-        trainable = sum(q.to_local().numel() for q in params) * 4
+    trainable = sum((q.to_local() if fsdp else q).numel() for q in params) * 4  # fp32; under FSDP this rank's shard
     frozen = nbytes([q for m in parts for q in m.parameters() if not q.requires_grad])
     expected = {"weights": frozen + trainable + (len(ref_tensors) and trainable),
                 "grads": trainable if phase == "update" else 0, "optimizer": 2 * trainable if phase == "update" else 0}
@@ -450,9 +449,8 @@ def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=Fal
 
 
 def flags_of(script, ranks, fsdp, lora_rank, k=1, decode="all", checkpointing=True):
-    per_rank = {"vlm_feedback_rwr": f"--batch-size {ranks}", "vader_grad": "--sample-batch-size 1"}.get(
-        script, f"--batch-size {ranks}")  # DPO: one pair per rank per step
-    f = f"--mixed-precision bf16 --lora-rank {lora_rank} {per_rank} --sample-batch-size 1 --grad-checkpointing"
+    # DPO: one pair per rank per step; RWR: one video per rank
+    f = f"--mixed-precision bf16 --lora-rank {lora_rank} --batch-size {ranks} --sample-batch-size 1 --grad-checkpointing"
     if script == "vader_grad":
         f = f"--mixed-precision bf16 --lora-rank {lora_rank} --sample-batch-size 1 --backprop-steps {k} " \
             f"--decode-frames {decode}" + ("" if checkpointing else " --no-grad-checkpointing")

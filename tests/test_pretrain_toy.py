@@ -3,6 +3,7 @@ import collections
 import json
 import os
 
+import pytest
 import torch
 
 import common
@@ -53,3 +54,25 @@ def test_temporal_patches_and_shift_reach_the_shipped_folder(tmp_path):
     with torch.no_grad():
         _, video = common.sample(model, ["a red square falling"], [0], 4, 16, 16, 2, 3.0)
     assert video.shape == (1, 4, 3, 16, 16)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    # the checkpoint is two files (weights, then AdamW's moments in <ckpt>.opt); a resumed run needs both
+    arch = ["--heads", "2", "--head-dim", "32", "--layers", "1", "--ffn-dim", "64", "--save-every", "1", "--steps", "3"]
+    run_main(pretrain_toy, TINY + arch + ["--out", str(tmp_path / "a" / "toy")])
+    render, calls = toy_world.render, []
+
+    def crash_at_third_step(*a, **k):  # the session ends during step 3
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return render(*a, **k)
+    monkeypatch.setattr(toy_world, "render", crash_at_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(pretrain_toy, TINY + arch + ["--out", str(tmp_path / "b" / "toy")])
+    monkeypatch.setattr(toy_world, "render", render)
+    run_main(pretrain_toy, TINY + arch + ["--resume", "--out", str(tmp_path / "b" / "toy")])
+    a, b = (torch.load(tmp_path / x / "toy_pretrain_ckpt.pt", weights_only=False) for x in "ab")
+    assert a["step"] == b["step"] == 3
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+    assert os.path.exists(tmp_path / "b" / "toy_pretrain_ckpt.pt.opt")
