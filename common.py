@@ -93,10 +93,14 @@ def resolve_model(name_or_path):
     return path, family
 
 
-def check_video_size(family, num_frames, height, width):
-    """Raise early for a frame count / resolution the family's VAE and patching cannot take."""
+def check_video_size(family, num_frames, height, width, toy_patch=(1, 4, 4)):
+    """Raise early for a frame count / resolution the family's VAE and patching cannot take (the toy model:
+    its denoiser's patch size, `toy_patch` = (frames, rows, columns) per token)."""
+    pt = toy_patch[0]
     rules = {  # (frame rule, its text, spatial multiple)
-        "toy": (lambda f: f >= 2, "at least 2", 4),
+        "toy": (lambda f: f >= 2 and f % pt == 0, "at least 2" + (f" and a multiple of {pt} (the model's "
+                                                                   f"{pt} frames per token)" if pt > 1 else ""),
+                toy_patch[1]),
         "wan": (lambda f: (f - 1) % 4 == 0, "4k+1 (e.g. 17, 33, 81)", 16),
         "cogvideox": (lambda f: (f - 1) % 4 == 0, "4k+1 (e.g. 13, 49)", 16),
         "ltx": (lambda f: (f - 1) % 8 == 0, "8k+1 (e.g. 9, 17, 161)", 32),
@@ -157,7 +161,11 @@ def fill_video_args(args, path, family):
     for k in ("num_frames", "height", "width", "guidance", "guidance_2", "fps"):
         if getattr(args, k) is None:
             setattr(args, k, defaults.get(k))
-    check_video_size(family, args.num_frames, args.height, args.width)
+    toy_patch = (1, 4, 4)
+    if family == "toy":  # (pixel space: the denoiser's patches set the rule; read from its config, no weights)
+        with open(os.path.join(path, DENOISER_FOLDER["toy"], "config.json")) as f:
+            toy_patch = tuple(json.load(f)["patch_size"])
+    check_video_size(family, args.num_frames, args.height, args.width, toy_patch)
     if family == "wan" and args.height and args.width and (args.height % 32 or args.width % 32):
         with open(os.path.join(path, "model_index.json")) as f:
             ti2v = json.load(f).get("expand_timesteps")
@@ -435,10 +443,12 @@ def _causal_prefix(frame, stride):
     return -(-frame // stride) + 1
 
 
-def decode(model, latents, frames=None):
+def decode(model, latents, frames=None, prefix_grad=True):
     """Latents -> videos [B, F, C, H, W] in [0, 1]. `frames` (pixel-frame indices) decodes only what a
     reward needs: exactly those frames for pixel/2D-VAE models, the causal prefix up to the last one
-    for Wan/CogVideoX (their 3D VAEs are causal: frame k depends only on latents <= k)."""
+    for Wan/CogVideoX (their 3D VAEs are causal: frame k depends only on latents <= k).
+    prefix_grad=False (Wan, VADER's --decoder-grad own): under autograd, only the latent frames that hold a
+    requested frame keep activations; the rest of the causal prefix decodes to the same values without."""
     if model.vae is None:  # pixel space: latents are [B, C, F, H, W] in [-1, 1]
         video = latents.permute(0, 2, 1, 3, 4)
         video = video if frames is None else video[:, frames]
@@ -450,7 +460,11 @@ def decode(model, latents, frames=None):
             x = x[:, :, : _causal_prefix(max(frames), vae.config.scale_factor_temporal)]
         mean = torch.tensor(vae.config.latents_mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1, 1)
         std = torch.tensor(vae.config.latents_std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1, 1)
-        video = vae.decode(x * std + mean, return_dict=False)[0].permute(0, 2, 1, 3, 4)
+        if frames is not None and not prefix_grad and torch.is_grad_enabled():
+            own = {_causal_prefix(f, vae.config.scale_factor_temporal) - 1 for f in frames}
+            video = _wan_decode_own_grad(vae, x * std + mean, own).permute(0, 2, 1, 3, 4)
+        else:
+            video = vae.decode(x * std + mean, return_dict=False)[0].permute(0, 2, 1, 3, 4)
     elif model.family == "cogvideox":
         if frames is not None:  # the VAE decodes latent frames in batches (first b + n % b, then b at a time)
             # and normalises within each: cut at the first batch boundary of the full decode past the causal
@@ -483,6 +497,27 @@ def decode(model, latents, frames=None):
     return (video.float() / 2 + 0.5).clamp(0, 1)
 
 
+def _wan_decode_own_grad(vae, z, grad_latents):
+    """AutoencoderKLWan._decode (diffusers 0.42): latent frame by latent frame through the decoder's causal
+    feature cache, with autograd on only for the latent frames in `grad_latents`. The other frames decode to
+    the same values and keep no activations: the reward's gradient reaches the latent frames of the decoded
+    frames but not, through the cache, the earlier ones (a truncation, like VADER's K for sampler steps)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+    vae.clear_cache()
+    x = vae.post_quant_conv(z)
+    out = []
+    for i in range(z.shape[2]):
+        vae._conv_idx = [0]
+        with torch.set_grad_enabled(i in grad_latents):
+            out.append(vae.decoder(x[:, :, i: i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                   **({"first_chunk": True} if i == 0 else {})))
+    vae.clear_cache()
+    out = torch.cat(out, 2)
+    if vae.config.patch_size is not None:
+        out = unpatchify(out, patch_size=vae.config.patch_size)
+    return out.clamp(-1.0, 1.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # The batched sampler
 # ----------------------------------------------------------------------------------------------
@@ -512,7 +547,8 @@ def set_timesteps(model, steps, shape):
 
 
 def sample(model, prompts, seeds, num_frames, height, width, steps, guidance, negative_prompt="",
-           grad_from=None, grad_checkpointing=False, decode_frames=None, autocast=None, progress=False, guidance_2=None):
+           grad_from=None, grad_checkpointing=False, decode_frames=None, autocast=None, progress=False, guidance_2=None,
+           decoder_prefix_grad=True):
     """Sample one video per (prompt, seed) in ONE batch, classifier-free guidance batched as [uncond; cond].
     Steps with index >= grad_from build a graph (VADER's truncated backprop); all others run under
     no_grad. Returns (final latents, videos [B, F, C, H, W] in [0, 1]). Given the same components and
@@ -571,7 +607,7 @@ def sample(model, prompts, seeds, num_frames, height, width, steps, guidance, ne
                 kw = {"generator": gens} if "generator" in sch.step.__code__.co_varnames else {}
                 latents = sch.step(pred, t, latents, return_dict=False, **kw)[0]
     with torch.set_grad_enabled(grad_from < len(timesteps) and torch.is_grad_enabled()):
-        videos = decode(model, latents, decode_frames)
+        videos = decode(model, latents, decode_frames, decoder_prefix_grad)
     return latents, videos
 
 
@@ -719,6 +755,61 @@ class Reference:
                 p.copy_(s)
             torch.clear_autocast_cache()
             sharding.reshard(self.modules)
+
+
+def modules_of(obj):
+    """The torch modules an object keeps in its attributes (a reward's networks, a weighted sum's terms')."""
+    if isinstance(obj, torch.nn.Module):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [m for x in obj for m in modules_of(x)]
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return [m for v in vars(obj).values() if isinstance(v, (torch.nn.Module, list, tuple)) for m in modules_of(v)]
+    return []
+
+
+class Offload:
+    """--offload-frozen: frozen models that the DPO update never calls (text encoder, VAE, reward model) leave
+    the GPU while it runs. `away()` frees their weights' device memory (each storage resized to 0, the way
+    FSDP2 frees gathered weights); `back()` reallocates them and copies them in from a host copy taken once:
+    they are frozen, so it never goes stale, and each step costs one host-to-device copy. A call into an
+    offloaded model fails loudly (its weights have no storage) instead of computing on garbage.
+    Wan 14B at 480x832x81 under --fsdp on 8 x 80 GB: 76.9 -> 49.5 GiB per rank (benchmarks/memory_plan.py)."""
+
+    def __init__(self, modules, enabled=True):
+        by_storage = {}  # one entry per storage (tied weights share one), found before any is freed
+        for t in (t for m in modules for t in list(m.parameters()) + list(m.buffers())) if enabled else ():
+            if t.untyped_storage().nbytes():
+                by_storage.setdefault(t.untyped_storage()._cdata, []).append(t)  # (the storage itself)
+        self.storages = []
+        for ts in by_storage.values():
+            s = ts[0].untyped_storage()
+            if not s.resizable():  # weights read straight from a memory-mapped file (CPU): into memory of our own
+                s = torch.empty(s.nbytes(), dtype=torch.uint8, device=s.device).untyped_storage().copy_(s)
+                with torch.no_grad():
+                    for t in ts:
+                        t.set_(s, t.storage_offset(), t.shape, t.stride())
+            self.storages.append(s)
+        self.host, self.is_away = None, False
+
+    def away(self):
+        if self.is_away:
+            return
+        if self.host is None:  # pinned when on a GPU: the copies back are then asynchronous
+            pin = any(s.device.type == "cuda" for s in self.storages)
+            self.host = [torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage().copy_(s)
+                         for s in self.storages]
+        for s in self.storages:
+            s.resize_(0)
+        self.is_away = True
+
+    def back(self):
+        if not self.is_away:
+            return
+        for s, h in zip(self.storages, self.host):
+            s.resize_(h.nbytes())
+            s.copy_(h, non_blocking=True)
+        self.is_away = False
 
 
 def save_lora(model, folder, main=True):

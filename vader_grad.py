@@ -42,6 +42,7 @@ p.add_argument("--backprop-steps", type=int, default=1, help="K: sampler steps t
 p.add_argument("--backprop-start", type=int, default=None, help="with --backprop-mode specific: the first step index carrying gradient")
 p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True, help="checkpoint every grad-carrying denoiser call")
 p.add_argument("--decode-frames", default="all", choices=["one", "alternate", "all"], help="frames decoded for the reward: one random frame, every other frame, or all")
+p.add_argument("--decoder-grad", default="prefix", choices=["prefix", "own"], help="Wan's causal VAE: the reward gradient flows through the decoded frames' whole causal prefix (exact), or only through their own latent frames (the prefix keeps no activations: what lets 81 frames fit)")
 p.add_argument("--refl", action="store_true", help="ReFL baseline: reward of the one-step x0 prediction at a random late timestep")
 p.add_argument("--refl-max-sigma", type=float, default=0.3, help="ReFL: late timesteps are drawn from (0, this] of the noise range")
 p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention projections (0 = full fine-tune)")
@@ -86,6 +87,9 @@ def main(args):
         raise ValueError("--backprop-mode specific needs --backprop-start (the first step index carrying gradient)")
     if not 1 <= args.backprop_steps <= args.sample_steps:
         raise ValueError(f"--backprop-steps must be between 1 and --sample-steps ({args.sample_steps})")
+    if args.decoder_grad == "own" and family != "wan":
+        raise ValueError(f"--decoder-grad own truncates Wan's causal VAE decoder; this model's family is {family}: "
+                         "drop the flag (its decoder gradient is the whole decode)")
     train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts)
     eval_prompts = eval_prompts[: args.num_eval_prompts]
     d = common.setup_distributed(args.device)
@@ -171,7 +175,8 @@ def main(args):
                     videos = common.decode(model, x0_hat, frames)
                 else:  # VADER: the sampler itself carries gradient through its last steps and the decoder
                     _, videos = common.sample(model, prompts, seeds, grad_from=grad_from,
-                                              grad_checkpointing=args.grad_checkpointing, decode_frames=frames, **video_kw)
+                                              grad_checkpointing=args.grad_checkpointing, decode_frames=frames,
+                                              decoder_prefix_grad=args.decoder_grad == "prefix", **video_kw)
             r = reward_fn(videos, prompts)["reward"].float()
             per_video = (args.reward_target - r).abs() if args.reward_target is not None else -r  # loss = -R
             # sum / global batch * world: after averaging over ranks this is the mean over the global batch

@@ -31,6 +31,9 @@ p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cla
 p.add_argument("--runs", default=os.path.join(ROOT, "runs", "claims"), help="where the runs' folders go (not committed)")
 p.add_argument("--smoke", action="store_true", help="1-2 steps, 1 seed, 4 eval prompts: checks the plumbing, no figures")
 p.add_argument("--aggregate-only", action="store_true", help="write JSON/PNG from finished runs, start none")
+p.add_argument("--extend-to", type=int, default=5,
+               help="seeds to run for an experiment whose 95%% interval spans zero after --seeds (0: never)")
+p.add_argument("--rejudge", action="store_true", help="new verdicts and tables from the saved JSONs' per-seed figures")
 
 # ---- configurations: a script and its flags; experiments below name them --------------------
 DPO = {"script": "online_vpo.py", "--steps": 30, "--batch-size": 4, "--num-candidates": 4,
@@ -124,15 +127,26 @@ def mean_std(xs):
     return m, (sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
 
 
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_ci(a, b):
+    """Mean of the per-seed differences a_i - b_i and its 95% confidence interval (Student's t, n - 1 dof).
+    a and b are paired: the same seeds in the same order (a seed fixes prompts, candidates, evaluation videos)."""
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    m, s = mean_std(diffs)
+    half = T975.get(len(diffs) - 1, 1.96) * s / len(diffs) ** 0.5
+    return m, m - half, m + half
+
+
 def verdict(a, b, more_is_better=True):
-    """'held' when a beats b by more than the seeds' spread, 'not held' when it does not beat it at all."""
-    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    """From the paired difference's 95% CI over seeds: 'held' when the interval lies on the claim's side of 0,
+    'not held' when it lies on the other side, 'inconclusive' when it spans 0."""
     if len(a) < 2:
-        return "one seed: no spread to judge by"
-    gap = (ma - mb) if more_is_better else (mb - ma)
-    if gap <= 0:
-        return "not held"
-    return "held" if gap > max(sa, sb) else "inconclusive (within the seeds' spread)"
+        return "one seed: no interval to judge by"
+    m, lo, hi = paired_ci(a, b) if more_is_better else paired_ci(b, a)
+    word = "held" if lo > 0 else "not held" if hi <= 0 else "inconclusive"  # ([0, 0]: no change at all)
+    return f"{word} ({m:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}], n={len(a)})"
 
 
 def diversity(out, seed, n_prompts=4, n_seeds=4):
@@ -190,10 +204,13 @@ def judge_claim(name, figs):
     if name == "online_vs_offline":
         return {"online > offline (held-out reward gain)": verdict(d("dpo"), d("dpo_offline"))}
     if name == "ref_interval":
-        best = max(["dpo_ref_never", "dpo_ref_3", "dpo", "dpo_ref_20"], key=lambda c: mean_std(d(c))[0])
-        # from short to long: 3, 10, 20, never; an interior optimum is 10 or 20 beating both ends
-        return {"interior optimum (I = 10 or 20 best of 3/10/20/never)": "held" if best in ("dpo", "dpo_ref_20") else
-                f"not held (best: {best})", "curriculum (I=10) > fixed reference": verdict(d("dpo"), d("dpo_ref_never")),
+        # from short to long: 3, 10, 20, never; an interior optimum: the better interior interval beats both ends
+        best = max(["dpo", "dpo_ref_20"], key=lambda c: mean_std(d(c))[0])
+        ends = [verdict(d(best), d("dpo_ref_3")), verdict(d(best), d("dpo_ref_never"))]
+        words = [v.split(" (")[0] for v in ends]
+        interior = "held" if words == ["held"] * 2 else "not held" if "not held" in words else "inconclusive"
+        return {f"interior optimum ({best} beats I=3 and never)": f"{interior}: vs I=3 {ends[0]}; vs never {ends[1]}",
+                "curriculum (I=10) > fixed reference": verdict(d("dpo"), d("dpo_ref_never")),
                 "shortest interval (I=3) > fixed reference": verdict(d("dpo_ref_3"), d("dpo_ref_never"))}
     if name == "num_candidates":
         return {"N=4 > N=2": verdict(d("dpo"), d("dpo_n2")),
@@ -207,11 +224,14 @@ def judge_claim(name, figs):
             out["VADER lowers diversity more than DPO"] = verdict(figs["vader"]["diversity"], figs["dpo"]["diversity"], False)
         # hacking: the trained reward rises while what it does not measure (motion, prompt faithfulness) falls
         unmeasured = [a + b for a, b in zip(figs["vader"]["delta/dynamic_degree"], figs["vader"]["delta/text_alignment"])]
+        zero = [0.0] * len(unmeasured)
+        up, down = verdict(figs["vader"]["delta/reward"], zero), verdict(zero, unmeasured)
+        words = [up.split(" (")[0], down.split(" (")[0]]
+        both = "held" if words == ["held"] * 2 else "not held" if "not held" in words else "inconclusive"
         out["VADER hacks: trained reward up, dynamic degree + text alignment down"] = \
-            verdict(figs["vader"]["delta/reward"], [0.0] * len(unmeasured)) if verdict([0.0] * len(unmeasured), unmeasured) == "held" \
-            else "not held"
+            f"{both}: reward up {up}; dynamic degree + text alignment down {down}"
         peak_then_drop = [max(r for _, r in cv) - cv[-1][1] for cv in figs["vader"]["curve"]]
-        out["VADER's held-out reward falls back from its peak"] = "held" if min(peak_then_drop) > 0.01 else "not held"
+        out["VADER's held-out reward falls back from its peak (by more than 0.01)"] = verdict(peak_then_drop, [0.01] * len(zero))
         return out
     if name == "feedback_dimension":
         best_single = max(["dpo", "dpo_dynamic", "dpo_text", "dpo_quality"],
@@ -290,50 +310,74 @@ def markdown(name, save):
     return "\n".join(lines) + "\n"
 
 
-def main(args):
-    names = args.only or list(EXPERIMENTS)
-    unknown = [n for n in names if n not in EXPERIMENTS]
-    if unknown:
-        raise SystemExit(f"unknown experiment(s) {unknown}: valid are {list(EXPERIMENTS)}")
-    seeds = list(range(1 if args.smoke else args.seeds))
-    needed = sorted({c for n in names for c in EXPERIMENTS[n][1]})
-    # seed 0 of every configuration first (a first figure for every claim), then the other seeds of the
-    # configurations the central claims rest on, then the rest: an interrupted sweep still says the most
-    core = [c for c in needed if c in ("dpo", "dpo_offline", "vader", "gran", "gran_video_only", "rwr", "rwr_dpo")]
-    jobs = [(c, seeds[0]) for c in needed] + [(c, s) for s in seeds[1:] for c in core] + \
-        [(c, s) for s in seeds[1:] for c in needed if c not in core]
-    runs = {c: [] for c in needed}
+def run_all(jobs, args):
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = {} if args.aggregate_only else {pool.submit(run_one, c, s, args): (c, s) for c, s in jobs}
         for fut in concurrent.futures.as_completed(futures):
             c, s = futures[fut]
             out, sec = fut.result()
             print(f"{c} seed {s}: {'done' if sec else 'already done'} ({sec:.0f} s)", flush=True)
-    for c, s in jobs:
-        out = os.path.join(args.runs, f"{c}_s{s}")
-        if os.path.exists(os.path.join(out, "done")):
-            runs[c].append((s, out))
-    for n in names:
-        if any(not runs[c] for c in EXPERIMENTS[n][1]):
-            print(f"{n}: runs missing, skipped")
-            continue
-        claim, figs, stats, held = summarise(n, runs, args)
-        cmd = f"python benchmarks/claims.py --only {n}"
-        save = {"experiment": n, "claim": claim, "command": cmd, "seeds": [s for s, _ in runs[EXPERIMENTS[n][1][0]]],
-                "configs": {c: {k: v for k, v in CONFIGS[c].items()} for c in figs}, "verdict": held,
-                "mean_std": {c: {k: list(v) for k, v in st.items()} for c, st in stats.items()}, "per_seed": figs}
-        with open(os.path.join(args.out, f"{n}.json"), "w") as f:
-            json.dump(save, f, indent=1)
-        plot(n, figs, stats, os.path.join(args.out, f"{n}.png"))
-        with open(os.path.join(args.out, f"{n}.md"), "w") as f:
-            f.write(markdown(n, save))
-        print(f"\n## {n}: {claim}")
-        for c, st in stats.items():
-            shown = {k: f"{m:+.3f}±{s:.3f}" for k, (m, s) in st.items() if k.startswith(("delta/", "eval/pass_rate", "diversity"))
-                     and "@" not in k}
-            print(f"  {c}: {shown}")
-        for k, v in held.items():
-            print(f"  -> {k}: {v}")
+
+
+def finished_runs(configs, args):
+    """{config: [(seed, folder)]} over the seeds EVERY one of `configs` has finished: the pairing."""
+    done = {c: {s for s in range(100) if os.path.exists(os.path.join(args.runs, f"{c}_s{s}", "done"))} for c in configs}
+    seeds = sorted(set.intersection(*done.values()))
+    return {c: [(s, os.path.join(args.runs, f"{c}_s{s}")) for s in seeds] for c in configs}
+
+
+def write_experiment(n, claim, figs, stats, held, seeds, args):
+    save = {"experiment": n, "claim": claim, "command": f"python benchmarks/claims.py --only {n}", "seeds": seeds,
+            "configs": {c: {k: v for k, v in CONFIGS[c].items()} for c in figs}, "verdict": held,
+            "mean_std": {c: {k: list(v) for k, v in st.items()} for c, st in stats.items()}, "per_seed": figs}
+    with open(os.path.join(args.out, f"{n}.json"), "w") as f:
+        json.dump(save, f, indent=1)
+    plot(n, figs, stats, os.path.join(args.out, f"{n}.png"))
+    with open(os.path.join(args.out, f"{n}.md"), "w") as f:
+        f.write(markdown(n, save))
+    print(f"\n## {n}: {claim}")
+    for c, st in stats.items():
+        shown = {k: f"{m:+.3f}±{s:.3f}" for k, (m, s) in st.items() if k.startswith(("delta/", "eval/pass_rate", "diversity"))
+                 and "@" not in k}
+        print(f"  {c}: {shown}")
+    for k, v in held.items():
+        print(f"  -> {k}: {v}")
+
+
+def main(args):
+    names = args.only or list(EXPERIMENTS)
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise SystemExit(f"unknown experiment(s) {unknown}: valid are {list(EXPERIMENTS)}")
+    if args.rejudge:  # new verdicts from the per-seed figures already saved, no run needed
+        for n in names:
+            save = json.load(open(os.path.join(args.out, f"{n}.json")))
+            figs = save["per_seed"]
+            stats = {c: {k: mean_std(v) for k, v in per.items() if k != "curve"} for c, per in figs.items()}
+            write_experiment(n, save["claim"], figs, stats, judge_claim(n, figs), save["seeds"], args)
+        return
+    seeds = list(range(1 if args.smoke else args.seeds))
+    needed = sorted({c for n in names for c in EXPERIMENTS[n][1]})
+    # seed 0 of every configuration first (a first figure for every claim), then the other seeds of the
+    # configurations the central claims rest on, then the rest: an interrupted sweep still says the most
+    core = [c for c in needed if c in ("dpo", "dpo_offline", "vader", "gran", "gran_video_only", "rwr", "rwr_dpo")]
+    run_all([(c, seeds[0]) for c in needed] + [(c, s) for s in seeds[1:] for c in core] +
+            [(c, s) for s in seeds[1:] for c in needed if c not in core], args)
+    for rnd in range(2):
+        extend = []
+        for n in names:
+            runs = finished_runs(EXPERIMENTS[n][1], args)
+            if not runs[EXPERIMENTS[n][1][0]]:
+                print(f"{n}: runs missing, skipped")
+                continue
+            claim, figs, stats, held = summarise(n, runs, args)
+            write_experiment(n, claim, figs, stats, held, [s for s, _ in runs[EXPERIMENTS[n][1][0]]], args)
+            if rnd == 0 and args.extend_to > len(seeds) and any(v.startswith("inconclusive") for v in held.values()):
+                extend += [(c, s) for s in range(len(seeds), args.extend_to) for c in EXPERIMENTS[n][1]]
+        if not extend:
+            break
+        print(f"\nintervals across zero: seeds {len(seeds)}..{args.extend_to - 1} for {sorted({c for c, _ in extend})}")
+        run_all(list(dict.fromkeys(extend)), args)
 
 
 if __name__ == "__main__":

@@ -355,7 +355,8 @@ def measure(fn, parts, optimizer, tensors=(), fsdp_root=None):
 # ----------------------------------------------------------------------------------------------
 # The phases, as the scripts run them
 # ----------------------------------------------------------------------------------------------
-def phase_fns(model, reward_fn, F, H, W, autocast, kind, k=1, decode="all", steps=2, checkpointing=True, guidance=5.0):
+def phase_fns(model, reward_fn, F, H, W, autocast, kind, k=1, decode="all", steps=2, checkpointing=True, guidance=5.0,
+              frozen=None, decoder_grad="prefix"):
     frames = {"all": None, "one": [F // 2], "alternate": list(range(0, F, 2))}[decode]
 
     def sample():  # common.sample_and_score: sampler with CFG, decode, reward, all under no_grad
@@ -367,7 +368,8 @@ def phase_fns(model, reward_fn, F, H, W, autocast, kind, k=1, decode="all", step
         with autocast:
             _, video = common.sample(model, ["a prompt"], [0], F, H, W, max(steps, k + 1) if k < 99 else steps, guidance,
                                      grad_from=(max(steps, k + 1) - k) if k < 99 else 0,
-                                     grad_checkpointing=checkpointing, decode_frames=frames)
+                                     grad_checkpointing=checkpointing, decode_frames=frames,
+                                     decoder_prefix_grad=decoder_grad == "prefix")
             return -reward_fn(video).mean()
 
     def dpo(ref, n=1):  # online_vpo.py step 5: reference then policy on [winners; losers], one (t, eps) per pair
@@ -376,6 +378,8 @@ def phase_fns(model, reward_fn, F, H, W, autocast, kind, k=1, decode="all", step
         t = common.sample_train_timesteps(model, n, torch.Generator().manual_seed(0)).repeat(2)
         x_t, target = common.noisy_and_target(model, x0, eps, t)
         emb, mask = common.encode_prompts(model, ["a prompt"] * 2 * n)
+        if frozen is not None:  # --offload-frozen: text encoder, VAE and reward freed for the update
+            frozen.away()
         with autocast:
             ref_pred = ref.forward(common.denoise, model, x_t, t, emb, mask)
             pred = common.denoise(model, x_t, t, emb, mask)
@@ -397,7 +401,7 @@ def phase_fns(model, reward_fn, F, H, W, autocast, kind, k=1, decode="all", step
 
 
 def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=False, k=1, decode="all", steps=2,
-             checkpointing=True, dtype=torch.bfloat16, cache=None, reward=None):
+             checkpointing=True, dtype=torch.bfloat16, cache=None, reward=None, offload=False, decoder_grad="prefix"):
     """Build (fake or real, per the ambient mode), run one phase, return the row."""
     import sharding
     cache = {} if cache is None else cache
@@ -419,7 +423,12 @@ def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=Fal
             params = sharding.shard(model, "bf16" if dtype == torch.bfloat16 else "fp16")
     autocast = torch.autocast("cpu", dtype=dtype)
     kind = {"sample": "sample"}.get(phase) or {"vader_grad": "vader", "vlm_feedback_rwr": "rwr"}.get(script, "dpo")
-    fn = phase_fns(model, rfn, F, H, W, autocast, kind, k, decode, steps, checkpointing)
+    offloaded = None
+    if offload:  # the scripts' common.Offload; its host copies are host memory, which the plan does not count
+        offloaded = common.Offload(common.modules_of([model.text_encoder, model.vae, rnet]))
+        offloaded.host, sizes = [None] * len(offloaded.storages), [s.nbytes() for s in offloaded.storages]
+    fn = phase_fns(model, rfn, F, H, W, autocast, kind, k, decode, steps, checkpointing, frozen=offloaded,
+                   decoder_grad=decoder_grad)
     opt, ref_tensors = None, []
     if phase == "update":
         opt = torch.optim.AdamW(params, lr=1e-4)
@@ -435,26 +444,31 @@ def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=Fal
     t0 = time.time()
     with mock_attr(common, "set_timesteps", timestep_list(common.set_timesteps)):
         peak, cats, after = measure(run, parts, opt, ref_tensors, fsdp_root=model.denoiser if fsdp else None)
+    for s, n in zip(offloaded.storages if offload else [], sizes if offload else []):  # (the reward is reused by
+        s.resize_(n)  # the next rows: its weights back, as Offload.back() does in the scripts)
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
     trainable = sum((q.to_local() if fsdp else q).numel() for q in params) * 4  # fp32; under FSDP this rank's shard
-    frozen = nbytes([q for m in parts for q in m.parameters() if not q.requires_grad])
+    resident = [model.denoiser] if offload else parts  # the weights on the GPU through the update
+    frozen = nbytes([q for m in resident for q in m.parameters() if not q.requires_grad])
     expected = {"weights": frozen + trainable + (len(ref_tensors) and trainable),
                 "grads": trainable if phase == "update" else 0, "optimizer": 2 * trainable if phase == "update" else 0}
     return {"script": script, "model": model_name, "frames": F, "height": H, "width": W, "lora_rank": lora_rank,
             "ranks": ranks, "fsdp": fsdp, "phase": phase, "flags": flags_of(script, ranks, fsdp, lora_rank, k, decode,
-                                                                          checkpointing),
+                                                                          checkpointing, offload, decoder_grad),
             "peak_gib": peak / GiB, "categories_gib": {c: v / GiB for c, v in cats.items()},
             "after_step_gib": {c: v / GiB for c, v in after.items()},
             "expected_gib": {c: v / GiB for c, v in expected.items()}, "seconds": time.time() - t0}
 
 
-def flags_of(script, ranks, fsdp, lora_rank, k=1, decode="all", checkpointing=True):
+def flags_of(script, ranks, fsdp, lora_rank, k=1, decode="all", checkpointing=True, offload=False, decoder_grad="prefix"):
     # DPO: one pair per rank per step; RWR: one video per rank
     f = f"--mixed-precision bf16 --lora-rank {lora_rank} --batch-size {ranks} --sample-batch-size 1 --grad-checkpointing"
     if script == "vader_grad":
         f = f"--mixed-precision bf16 --lora-rank {lora_rank} --sample-batch-size 1 --backprop-steps {k} " \
-            f"--decode-frames {decode}" + ("" if checkpointing else " --no-grad-checkpointing")
-    return f + (" --fsdp" if fsdp else "") + (f" (torchrun x{ranks})" if ranks > 1 else "")
+            f"--decode-frames {decode}" + ("" if checkpointing else " --no-grad-checkpointing") + \
+            (" --decoder-grad own" if decoder_grad == "own" else "")
+    return f + (" --offload-frozen" if offload else "") + (" --fsdp" if fsdp else "") + \
+        (f" (torchrun x{ranks})" if ranks > 1 else "")
 
 
 def tiny_reward():
@@ -470,13 +484,14 @@ def validate_tiny():
     """(a) The same rows on the tiny Wan: fake tensors vs real CPU tensors (tracked real allocations)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     out = []
-    for script, phase in [("online_vpo", "update"), ("vader_grad", "update"), ("online_vpo", "sample"),
-                          ("vlm_feedback_rwr", "update")]:
+    for script, phase, offload in [("online_vpo", "update", False), ("vader_grad", "update", False),
+                                   ("online_vpo", "sample", False), ("vlm_feedback_rwr", "update", False),
+                                   ("online_vpo", "update", True)]:
         torch.manual_seed(0)
-        real = plan_row("tiny-wan", script, phase, 9, 64, 64, lora_rank=4, reward="tiny")
+        real = plan_row("tiny-wan", script, phase, 9, 64, 64, lora_rank=4, reward="tiny", offload=offload)
         with FakeTensorMode(allow_non_fake_inputs=True):
-            fake = plan_row("tiny-wan", script, phase, 9, 64, 64, lora_rank=4, reward="tiny")
-        out.append({"check": f"tiny Wan {script} {phase}: fake / real", "estimate_gib": fake["peak_gib"],
+            fake = plan_row("tiny-wan", script, phase, 9, 64, 64, lora_rank=4, reward="tiny", offload=offload)
+        out.append({"check": f"tiny Wan {script} {phase}{' --offload-frozen' * offload}: fake / real", "estimate_gib": fake["peak_gib"],
                     "reference_gib": real["peak_gib"], "ratio": fake["peak_gib"] / real["peak_gib"]})
     return out
 
@@ -516,14 +531,20 @@ def plan_configs(args):
                     for ranks, fsdp in ((1, False), (8, True)):
                         yield dict(model_name=model, script=script, phase=phase, F=F, H=H, W=W, ranks=ranks, fsdp=fsdp,
                                    lora_rank=args.lora_rank)
-                if script == "online_vpo" and model.startswith("wan2.1") and H == 480:  # full fine-tune (DPO)
+                if script == "online_vpo":  # --offload-frozen: text encoder, VAE and reward off the GPU in the update
                     for ranks, fsdp in ((1, False), (8, True)):
                         yield dict(model_name=model, script=script, phase="update", F=F, H=H, W=W, ranks=ranks,
-                                   fsdp=fsdp, lora_rank=0)
-                if script == "vader_grad":  # the ladder's cheapest rung: one decoded frame
+                                   fsdp=fsdp, lora_rank=args.lora_rank, offload=True)
+                if script == "online_vpo" and model.startswith("wan2.1") and H == 480:  # full fine-tune (DPO)
                     for ranks, fsdp in ((1, False), (8, True)):
-                        yield dict(model_name=model, script=script, phase="update", F=F, H=H, W=W, ranks=ranks, fsdp=fsdp,
-                                   lora_rank=args.lora_rank, decode="one")
+                        for offload in (False, True):
+                            yield dict(model_name=model, script=script, phase="update", F=F, H=H, W=W, ranks=ranks,
+                                       fsdp=fsdp, lora_rank=0, offload=offload)
+                if script == "vader_grad":  # the ladder's cheapest rung: one decoded frame (Wan: and its own latent
+                    for ranks, fsdp in ((1, False), (8, True)):  # frame only carrying the decoder's gradient)
+                        for dg in ("prefix", "own") if model.startswith("wan") else ("prefix",):
+                            yield dict(model_name=model, script=script, phase="update", F=F, H=H, W=W, ranks=ranks,
+                                       fsdp=fsdp, lora_rank=args.lora_rank, decode="one", decoder_grad=dg)
 
 
 def key(row):
@@ -547,8 +568,17 @@ def derived_rows(rows):
     return out
 
 
+# what the table tries, in order, when a size does not fit with the defaults
+VARIANTS = ("", "--decode-frames one", "--decode-frames one --decoder-grad own", "--offload-frozen")
+
+
+def variant(row):
+    return " ".join(f for f in ("--decode-frames one", "--decoder-grad own", "--offload-frozen") if f in row["flags"])
+
+
 def fits_table(rows, gib):
-    """Per script and model: the largest video whose every phase fits, on 1 GPU and on 8 (FSDP)."""
+    """Per script and model: the largest video whose every phase fits, on 1 GPU and on 8 (FSDP), and the flag
+    that makes it fit where the defaults do not (VADER: one decoded frame; DPO: --offload-frozen)."""
     lines = [f"| script | model | 1 x {gib:.0f} GB: largest video (peak GiB) | 8 x {gib:.0f} GB, --fsdp: largest video "
              f"(peak GiB per rank) |", "|---|---|---|---|"]
     combos = sorted({(r["script"], r["model"]) for r in rows})
@@ -562,15 +592,22 @@ def fits_table(rows, gib):
             for _, H, W, F in sizes:
                 sel = [r for r in rows if (r["script"], r["model"], r["ranks"], r["height"], r["width"], r["frames"]) ==
                        (script, model, ranks, H, W, F) and r["fsdp"] == (ranks > 1) and r["lora_rank"] > 0]
-                for decode in ("all", "one"):  # VADER: all decoded frames first, else one
-                    rs = [r for r in sel if ("--decode-frames one" in r["flags"]) == (decode == "one")]
-                    if rs and max(r["peak_gib"] for r in rs) <= gib * 1e9 / GiB:
-                        best = (H, W, F, max(r["peak_gib"] for r in rs), decode)
+                for v in VARIANTS:  # each phase with the variant's flag where it was planned, else as by default
+                    phases = {r["phase"] for r in sel}
+                    rs = [next((r for r in sel if r["phase"] == ph and variant(r) == v), None) or
+                          next((r for r in sel if r["phase"] == ph and variant(r) == ""), None) for ph in phases]
+                    if rs and None not in rs and any(variant(r) == v for r in rs) and \
+                            max(r["peak_gib"] for r in rs) <= gib * 1e9 / GiB:
+                        best = (H, W, F, max(r["peak_gib"] for r in rs), v)
                         break
             cells.append("does not fit" if best is None else
-                         f"{best[0]}x{best[1]}x{best[2]} ({best[3]:.1f})" + (" --decode-frames one" if best[4] == "one" else ""))
+                         f"{best[0]}x{best[1]}x{best[2]} ({best[3]:.1f})" + (f" {best[4]}" if best[4] else ""))
         lines.append(f"| {script} | {model} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
+
+
+def extra_flags(row):
+    return " ".join(f for f in ("--decoder-grad own", "--offload-frozen") if f in row["flags"])
 
 
 def detail_table(rows, models=("wan2.1-1.3b", "wan2.1-14b")):
@@ -581,19 +618,22 @@ def detail_table(rows, models=("wan2.1-1.3b", "wan2.1-14b")):
     order = ["online_vpo", "vlm_feedback_rwr", "vader_grad"]
     for model in models:
         kinds = sorted({(r["script"], r["phase"], r["lora_rank"], r["flags"].split(" --decode-frames ")[-1].split()[0]
-                         if "--decode-frames" in r["flags"] else "") for r in rows if r["model"] == model
-                        and "derived_from" not in r}, key=lambda k: (order.index(k[0]) if k[0] in order else 9, k[1], -k[2], k[3]))
-        for script, phase, lora, decode in kinds:
+                         if "--decode-frames" in r["flags"] else "", extra_flags(r)) for r in rows
+                        if r["model"] == model and "derived_from" not in r},
+                       key=lambda k: (order.index(k[0]) if k[0] in order else 9, k[1], -k[2], k[3], k[4]))
+        for script, phase, lora, decode, extra in kinds:
             cells = []
             for h, w, f in sizes:
                 got = {}
                 for r in rows:
                     if (r["model"], r["script"], r["phase"], r["lora_rank"], r["height"], r["width"], r["frames"]) == \
                             (model, script, phase, lora, h, w, f) and "derived_from" not in r and \
-                            (not decode or f"--decode-frames {decode}" in r["flags"]):
+                            (not decode or f"--decode-frames {decode}" in r["flags"]) and \
+                            extra == extra_flags(r):
                         got[r["fsdp"]] = r["peak_gib"]
                 cells.append(" / ".join(f"{got[k]:.1f}" for k in (False, True) if k in got) or "-")
-            name = phase + ("" if lora else ", full fine-tune") + (f", {decode} frame(s) decoded" if decode else "")
+            name = phase + ("" if lora else ", full fine-tune") + (f", {decode} frame(s) decoded" if decode else "") + \
+                (f", {extra}" if extra else "")
             lines.append(f"| {model} | {script} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -625,9 +665,9 @@ def main(args):
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)  # 8 ranks simulated in one process
     if args.smoke:  # the tiny Wan's DPO update on one rank and sharded over 8
         with FakeTensorMode(allow_non_fake_inputs=True):
-            for ranks, fsdp in ((1, False), (8, True)):
+            for ranks, fsdp, offload in ((1, False, False), (8, True, False), (1, False, True)):
                 row = plan_row("tiny-wan", "online_vpo", "update", 9, 64, 64, lora_rank=4, ranks=ranks, fsdp=fsdp,
-                               reward="tiny")
+                               reward="tiny", offload=offload)
                 result["rows"].append(row)
                 print(json.dumps({k: row[k] for k in ("ranks", "fsdp", "peak_gib", "after_step_gib", "expected_gib")}))
         save(args.out, result)
@@ -635,7 +675,8 @@ def main(args):
     cache = {}
     with FakeTensorMode(allow_non_fake_inputs=True):
         for cfg in plan_configs(args):
-            flags = flags_of(cfg["script"], cfg["ranks"], cfg["fsdp"], cfg["lora_rank"], decode=cfg.get("decode", "all"))
+            flags = flags_of(cfg["script"], cfg["ranks"], cfg["fsdp"], cfg["lora_rank"], decode=cfg.get("decode", "all"),
+                             offload=cfg.get("offload", False), decoder_grad=cfg.get("decoder_grad", "prefix"))
             probe = {"script": cfg["script"], "model": cfg["model_name"], "frames": cfg["F"], "height": cfg["H"],
                      "width": cfg["W"], "lora_rank": cfg["lora_rank"], "ranks": cfg["ranks"], "fsdp": cfg["fsdp"],
                      "phase": cfg["phase"], "flags": flags}

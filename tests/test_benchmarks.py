@@ -18,7 +18,7 @@ def test_claims_smoke_writes_figures_and_verdicts(tmp_path):
         fig = json.load(open(tmp_path / "out" / f"{name}.json"))
         assert os.path.getsize(tmp_path / "out" / f"{name}.png") > 1000
         assert fig["command"] == f"python benchmarks/claims.py --only {name}" and fig["verdict"]
-        assert all(v == "one seed: no spread to judge by" for v in fig["verdict"].values())
+        assert all(v == "one seed: no interval to judge by" for v in fig["verdict"].values())
     fig = json.load(open(tmp_path / "out" / "online_vs_offline.json"))
     # the reported change is the run's own last minus first held-out evaluation
     rows = [json.loads(line) for line in open(tmp_path / "runs" / "dpo_offline_s0" / "metrics.jsonl")]
@@ -27,6 +27,21 @@ def test_claims_smoke_writes_figures_and_verdicts(tmp_path):
     # a second call finds the runs finished and starts none
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "already done" in res.stdout
+
+
+def test_claim_verdicts_come_from_the_paired_difference_interval():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import claims
+    # diffs 1, 2, 3: mean 2, sd 1, t(2 dof) = 4.303, half-width 4.303 / sqrt(3) = 2.484 -> the interval spans 0
+    m, lo, hi = claims.paired_ci([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    assert abs(m - 2) < 1e-12 and abs(lo - (2 - 4.303 / 3 ** 0.5)) < 1e-9 and abs(hi - (2 + 4.303 / 3 ** 0.5)) < 1e-9
+    assert claims.verdict([1.0, 2.0, 3.0], [0.0] * 3).startswith("inconclusive")
+    # seeds spread widely but the pairs agree: the paired difference is tight (the unpaired spread would hide it)
+    a, b = [0.1, 0.5, 0.9], [0.02, 0.41, 0.83]
+    assert claims.verdict(a, b).startswith("held (+0.080")
+    assert claims.verdict(b, a).startswith("not held")
+    assert claims.verdict(a, b, more_is_better=False).startswith("not held")
+    assert claims.verdict([0.1], [0.0]) == "one seed: no interval to judge by"
 
 
 def test_performance_smoke(tmp_path):

@@ -21,6 +21,31 @@ def test_partial_decode_equals_the_full_decode(tmp_path, family, num_frames):
             assert torch.allclose(part, full[:, frames], atol=1e-5), (frames, (part - full[:, frames]).abs().max())
 
 
+def test_wan_decoder_grad_own_keeps_the_values_and_truncates_the_gradient(tmp_path):
+    """VADER's --decoder-grad own: the decoded frames equal the full decode's, the latent frames holding them get
+    exactly the gradient the whole-prefix decode gives them, and the earlier latent frames get none."""
+    tiny_models.build("wan", str(tmp_path))
+    model = common.load_model(str(tmp_path))
+    lat = torch.randn((2, *common.latent_shape(model, 13, 16, 16)), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = common.decode(model, lat)
+    for frames, own in (([9], [3]), ([4, 9], [1, 3]), ([0], [0])):  # pixel 4k-3..4k -> latent k (latent 0: pixel 0)
+        grads, videos = {}, {}
+        for prefix_grad in (True, False):
+            z = lat.clone().requires_grad_()
+            videos[prefix_grad] = common.decode(model, z, frames, prefix_grad=prefix_grad)
+            weights = torch.linspace(0, 1, videos[prefix_grad].numel()).view_as(videos[prefix_grad])
+            (videos[prefix_grad] * weights).sum().backward()
+            grads[prefix_grad] = z.grad
+        assert torch.equal(videos[False], videos[True]) and torch.allclose(videos[False], full[:, frames], atol=1e-5)
+        last = own[-1]  # the last decoded latent frame: no later frame reaches it through the cache, so equal
+        assert torch.allclose(grads[False][:, :, last], grads[True][:, :, last], atol=1e-7)
+        assert grads[False][:, :, last].abs().sum() > 0
+        for i in range(last):
+            if i not in own:  # the rest of the causal prefix: no gradient when truncated, some when not
+                assert grads[False][:, :, i].abs().sum() == 0 and grads[True][:, :, i].abs().sum() > 0, i
+
+
 def test_cogvideox_dpm_sampler_equals_stock_pipeline(tmp_path):
     import diffusers  # the stock pipeline draws the initial latents AND the step noise from the same generators
     tiny_models.build("cogvideox", str(tmp_path), scheduler=diffusers.CogVideoXDPMScheduler(

@@ -21,14 +21,14 @@ def smoke(tmp_path_factory):
 
 
 def test_fake_estimate_equals_real_tensors_on_the_tiny_wan(smoke):
-    assert len(smoke["validations"]) == 4  # DPO update, VADER update, sampling, RWR update
+    assert len(smoke["validations"]) == 5  # DPO update, VADER update, sampling, RWR update, DPO --offload-frozen
     for v in smoke["validations"]:
         assert v["reference_gib"] > 0
         assert abs(v["ratio"] - 1) < 5e-3, v  # (host-side scheduler scalars aside, the same bytes)
 
 
 def test_categories_equal_their_hand_computed_sizes(smoke):
-    one, eight = smoke["rows"]
+    one, eight, offload = smoke["rows"]
     assert (one["ranks"], one["fsdp"], eight["ranks"], eight["fsdp"]) == (1, False, 8, True)
     a1, e1 = one["after_step_gib"], one["expected_gib"]
     assert a1["grad"] == pytest.approx(e1["grads"], rel=1e-9)  # fp32 LoRA gradients
@@ -39,5 +39,10 @@ def test_categories_equal_their_hand_computed_sizes(smoke):
     assert a8["sharded_grad"] == pytest.approx(e8["grads"], rel=1e-9)  # each rank: its shard of the gradients
     assert a8["opt"] == pytest.approx(e8["optimizer"], rel=0.05)
     assert a8["sharded_grad"] < a1["grad"] / 4 and a8["opt"] < a1["opt"] / 4  # (1/8, plus padding of tiny dims)
+    # --offload-frozen (common.Offload, run by the plan as by the scripts): after the update's step only the
+    # denoiser (base + LoRA), the gradients and the reference are resident; text encoder and VAE are not
+    a, e = offload["after_step_gib"], offload["expected_gib"]
+    assert "--offload-frozen" in offload["flags"] and e["weights"] < e1["weights"] / 2
+    assert a["param"] + a["grad"] + a["oth"] == pytest.approx(e["weights"] + e["grads"], rel=1e-6)
     for row in smoke["rows"]:
         assert row["peak_gib"] >= sum(row["after_step_gib"].values()) - 1e-9

@@ -54,6 +54,10 @@ def test_temporal_patches_and_shift_reach_the_shipped_folder(tmp_path):
     with torch.no_grad():
         _, video = common.sample(model, ["a red square falling"], [0], 4, 16, 16, 2, 3.0)
     assert video.shape == (1, 4, 3, 16, 16)
+    import online_vpo  # an odd frame count cannot be cut into 2-frame tokens: refused before loading, saying why
+    with pytest.raises(ValueError, match="multiple of 2 .the model's 2 frames per token"):
+        run_main(online_vpo, ["--model", str(out), "--num-frames", "7", "--out", str(tmp_path / "r")])
+    assert not os.path.exists(tmp_path / "r")
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):

@@ -115,6 +115,42 @@ def test_bf16_vader_reward_gradient_reaches_the_lora(tmp_path, monkeypatch, toy_
     assert math.isfinite(train_rows(out)[0]["reward_mean"])
 
 
+@pytest.mark.parametrize("script", [online_vpo, gran_dpo])
+def test_offload_frozen_frees_text_encoder_vae_and_reward_during_the_update_and_changes_nothing(
+        tmp_path, monkeypatch, tiny_folders, videoscore_folder, script):
+    """--offload-frozen: while the DPO update runs, the text encoder, VAE and reward model hold no memory where
+    they live (the GPU in a real run); they come back for the next sampling, and the run is bit-identical."""
+    seen, resident = {}, {}
+    load_model, load_reward, denoise = common.load_model, rewards.load_reward, common.denoise
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: seen.setdefault("model", load_model(*a, **k)))
+    monkeypatch.setattr(rewards, "load_reward", lambda *a, **k: seen.setdefault("reward", load_reward(*a, **k)))
+
+    def spy(model, *a, **k):  # the policy forward of the update is the one call with gradients on
+        if torch.is_grad_enabled():
+            frozen = common.modules_of([model.text_encoder, model.vae, seen["reward"]])
+            assert len(frozen) == 4  # UMT5, the Wan VAE, VideoScore's Idefics2 and its head
+            resident.setdefault(seen["flag"], []).append(
+                sum(t.untyped_storage().nbytes() for m in frozen for t in list(m.parameters()) + list(m.buffers())))
+        return denoise(model, *a, **k)
+    monkeypatch.setattr(common, "denoise", spy)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat playing piano\na dog surfing a wave\n")
+    outs = {}
+    for flag in (False, True):
+        seen.clear()
+        seen["flag"] = flag
+        outs[flag] = run_main(script, DPO + ["--model", tiny_folders["wan"], "--reward", f"videoscore@{videoscore_folder[0]}",
+                                             "--prompts", str(prompts), "--eval-prompts", str(prompts), "--num-frames", "9",
+                                             "--height", "16", "--width", "16", "--steps", "2", "--mixed-precision", "bf16",
+                                             "--out", str(tmp_path / str(flag))] + ["--offload-frozen"] * flag
+                            + (["--patch-grid", "1,2,2"] if script is gran_dpo else []))
+    assert len(resident[False]) == len(resident[True]) == 2 and min(resident[False]) > 1e5  # (100s of kB: tiny models)
+    assert resident[True] == [0, 0]
+    assert max_diff(final_params(outs[False]), final_params(outs[True])) == 0.0
+    evals = {f: [r for r in map(json.loads, open(os.path.join(outs[f], "metrics.jsonl"))) if r.get("eval")] for f in outs}
+    assert evals[False] == evals[True] and len(evals[True]) == 2  # the reward scored the last evaluation as the first
+
+
 # ---- 2. the process group a GPU run gets ---------------------------------------------------------
 def test_gpu_runs_get_a_process_group_that_serves_cpu_tensors(monkeypatch):
     from torch.distributed.distributed_c10d import Backend, BackendConfig

@@ -67,6 +67,9 @@ def test_reward_target_and_bad_input(tmp_path, toy_model):
         run_main(vader_grad, FAST + ["--reward", "judge", "--out", str(tmp_path / "j")])
     with pytest.raises(ValueError, match="needs --backprop-start"):
         run_main(vader_grad, ["--backprop-mode", "specific", "--out", str(tmp_path / "s")])
+    with pytest.raises(ValueError, match="truncates Wan's causal VAE decoder"):
+        run_main(vader_grad, ["--decoder-grad", "own", "--out", str(tmp_path / "o")])
+    assert not os.path.exists(tmp_path / "o")  # refused before anything was written
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, toy_model):
