@@ -508,8 +508,9 @@ def _wan_decode_own_grad(vae, z, grad_latents):
     out = []
     for i in range(z.shape[2]):
         vae._conv_idx = [0]
+        chunk = x[:, :, i: i + 1] if i in grad_latents else x[:, :, i: i + 1].detach()
         with torch.set_grad_enabled(i in grad_latents):
-            out.append(vae.decoder(x[:, :, i: i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+            out.append(vae.decoder(chunk, feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
                                    **({"first_chunk": True} if i == 0 else {})))
     vae.clear_cache()
     out = torch.cat(out, 2)
@@ -577,6 +578,9 @@ def sample(model, prompts, seeds, num_frames, height, width, steps, guidance, ne
         # denoiser forward per grad-carrying step (of the ~30 a VADER step runs)
         for den in model.experts:
             den.enable_gradient_checkpointing()
+    # under FSDP2, per block only: recomputing a whole sharded call inside the backward gathers every block's
+    # weights at once (each is resharded only after its own backward): +26 GiB per rank for Wan 14B (memory plan)
+    per_block_only = any(sharding.is_fsdp(den) for den in model.experts)
     old_x0 = None  # CogVideoX's DPM scheduler carries the previous x0 prediction
     sch = model.scheduler
     for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
@@ -586,7 +590,7 @@ def sample(model, prompts, seeds, num_frames, height, width, steps, guidance, ne
             if hasattr(sch, "scale_model_input") and model.family in ("cogvideox", "modelscope"):
                 x_in = sch.scale_model_input(x_in, t)
             tt = t.expand(x_in.shape[0])
-            if grad_checkpointing and i >= grad_from:
+            if grad_checkpointing and i >= grad_from and not per_block_only:
                 pred = torch.utils.checkpoint.checkpoint(denoise, model, x_in, tt, emb_in, mask_in, use_reentrant=False)
             else:
                 pred = denoise(model, x_in, tt, emb_in, mask_in)

@@ -54,6 +54,11 @@ def reshard(modules):
             m.reshard()
 
 
+def is_fsdp(module):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(module, FSDPModule)
+
+
 def is_sharded(params):
     return isinstance(params[0], DTensor)
 

@@ -484,14 +484,14 @@ def validate_tiny():
     """(a) The same rows on the tiny Wan: fake tensors vs real CPU tensors (tracked real allocations)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     out = []
-    for script, phase, offload in [("online_vpo", "update", False), ("vader_grad", "update", False),
-                                   ("online_vpo", "sample", False), ("vlm_feedback_rwr", "update", False),
-                                   ("online_vpo", "update", True)]:
+    for script, phase, extra in [("online_vpo", "update", {}), ("vader_grad", "update", {}), ("online_vpo", "sample", {}),
+                                 ("vlm_feedback_rwr", "update", {}), ("online_vpo", "update", {"offload": True}),
+                                 ("vader_grad", "update", {"decode": "one", "decoder_grad": "own"})]:
         torch.manual_seed(0)
-        real = plan_row("tiny-wan", script, phase, 9, 64, 64, lora_rank=4, reward="tiny", offload=offload)
+        real = plan_row("tiny-wan", script, phase, 9, 64, 64, lora_rank=4, reward="tiny", **extra)
         with FakeTensorMode(allow_non_fake_inputs=True):
-            fake = plan_row("tiny-wan", script, phase, 9, 64, 64, lora_rank=4, reward="tiny", offload=offload)
-        out.append({"check": f"tiny Wan {script} {phase}{' --offload-frozen' * offload}: fake / real", "estimate_gib": fake["peak_gib"],
+            fake = plan_row("tiny-wan", script, phase, 9, 64, 64, lora_rank=4, reward="tiny", **extra)
+        out.append({"check": f"tiny Wan {script} {phase}" + "".join(f" {k}={v}" for k, v in extra.items()) + ": fake / real", "estimate_gib": fake["peak_gib"],
                     "reference_gib": real["peak_gib"], "ratio": fake["peak_gib"] / real["peak_gib"]})
     return out
 

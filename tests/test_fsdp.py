@@ -24,7 +24,8 @@ from test_regime import DPO, RWR, UNEVEN, VADER, two_prompts  # noqa: F401 (a fi
     # bf16: FSDP2 casts every weight to bf16 where autocast keeps some ops fp32, so the one process runs
     # --fsdp too (a world of 1): the same numerics, and the comparison is about the ranks
     ("vader_grad", VADER + ["--steps", "2", "--mixed-precision", "bf16", "--fsdp"], []),
-    ("online_vpo", DPO + ["--steps", "2", "--mixed-precision", "bf16", "--fsdp", "--ref-update-interval", "0"], []),
+    ("online_vpo", DPO + ["--steps", "2", "--mixed-precision", "bf16", "--fsdp", "--ref-update-interval", "0",
+                          "--offload-frozen"], []),  # (the text encoder freed during each sharded update)
 ])
 def test_fsdp_two_ranks_equal_one_process(tmp_path, toy_model, two_prompts, script, argv, extra):
     args = argv + (two_prompts if extra else [])

@@ -37,6 +37,18 @@ def test_only_the_last_k_sampler_steps_carry_gradient(tmp_path, monkeypatch, toy
     assert grads_seen == [True]  # every trainable weight received a gradient
 
 
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_under_fsdp_grad_carrying_steps_checkpoint_per_block_only(tmp_path, monkeypatch, toy_model, fsdp):
+    """A whole sharded denoiser call recomputed inside the backward gathers every block's weights at once (the
+    memory plan: +26 GiB per rank for Wan 14B), so under --fsdp the sampler checkpoints per block only."""
+    calls, checkpoint = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda fn, *a, **k: calls.append(getattr(fn, "__name__", "")) or checkpoint(fn, *a, **k))
+    run_main(vader_grad, FAST + ["--steps", "1", "--out", str(tmp_path / "r")] + ["--fsdp"] * fsdp)
+    per_call = calls.count("denoise")
+    assert per_call == (0 if fsdp else 1) and len(calls) > per_call  # (and the blocks checkpoint in both)
+
+
 def test_frame_subsampling_decodes_only_those_frames(tmp_path, monkeypatch, toy_model):
     shapes = []
     real = rewards.ToyReward.__call__
