@@ -778,7 +778,8 @@ class Offload:
     FSDP2 frees gathered weights); `back()` reallocates them and copies them in from a host copy taken once:
     they are frozen, so it never goes stale, and each step costs one host-to-device copy. A call into an
     offloaded model fails loudly (its weights have no storage) instead of computing on garbage.
-    Wan 14B at 480x832x81 under --fsdp on 8 x 80 GB: 76.9 -> 49.5 GiB per rank (benchmarks/memory_plan.py)."""
+    Wan 14B at 480x832x81 under --fsdp on 8 x 80 GB: 76.9 -> 50.7 GiB per rank (benchmarks/memory_plan.py);
+    the price is host memory: each rank keeps its own pinned copy (27 GiB with UMT5-XXL + VideoScore)."""
 
     def __init__(self, modules, enabled=True):
         by_storage = {}  # one entry per storage (tied weights share one), found before any is freed

@@ -172,7 +172,7 @@ def main(args):
                     x_t, _ = common.noisy_and_target(model, x0, eps, t)
                     emb, mask = common.encode_prompts(model, prompts)
                     x0_hat = common.predicted_x0(model, x_t, common.denoise(model, x_t, t, emb, mask).float(), t)
-                    videos = common.decode(model, x0_hat, frames)
+                    videos = common.decode(model, x0_hat, frames, args.decoder_grad == "prefix")
                 else:  # VADER: the sampler itself carries gradient through its last steps and the decoder
                     _, videos = common.sample(model, prompts, seeds, grad_from=grad_from,
                                               grad_checkpointing=args.grad_checkpointing, decode_frames=frames,

@@ -140,13 +140,23 @@ def paired_ci(a, b):
 
 
 def verdict(a, b, more_is_better=True):
-    """From the paired difference's 95% CI over seeds: 'held' when the interval lies on the claim's side of 0,
-    'not held' when it lies on the other side, 'inconclusive' when it spans 0."""
+    """From the paired difference's 95% CI over seeds, taken in the claim's direction (a - b, or b - a when less
+    is better): 'held' when the interval lies above 0, 'not held' when below (or exactly 0: no change),
+    'inconclusive' when it spans 0."""
     if len(a) < 2:
         return "one seed: no interval to judge by"
     m, lo, hi = paired_ci(a, b) if more_is_better else paired_ci(b, a)
     word = "held" if lo > 0 else "not held" if hi <= 0 else "inconclusive"  # ([0, 0]: no change at all)
     return f"{word} ({m:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}], n={len(a)})"
+
+
+def combined(verdicts, detail):
+    """A claim made of parts holds when every part holds, fails when one fails, else is inconclusive."""
+    words = [v.split(" (")[0] for v in verdicts]
+    if any(w.startswith("one seed") for w in words):
+        return "one seed: no interval to judge by"
+    word = "held" if all(w == "held" for w in words) else "not held" if "not held" in words else "inconclusive"
+    return f"{word}: {detail}"
 
 
 def diversity(out, seed, n_prompts=4, n_seeds=4):
@@ -207,9 +217,7 @@ def judge_claim(name, figs):
         # from short to long: 3, 10, 20, never; an interior optimum: the better interior interval beats both ends
         best = max(["dpo", "dpo_ref_20"], key=lambda c: mean_std(d(c))[0])
         ends = [verdict(d(best), d("dpo_ref_3")), verdict(d(best), d("dpo_ref_never"))]
-        words = [v.split(" (")[0] for v in ends]
-        interior = "held" if words == ["held"] * 2 else "not held" if "not held" in words else "inconclusive"
-        return {f"interior optimum ({best} beats I=3 and never)": f"{interior}: vs I=3 {ends[0]}; vs never {ends[1]}",
+        return {f"interior optimum ({best} beats I=3 and never)": combined(ends, f"vs I=3 {ends[0]}; vs never {ends[1]}"),
                 "curriculum (I=10) > fixed reference": verdict(d("dpo"), d("dpo_ref_never")),
                 "shortest interval (I=3) > fixed reference": verdict(d("dpo_ref_3"), d("dpo_ref_never"))}
     if name == "num_candidates":
@@ -226,10 +234,8 @@ def judge_claim(name, figs):
         unmeasured = [a + b for a, b in zip(figs["vader"]["delta/dynamic_degree"], figs["vader"]["delta/text_alignment"])]
         zero = [0.0] * len(unmeasured)
         up, down = verdict(figs["vader"]["delta/reward"], zero), verdict(zero, unmeasured)
-        words = [up.split(" (")[0], down.split(" (")[0]]
-        both = "held" if words == ["held"] * 2 else "not held" if "not held" in words else "inconclusive"
         out["VADER hacks: trained reward up, dynamic degree + text alignment down"] = \
-            f"{both}: reward up {up}; dynamic degree + text alignment down {down}"
+            combined([up, down], f"reward up {up}; dynamic degree + text alignment down {down}")
         peak_then_drop = [max(r for _, r in cv) - cv[-1][1] for cv in figs["vader"]["curve"]]
         out["VADER's held-out reward falls back from its peak (by more than 0.01)"] = verdict(peak_then_drop, [0.01] * len(zero))
         return out
@@ -372,7 +378,7 @@ def main(args):
                 continue
             claim, figs, stats, held = summarise(n, runs, args)
             write_experiment(n, claim, figs, stats, held, [s for s, _ in runs[EXPERIMENTS[n][1][0]]], args)
-            if rnd == 0 and args.extend_to > len(seeds) and any(v.startswith("inconclusive") for v in held.values()):
+            if rnd == 0 and not args.smoke and args.extend_to > len(seeds) and any(v.startswith("inconclusive") for v in held.values()):
                 extend += [(c, s) for s in range(len(seeds), args.extend_to) for c in EXPERIMENTS[n][1]]
         if not extend:
             break

@@ -42,6 +42,16 @@ def test_claim_verdicts_come_from_the_paired_difference_interval():
     assert claims.verdict(b, a).startswith("not held")
     assert claims.verdict(a, b, more_is_better=False).startswith("not held")
     assert claims.verdict([0.1], [0.0]) == "one seed: no interval to judge by"
+    # a claim made of parts: one seed stays one seed (and so never asks for more seeds), else every part must hold
+    one = {c: {"delta/reward": [0.1]} for c in ("dpo", "dpo_ref_3", "dpo_ref_never", "dpo_ref_20")}
+    assert set(claims.judge_claim("ref_interval", one).values()) == {"one seed: no interval to judge by"}
+    three = {"dpo": [0.3, 0.5, 0.7], "dpo_ref_20": [0.0, 0.1, 0.2], "dpo_ref_3": [0.2, 0.41, 0.59],
+             "dpo_ref_never": [0.25, 0.44, 0.66]}
+    got = claims.judge_claim("ref_interval", {c: {"delta/reward": v} for c, v in three.items()})
+    assert got["interior optimum (dpo beats I=3 and never)"].startswith("held: vs I=3 held (+0.100")
+    three["dpo_ref_3"] = [0.4, 0.6, 0.8]  # I=3 now beats I=10 on every seed
+    got = claims.judge_claim("ref_interval", {c: {"delta/reward": v} for c, v in three.items()})
+    assert got["interior optimum (dpo beats I=3 and never)"].startswith("not held: ")
 
 
 def test_performance_smoke(tmp_path):
