@@ -46,6 +46,7 @@ p.add_argument("--vader-sizes", default="480x832x17,240x416x33",
                help="extra, smaller sizes planned for VADER (its decoder backward is what stops it first)")
 p.add_argument("--scripts", default="online_vpo,vlm_feedback_rwr,vader_grad",
                help="scripts to plan (gran_dpo's rows are online_vpo's: the same reward model and DPO update)")
+p.add_argument("--ranks", default="1,8", help="rank counts to plan: 1 (one GPU) and/or 8 (FSDP over 8 GPUs)")
 p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory the table checks against")
 p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (0 = full fine-tune rows are added for Wan)")
 p.add_argument("--smoke", action="store_true", help="tiny Wan only, fake vs real (CI)")
@@ -518,6 +519,11 @@ def validate_vader(cache):
 
 # ----------------------------------------------------------------------------------------------
 def plan_configs(args):
+    ranks = {int(r) for r in args.ranks.split(",")}
+    return (c for c in _plan_configs(args) if c["ranks"] in ranks)
+
+
+def _plan_configs(args):
     for model in args.models.split(","):
         for size in args.sizes.split(",") + args.vader_sizes.split(","):
             H, W, F = (int(v) for v in size.split("x"))
