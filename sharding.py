@@ -48,9 +48,8 @@ def shard(model, mixed_precision):
 def reshard(modules):
     """Free the gathered weights of FSDP2 modules (a root keeps them after its forward): after an in-place
     swap of the sharded weights (the DPO reference), the next forward must gather them again."""
-    from torch.distributed.fsdp import FSDPModule
     for m in modules:
-        if isinstance(m, FSDPModule):
+        if is_fsdp(m):
             m.reshard()
 
 
