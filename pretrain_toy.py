@@ -26,7 +26,8 @@ import toy_world
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--out", default="assets/toy", help="where the diffusers-layout folder is written")
-p.add_argument("--steps", type=int, default=4000, help="optimisation steps")
+p.add_argument("--steps", type=int, default=4000, help="optimisation steps (the length of the learning-rate schedule)")
+p.add_argument("--stop-at", type=int, default=None, help="stop after this step and ship its EMA weights; the schedule still spans --steps (default: --steps)")
 p.add_argument("--batch-size", type=int, default=32, help="videos per step")
 p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (cosine decay, 200 warm-up steps)")
 p.add_argument("--ema", type=float, default=0.998, help="EMA decay of the shipped weights")
@@ -91,6 +92,8 @@ def encode(tokenizer, text_encoder, prompts, max_len=16):
 
 
 def main(args):
+    if args.stop_at is not None and not 0 <= args.stop_at <= args.steps:
+        raise ValueError(f"--stop-at {args.stop_at} must lie within the schedule: 0 to --steps ({args.steps})")
     torch.set_num_threads(args.threads)
     tokenizer, text_encoder, denoiser, scheduler = build_components(args.seed, args.heads, args.head_dim, args.layers,
                                                                     args.ffn_dim, args.patch, args.patch_t, args.shift)
@@ -122,9 +125,13 @@ def main(args):
         opt.load_state_dict(torch.load(ckpt_path + ".opt", weights_only=False, map_location="cpu"))
         sched.load_state_dict(ck["sched"])
         start, losses = ck["step"], ck["losses"]
+        if args.stop_at is not None and start > args.stop_at:
+            raise ValueError(f"{ckpt_path} is at step {start}, past --stop-at {args.stop_at}: its weights are not "
+                             f"step {args.stop_at}'s; use a checkpoint saved at or before it")
         print(f"resumed at step {start}")
     t0 = time.time()
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain toy")
+    stop = args.steps if args.stop_at is None else args.stop_at
+    bar = tqdm(range(start, stop), initial=start, total=stop, desc="pretrain toy")
     for step in bar:
         rng = random.Random(args.seed * 1_000_003 + step)  # data, dropout and noise are a function of the step
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
@@ -156,7 +163,7 @@ def main(args):
                 e.lerp_(p_.detach(), 1 - args.ema)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.save_every == 0 or step + 1 == stop:
             ck = {"params": [p_.detach() for p_ in params], "ema": ema,
                   "sched": sched.state_dict(), "step": step + 1, "losses": losses}
             # AdamW's moments in a file of their own (<ckpt>.opt): neither half of a larger model's checkpoint
@@ -183,7 +190,7 @@ def main(args):
                    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": [None, None]}, f, indent=2)
     final_loss = sum(losses[-50:]) / len(losses[-50:]) if losses else float("nan")
     with open(os.path.join(args.out, "pretrain_log.json"), "w") as f:
-        json.dump({"args": vars(args), "final_loss_avg50": final_loss,
+        json.dump({"args": vars(args), "step": max(start, stop), "final_loss_avg50": final_loss,
                    "loss_every_100": losses[::100], "seconds_this_session": time.time() - t0}, f)
     print(f"saved {args.out}; final loss {final_loss:.4f}")
 

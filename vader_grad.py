@@ -127,8 +127,9 @@ def main(args):
     def evaluate(step):
         """Every reward dimension on held-out prompts, plus diversity: the per-pixel variance across
         seeds of the same prompt (VADER reports diversity falling as the reward is optimised)."""
+        extra = (lambda v, ps: {"color_accuracy": rewards.ToyReward().color_accuracy(v, ps)}) if family == "toy" else None
         means = common.evaluate(model, reward_fn, eval_prompts, args.seed, video_kw, d, autocast,
-                                os.path.join(out, "samples", f"step-{step:06d}.mp4"), None, args.sample_batch_size)
+                                os.path.join(out, "samples", f"step-{step:06d}.mp4"), extra, args.sample_batch_size)
         div_prompts = eval_prompts[: args.diversity_prompts]
         _, videos = common.sample_and_score(model, [pr for pr in div_prompts for _ in range(args.diversity_seeds)],
                                             [common.seed_for(args.seed, "div", i, s) for i in range(len(div_prompts))

@@ -163,6 +163,8 @@ def main(args):
                     f.write(json.dumps({"key": keys[i], "yes": a, "question": question(prompts[i])}) + "\n")
         return torch.tensor([cache[k] for k in keys])
 
+    toy_reward = rewards.ToyReward() if toy else None
+
     def evaluate(rnd):
         """Judged pass rate on held-out and on (a slice of) training prompts, per category."""
         row = {"step": opt_steps, "round": rnd, "eval": True}
@@ -171,7 +173,7 @@ def main(args):
             mine = items[d.rank::d.world]
             n_mine = len(mine)  # padded with repeats to the same count on every rank (FSDP: forwards are collectives)
             mine += mine[-1:] * (-(-len(items) // d.world) - n_mine)
-            passed = {}
+            passed, dim_sums = {}, {}
             for c in range(0, len(mine), args.sample_batch_size):
                 chunk = mine[c: c + args.sample_batch_size]
                 prompts = [plist[i] for i, _ in chunk]
@@ -179,10 +181,16 @@ def main(args):
                     _, videos = common.sample(model, prompts, [common.seed_for(args.seed, split, i, s) for i, s in chunk],
                                               **video_kw)
                 yes = ask_judge(videos, prompts, [f"eval-{split}-r{rnd}-{i}-{s}-{plist[i]}" for i, s in chunk])
-                for pr, y in list(zip(prompts, yes.tolist()))[: max(n_mine - c, 0)]:  # (the padding is not counted)
+                keep = max(n_mine - c, 0)  # (the padding is not counted)
+                for pr, y in list(zip(prompts, yes.tolist()))[:keep]:
                     for cat in ("all", category(pr)):
                         n, k = passed.get(cat, (0, 0))
                         passed[cat] = (n + 1, k + y)
+                if toy and split == "eval":  # every toy dimension too: what the judge's feedback costs elsewhere
+                    dims = toy_reward(videos, prompts) | {"color_accuracy": toy_reward.color_accuracy(videos, prompts)}
+                    for name, v in dims.items():
+                        if name != "reward":
+                            dim_sums[name] = dim_sums.get(name, 0.0) + v[:keep].float().sum().item() * d.world
                 if c == 0 and split == "eval" and d.main:
                     common.save_video_grid(os.path.join(out, "samples", f"round-{rnd}.mp4"), videos[:8], prompts[:8])
             cats = ("all", "falling", "moving", "interaction")
@@ -191,6 +199,8 @@ def main(args):
             for cat in cats:
                 if sums[f"{cat}/n"] > 0:
                     row[f"{split}/pass_rate" + ("" if cat == "all" else f"/{cat}")] = sums[f"{cat}/k"] / sums[f"{cat}/n"]
+            if dim_sums:
+                row |= {f"{split}/{k}": v / len(items) for k, v in common.all_mean(dim_sums, d).items()}
         log.log(row | common.all_mean(dict(stats), d))
         return row
 

@@ -80,3 +80,35 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert a["step"] == b["step"] == 3
     assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
     assert os.path.exists(tmp_path / "b" / "toy_pretrain_ckpt.pt.opt")
+
+
+def test_stop_at_ships_the_uninterrupted_runs_step(tmp_path, monkeypatch):
+    # --stop-at N keeps the --steps schedule and ships step N's EMA weights: the step-N checkpoint of a run
+    # that goes on (how the shipped base was cut from a longer schedule)
+    arch = ["--heads", "2", "--head-dim", "32", "--layers", "1", "--ffn-dim", "64", "--steps", "4", "--lr", "1e-2",
+            "--save-every", "1"]
+    render, calls = toy_world.render, []
+
+    def crash_at_third_step(*a, **k):  # the 4-step run, stopped by force during its step 3
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return render(*a, **k)
+    monkeypatch.setattr(toy_world, "render", crash_at_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(pretrain_toy, TINY + arch + ["--out", str(tmp_path / "a" / "toy")])
+    monkeypatch.setattr(toy_world, "render", render)
+    full = torch.load(tmp_path / "a" / "toy_pretrain_ckpt.pt", weights_only=False)
+    run_main(pretrain_toy, TINY + arch + ["--stop-at", "2", "--out", str(tmp_path / "b" / "toy")])
+    cut = torch.load(tmp_path / "b" / "toy_pretrain_ckpt.pt", weights_only=False)
+    assert full["step"] == cut["step"] == 2 and json.load(open(tmp_path / "b" / "toy" / "pretrain_log.json"))["step"] == 2
+    assert all(torch.equal(x, y) for x, y in zip(full["ema"], cut["ema"]))
+    assert full["sched"]["_last_lr"] == cut["sched"]["_last_lr"]  # the 4-step schedule's rate, not a 2-step one's
+    shipped = common.load_model(str(tmp_path / "b" / "toy")).denoiser
+    names = [n for n, _ in shipped.named_parameters()]
+    assert torch.equal(shipped.state_dict()[names[0]], cut["ema"][0])  # the folder holds the EMA weights
+    with pytest.raises(ValueError, match="--stop-at 5 must lie within"):
+        run_main(pretrain_toy, TINY + arch + ["--stop-at", "5", "--out", str(tmp_path / "d" / "toy")])
+    run_main(pretrain_toy, TINY + arch + ["--out", str(tmp_path / "e" / "toy")])
+    with pytest.raises(ValueError, match="past --stop-at 1"):  # a checkpoint beyond the cut is refused
+        run_main(pretrain_toy, TINY + arch + ["--stop-at", "1", "--resume", "--out", str(tmp_path / "e" / "toy")])

@@ -68,6 +68,7 @@ def test_refl_and_vader_end_to_end(tmp_path, toy_model):
         for k in ("reward_mean", "loss", "grad_norm", "sec_per_step", "peak_mem_gb"):
             assert k in train[0]
         assert "eval/diversity" in rows[0] and "eval/text_alignment" in rows[0] and rows[-1]["eval"]
+        assert 0 <= rows[0]["eval/color_accuracy"] <= 1  # the toy's colour accuracy, as the DPO scripts log it
         assert common.latest_checkpoint(out).endswith("step-000002")
 
 

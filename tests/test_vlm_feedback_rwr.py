@@ -72,6 +72,16 @@ def test_one_round_end_to_end(tmp_path, toy_model, loss):
     assert any("epoch" in r and math.isfinite(r["loss"]) for r in rows)
     assert os.listdir(os.path.join(out, "samples")) and common.latest_checkpoint(out).endswith("step-000001")
     assert_model_card_matches(out)
+    if loss == "rwr":  # the round-0 evaluation also scores every toy dimension of its held-out videos (the base's)
+        prompts = common.load_prompts("toy_dynamics_heldout")
+        with torch.no_grad():
+            _, videos = common.sample(toy_model, prompts, [common.seed_for(0, "eval", i, 0) for i in range(len(prompts))],
+                                      8, 32, 32, 2, 3.0)  # (the toy default guidance)
+        want = rewards.ToyReward()(videos, prompts)
+        for k in ("temporal_consistency", "shape", "motion"):
+            assert abs(evals[0][f"eval/{k}"] - want[k].mean().item()) < 1e-4, k
+        acc = rewards.ToyReward().color_accuracy(videos, prompts).mean().item()
+        assert abs(evals[0]["eval/color_accuracy"] - acc) < 1e-6
 
 
 def test_one_round_with_a_tiny_transformers_vlm_judge(tmp_path, toy_model, qwen_vl_folder):
