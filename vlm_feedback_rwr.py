@@ -199,14 +199,19 @@ def main(args):
             for cat in cats:
                 if sums[f"{cat}/n"] > 0:
                     row[f"{split}/pass_rate" + ("" if cat == "all" else f"/{cat}")] = sums[f"{cat}/k"] / sums[f"{cat}/n"]
-            if dim_sums:
+            if toy and split == "eval":
                 row |= {f"{split}/{k}": v / len(items) for k, v in common.all_mean(dim_sums, d).items()}
         log.log(row | common.all_mean(dict(stats), d))
         return row
 
+    data, final = [], None  # the training set: (latent, prompt, answer, prompt-group id); the last evaluation
     if start_round == 0:
         evaluate(0)
-    data, final = [], None  # the training set: (latent, prompt, answer, prompt-group id); the last evaluation
+    else:  # a crash between a round's checkpoint and its evaluation: evaluate that round now (rank 0 reads the log)
+        logged = d.main and any(r.get("eval") and r.get("round") == start_round
+                                for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))))
+        if common.all_mean({"missing": float(d.main and not logged)}, d)["missing"] > 0:
+            final = evaluate(start_round)
     data_folder = os.path.join(out, "data")  # --keep-rounds: every round's data, so a resume keeps it too
     if args.keep_rounds:
         for rnd in range(start_round):

@@ -9,12 +9,14 @@ than 0.05; RWR must raise the judge's held-out pass rate.
 Each run is the plain `python <script>.py` (plus --out, and any --extra flags, which the table then names);
 runs are resumable: a finished run is read, an interrupted one resumed. Prints, per script, every held-out
 figure at the start and the end with its change, writes benchmarks/results/defaults.json and a before/after
-GIF per script (assets/<script>_before_after.gif: left the first evaluation's videos, right the last's, the
+GIF per script (assets/<online_vpo|gran_dpo|vader|rwr>_before_after.gif: left the first evaluation's videos, right the last's, the
 same prompts and seeds).
 """
 import argparse
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -26,14 +28,15 @@ SCRIPTS = {  # script -> the held-out key of the figure it trains on
     "vader_grad": "eval/visual_quality",
     "vlm_feedback_rwr": "eval/pass_rate",
 }
+GIFS = {"online_vpo": "online_vpo", "gran_dpo": "gran_dpo", "vader_grad": "vader", "vlm_feedback_rwr": "rwr"}
 TOLERANCE = 0.05  # the most any other held-out dimension may fall
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--only", nargs="*", default=list(SCRIPTS), choices=list(SCRIPTS), help="scripts to run")
 p.add_argument("--runs", default=os.path.join(ROOT, "runs", "defaults"), help="folder of the runs (one per script)")
 p.add_argument("--threads", type=int, default=2, help="torch threads per run (OMP_NUM_THREADS)")
-p.add_argument("--extra", default="", help="flags added to every run, e.g. '--steps 10' (named in the output)")
-p.add_argument("--report", action="store_true", help="only print the tables of finished runs")
+p.add_argument("--extra", default="", help="flags added to every run, e.g. '--steps 10' (a run's command is printed with its table)")
+p.add_argument("--report", action="store_true", help="run nothing: the tables (and GIFs) from finished runs only")
 p.add_argument("--no-gif", action="store_true", help="do not write the before/after GIFs")
 p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "defaults.json"), help="JSON output")
 
@@ -55,9 +58,17 @@ def finished(folder):
 
 
 def run(script, folder, threads, extra):
-    cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--out", folder] + extra.split()
-    if os.path.exists(os.path.join(folder, "checkpoints")):
-        cmd += ["--resume", folder]
+    cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--out", folder] + shlex.split(extra)
+    if os.path.exists(os.path.join(folder, "metrics.jsonl")):  # interrupted: resume it
+        if script == "vlm_feedback_rwr":  # (resumes from its judge cache even before its first checkpoint)
+            cmd += ["--resume", folder]
+        else:
+            sys.path.insert(0, ROOT)
+            import common
+            try:
+                cmd += ["--resume", common.latest_checkpoint(folder)]
+            except FileNotFoundError:  # stopped before its first checkpoint: start again, the old folder kept aside
+                os.replace(folder, f"{folder}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     print("running:", " ".join(cmd), flush=True)
     t0 = time.time()
@@ -83,9 +94,10 @@ def before_after_gif(folder, path):
     """Left: the first evaluation's sample grid (videos only); right: the last one's (with captions)."""
     import imageio.v2 as imageio
     import numpy as np
-    samples = sorted(f for f in os.listdir(os.path.join(folder, "samples")) if f.endswith((".mp4", ".gif")))
+    samples = sorted((f for f in os.listdir(os.path.join(folder, "samples")) if f.endswith((".mp4", ".gif"))),
+                     key=lambda f: int(re.findall(r"\d+", f)[-1]))  # step-000030.mp4 / round-12.mp4
     first, last = (imageio.mimread(os.path.join(folder, "samples", f), memtest=False) for f in (samples[0], samples[-1]))
-    video_w = 128  # save_video_grid upscales the 32x32 clips to 128 px, captions to the right
+    video_w = first[0].shape[1] - 300  # save_video_grid: the clips, then a 300 px caption column
     frames = [np.concatenate([a[:, :video_w, :3], np.full((a.shape[0], 8, 3), 255, np.uint8), b[:, :, :3]], 1)
               for a, b in zip(first, last)]
     imageio.mimwrite(path, frames, duration=250, loop=0)
@@ -98,7 +110,7 @@ def main(args):
         folder = os.path.join(args.runs, script)
         seconds = None
         if not args.report and not finished(folder):
-            seconds = run(script, folder, args.threads, args.extra)
+            seconds = run(script, folder, args.threads, args.extra)  # (a resumed run: this session's time only)
         rows = evals(folder)
         if not finished(folder):
             print(f"{script}: no finished run in {folder}")
@@ -106,13 +118,13 @@ def main(args):
         figures, trained, fell = judge(script, rows)
         rises = figures[trained][2] > 0
         results[script] = {"command": json.load(open(os.path.join(folder, "config.json"))).get("command"),
-                           "extra": args.extra, "trained": trained, "figures": figures, "fell": fell,
+                           "trained": trained, "figures": figures, "fell": fell, "threads": args.threads,
                            "meets_rule": rises and not fell,
                            "seconds": seconds if seconds is not None else results.get(script, {}).get("seconds")}
-        if not args.no_gif and not args.report:
-            before_after_gif(folder, os.path.join(ROOT, "assets", f"{script}_before_after.gif"))
+        if not args.no_gif:
+            before_after_gif(folder, os.path.join(ROOT, "assets", f"{GIFS[script]}_before_after.gif"))
     for script, r in results.items():
-        wall = f", {r['seconds'] / 60:.1f} min with {args.threads} threads" if r.get("seconds") else ""
+        wall = f", {r['seconds'] / 60:.1f} min with {r['threads']} threads" if r.get("seconds") else ""
         print(f"\n### {script} ({r['command']}{wall})")
         print("| held-out | before | after | change |\n|---|---|---|---|")
         for k, (a, b, c) in r["figures"].items():

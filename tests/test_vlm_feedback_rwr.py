@@ -61,6 +61,25 @@ def test_judge_cache_is_used_on_resume(tmp_path, monkeypatch, toy_model):
     assert sum(judged) == n_eval  # only the round-1 evaluation is new: round-0 eval and the training data were cached
 
 
+def test_a_crash_between_the_checkpoint_and_its_evaluation_is_evaluated_on_resume(tmp_path, monkeypatch, toy_model):
+    real_save = common.save_checkpoint
+
+    def save_then_crash(*a, **k):  # the round's checkpoint is written, the session ends before its evaluation
+        real_save(*a, **k)
+        raise RuntimeError("simulated crash after the checkpoint")
+    monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
+    out = str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_main(rwr, FAST + ["--judge", "judge:p_yes", "--out", out])
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    run_main(rwr, FAST + ["--judge", "judge:p_yes", "--out", out, "--resume", out])
+    evals = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r.get("eval")]
+    assert [r["round"] for r in evals] == [0, 1]  # the final round's evaluation, once
+    assert_model_card_matches(out)
+    run_main(rwr, FAST + ["--judge", "judge:p_yes", "--out", out, "--resume", out])  # a finished run: nothing new
+    assert [r["round"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r.get("eval")] == [0, 1]
+
+
 @pytest.mark.parametrize("loss", ["rwr", "dpo"])
 def test_one_round_end_to_end(tmp_path, toy_model, loss):
     out = run_main(rwr, FAST + ["--judge", "judge:p_yes", "--loss", loss, "--out", str(tmp_path / loss)])
