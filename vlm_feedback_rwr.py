@@ -41,7 +41,7 @@ p.add_argument("--eval-prompts", default="toy_dynamics_heldout", help="HELD-OUT 
 p.add_argument("--rounds", type=int, default=3, help="sample -> judge -> fine-tune rounds")
 p.add_argument("--prompts-per-round", type=int, default=32, help="prompts sampled each round (all ranks together)")
 p.add_argument("--videos-per-prompt", type=int, default=4, help="videos sampled per prompt each round")
-p.add_argument("--epochs", type=int, default=2, help="passes over the round's data")
+p.add_argument("--epochs", type=int, default=None, help="passes over the round's data (default 1 on the toy model: 2 cost shape, README; 2 otherwise)")
 p.add_argument("--batch-size", type=int, default=16, help="videos per optimisation step, summed over ranks")
 p.add_argument("--loss", default="rwr", choices=["rwr", "dpo"], help="reward-weighted regression, or Diffusion-DPO on (yes, no) pairs")
 p.add_argument("--beta", type=float, default=0.25, help="RWR temperature: w = exp(r / beta), normalised per batch")
@@ -92,6 +92,7 @@ def main(args):
     common.fill_video_args(args, model_path, family)
     toy = family == "toy"
     args.lr = args.lr or (3e-4 if toy else 1e-4 if args.lora_rank else 1e-5)
+    args.epochs = args.epochs or (1 if toy else 2)
     args.sample_steps = args.sample_steps or (10 if toy else 30)
     rewards.parse_reward_spec(args.judge)
     if args.question is not None and "{prompt}" not in args.question:

@@ -22,17 +22,12 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {  # script -> the held-out key of the figure it trains on
-    "online_vpo": "eval/temporal_consistency",
-    "gran_dpo": "eval/visual_quality",
-    "vader_grad": "eval/visual_quality",
-    "vlm_feedback_rwr": "eval/pass_rate",
-}
+SCRIPTS = ["online_vpo", "gran_dpo", "vader_grad", "vlm_feedback_rwr"]
 GIFS = {"online_vpo": "online_vpo", "gran_dpo": "gran_dpo", "vader_grad": "vader", "vlm_feedback_rwr": "rwr"}
 TOLERANCE = 0.05  # the most any other held-out dimension may fall
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-p.add_argument("--only", nargs="*", default=list(SCRIPTS), choices=list(SCRIPTS), help="scripts to run")
+p.add_argument("--only", nargs="*", default=SCRIPTS, choices=SCRIPTS, help="scripts to run")
 p.add_argument("--runs", default=os.path.join(ROOT, "runs", "defaults"), help="folder of the runs (one per script)")
 p.add_argument("--threads", type=int, default=2, help="torch threads per run (OMP_NUM_THREADS)")
 p.add_argument("--extra", default="", help="flags added to every run, e.g. '--steps 10' (a run's command is printed with its table)")
@@ -76,13 +71,20 @@ def run(script, folder, threads, extra):
     return time.time() - t0
 
 
-def judge(script, rows):
+def trained_key(script, config):
+    """The held-out figure a run trains on: the judge's pass rate (RWR), else its toy reward's dimension."""
+    if script == "vlm_feedback_rwr":
+        return "eval/pass_rate"
+    return "eval/" + config["reward_name"].split(":")[-1]  # e.g. toy:text_alignment -> eval/text_alignment
+
+
+def judge(script, rows, config):
     """(figures: {key: (before, after, change)}, trained key, list of the dimensions that fell too far)."""
     first, last = rows[0], rows[-1]
     keys = [k for k in first if k.startswith("eval/") and k in last and isinstance(first[k], (int, float))
             and k not in ("eval/reward", "eval/mean", "eval/frame")]  # (the last two: averages of the others)
     figures = {k: (first[k], last[k], last[k] - first[k]) for k in keys}
-    trained = SCRIPTS[script]
+    trained = trained_key(script, config)
     # shown, not judged: RWR's pass rate per category (its own figure's parts), VADER's diversity and Gran-DPO's
     # defective-patch count (a count, lower is better: the claims sweep tests it)
     shown = [k for k in keys if k.startswith("eval/pass_rate/") or k in ("eval/diversity", "eval/defective_patches")]
@@ -115,9 +117,10 @@ def main(args):
         if not finished(folder):
             print(f"{script}: no finished run in {folder}")
             continue
-        figures, trained, fell = judge(script, rows)
+        config = json.load(open(os.path.join(folder, "config.json")))
+        figures, trained, fell = judge(script, rows, config)
         rises = figures[trained][2] > 0
-        results[script] = {"command": json.load(open(os.path.join(folder, "config.json"))).get("command"),
+        results[script] = {"command": config.get("command"),
                            "trained": trained, "figures": figures, "fell": fell, "threads": args.threads,
                            "meets_rule": rises and not fell,
                            "seconds": seconds if seconds is not None else results.get(script, {}).get("seconds")}

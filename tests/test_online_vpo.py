@@ -30,7 +30,7 @@ def test_two_steps_through_main_write_the_documented_outputs(tmp_path, toy_model
     out = str(tmp_path / "run")
     run_main(online_vpo, FAST + ["--steps", "2", "--out", out, "--eval-every", "1", "--save-every", "1"])
     cfg = json.load(open(os.path.join(out, "config.json")))
-    assert cfg["reward_name"] == "toy:temporal_consistency" and cfg["family"] == "toy"
+    assert cfg["reward_name"] == "toy:text_alignment" and cfg["family"] == "toy"
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     train = [r for r in rows if not r.get("eval")]
     evals = [r for r in rows if r.get("eval")]
