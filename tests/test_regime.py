@@ -240,7 +240,7 @@ def test_resume_with_a_random_frame_reward_equals_an_uninterrupted_run(tmp_path,
 
 def test_rwr_keep_rounds_resume_keeps_the_earlier_rounds_data(tmp_path, toy_model, monkeypatch):
     alternate_judge(monkeypatch)  # accepted videos in every round, so every round trains
-    args = RWR + ["--keep-rounds", "--lr", "1e-2"]
+    args = RWR + ["--keep-rounds", "--lr", "1e-2", "--epochs", "2"]
     full = run_main(rwr, args + ["--rounds", "2", "--out", str(tmp_path / "full")])
     run_main(rwr, args + ["--rounds", "1", "--out", str(tmp_path / "part")])
     part = run_main(rwr, args + ["--rounds", "2", "--resume", str(tmp_path / "part")])
