@@ -60,21 +60,26 @@ def test_temporal_patches_and_shift_reach_the_shipped_folder(tmp_path):
     assert not os.path.exists(tmp_path / "r")
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    # the checkpoint is two files (weights, then AdamW's moments in <ckpt>.opt); a resumed run needs both
-    arch = ["--heads", "2", "--head-dim", "32", "--layers", "1", "--ffn-dim", "64", "--save-every", "1", "--steps", "3"]
-    run_main(pretrain_toy, TINY + arch + ["--out", str(tmp_path / "a" / "toy")])
+def run_killed_during_step_3(argv, monkeypatch):
+    """pretrain_toy.main(argv), stopped by force (the session ends) during its step 3: steps 1-2 are saved."""
     render, calls = toy_world.render, []
 
-    def crash_at_third_step(*a, **k):  # the session ends during step 3
+    def crash_at_third_step(*a, **k):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return render(*a, **k)
     monkeypatch.setattr(toy_world, "render", crash_at_third_step)
     with pytest.raises(KeyboardInterrupt):
-        run_main(pretrain_toy, TINY + arch + ["--out", str(tmp_path / "b" / "toy")])
+        run_main(pretrain_toy, argv)
     monkeypatch.setattr(toy_world, "render", render)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    # the checkpoint is two files (weights, then AdamW's moments in <ckpt>.opt); a resumed run needs both
+    arch = ["--heads", "2", "--head-dim", "32", "--layers", "1", "--ffn-dim", "64", "--save-every", "1", "--steps", "3"]
+    run_main(pretrain_toy, TINY + arch + ["--out", str(tmp_path / "a" / "toy")])
+    run_killed_during_step_3(TINY + arch + ["--out", str(tmp_path / "b" / "toy")], monkeypatch)
     run_main(pretrain_toy, TINY + arch + ["--resume", "--out", str(tmp_path / "b" / "toy")])
     a, b = (torch.load(tmp_path / x / "toy_pretrain_ckpt.pt", weights_only=False) for x in "ab")
     assert a["step"] == b["step"] == 3
@@ -87,17 +92,7 @@ def test_stop_at_ships_the_uninterrupted_runs_step(tmp_path, monkeypatch):
     # that goes on (how the shipped base was cut from a longer schedule)
     arch = ["--heads", "2", "--head-dim", "32", "--layers", "1", "--ffn-dim", "64", "--steps", "4", "--lr", "1e-2",
             "--save-every", "1"]
-    render, calls = toy_world.render, []
-
-    def crash_at_third_step(*a, **k):  # the 4-step run, stopped by force during its step 3
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return render(*a, **k)
-    monkeypatch.setattr(toy_world, "render", crash_at_third_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_main(pretrain_toy, TINY + arch + ["--out", str(tmp_path / "a" / "toy")])
-    monkeypatch.setattr(toy_world, "render", render)
+    run_killed_during_step_3(TINY + arch + ["--out", str(tmp_path / "a" / "toy")], monkeypatch)  # the 4-step run
     full = torch.load(tmp_path / "a" / "toy_pretrain_ckpt.pt", weights_only=False)
     run_main(pretrain_toy, TINY + arch + ["--stop-at", "2", "--out", str(tmp_path / "b" / "toy")])
     cut = torch.load(tmp_path / "b" / "toy_pretrain_ckpt.pt", weights_only=False)
