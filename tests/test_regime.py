@@ -351,3 +351,8 @@ def test_torchrun_rwr_dpo_bf16(tmp_path, toy_model):
                                         extra=["--judge-alternates"])
     epochs = [r for r in train_rows(str(tmp_path / "ddp")) if "epoch" in r]
     assert [r["batches"] for r in epochs] == [1, 1] and abs(epochs[1]["loss"] - LOG2) > 1e-4  # a real DPO signal
+    # the base's held-out toy dimensions (round 0: the same weights), summed over the ranks' shards with the
+    # padding excluded, equal one process's (after training, bf16 may flip a binary figure of one video)
+    first = [next(r for r in map(json.loads, open(tmp_path / f / "metrics.jsonl")) if r.get("eval")) for f in ("ddp", "one")]
+    for k in ("eval/shape", "eval/temporal_consistency", "eval/color_accuracy"):
+        assert first[0][k] == pytest.approx(first[1][k], abs=5e-3), k
