@@ -6,8 +6,9 @@
 
 Every experiment is a set of runs of the four scripts through their ordinary command lines (shared
 runs are run once: the default OnlineVPO configuration serves five experiments). Runs go to
-runs/claims/<config>_s<seed>/ (--runs) and are skipped once finished, so an interrupted sweep continues where it
-stopped. Each experiment writes <out>/<name>.json (the claim, every run's figures, per-seed mean and
+runs/claims/<config>_s<seed>/ (--runs, not committed); a finished run's figures are kept in <out>/runs/ (--keep,
+committed) and the run is skipped from then on, so an interrupted sweep continues where it stopped, on this machine
+or a fresh one. Each experiment writes <out>/<name>.json (the claim, every run's figures, per-seed mean and
 spread, and whether the claim held) and <name>.png. Figures are changes on HELD-OUT prompts between
 step 0 and the end of the run, paired per seed (a seed fixes prompts, candidates and evaluation noise).
 The scale is set by what 2 CPU cores can run, not by the papers: 30 steps of 4 prompts (toy model).
@@ -29,6 +30,8 @@ p.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
 p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU thread each)")
 p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "claims"), help="where JSON, PNG and runs go")
 p.add_argument("--runs", default=os.path.join(ROOT, "runs", "claims"), help="where the runs' folders go (not committed)")
+p.add_argument("--keep", default=None, help="where each finished run's figures are kept (default <out>/runs, committed): "
+               "a sweep continues from them on a fresh machine")
 p.add_argument("--smoke", action="store_true", help="1-2 steps, 1 seed, 4 eval prompts: checks the plumbing, no figures")
 p.add_argument("--aggregate-only", action="store_true", help="write JSON/PNG from finished runs, start none")
 p.add_argument("--extend-to", type=int, default=5,
@@ -101,20 +104,40 @@ def argv_of(cfg, seed, out, smoke):
     return argv + ["--seed", str(seed), "--out", out]
 
 
+def kept(name, seed, args):
+    return os.path.join(args.keep, f"{name}_s{seed}")
+
+
+def keep_run(name, seed, out, args):
+    """Copy what the verdicts need out of a finished run: its metrics, configuration and seconds, and for the
+    gradient-vs-DPO pair the diversity of its final weights. Small enough to commit, so a sweep split over
+    sessions (or machines) continues from them; the heavy run folder may go."""
+    dst = kept(name, seed, args)
+    os.makedirs(dst, exist_ok=True)
+    for f in ("metrics.jsonl", "config.json"):
+        shutil.copy(os.path.join(out, f), dst)
+    if name in EXPERIMENTS["gradient_vs_dpo"][1] and not args.smoke:
+        with open(os.path.join(dst, "diversity.json"), "w") as f:
+            json.dump({"diversity": diversity(out, seed)}, f)
+    shutil.copy(os.path.join(out, "done"), dst)  # last: a kept folder with `done` is complete
+
+
 def run_one(name, seed, args):
     out = os.path.join(args.runs, f"{name}_s{seed}")
-    if os.path.exists(os.path.join(out, "done")):
+    if os.path.exists(os.path.join(kept(name, seed, args), "done")):
         return out, 0.0
-    shutil.rmtree(out, ignore_errors=True)  # an interrupted run starts over (it is short)
-    os.makedirs(out)
     t0 = time.time()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    with open(os.path.join(out, "log.txt"), "w") as log:
-        rc = subprocess.run(argv_of(CONFIGS[name], seed, out, args.smoke), cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        raise RuntimeError(f"{name} seed {seed} failed (exit {rc}): see {out}/log.txt")
-    open(os.path.join(out, "done"), "w").write(f"{time.time() - t0:.1f}\n")
+    if not os.path.exists(os.path.join(out, "done")):  # (a run finished but not yet kept is only kept)
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted run starts over (it is short)
+        os.makedirs(out)
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+        with open(os.path.join(out, "log.txt"), "w") as log:
+            rc = subprocess.run(argv_of(CONFIGS[name], seed, out, args.smoke), cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            raise RuntimeError(f"{name} seed {seed} failed (exit {rc}): see {out}/log.txt")
+        open(os.path.join(out, "done"), "w").write(f"{time.time() - t0:.1f}\n")
+    keep_run(name, seed, out, args)
     return out, time.time() - t0
 
 
@@ -201,8 +224,8 @@ def summarise(name, runs, args):
                 f["curve"] = [(r["step"] * per_query, r["eval/defective_patches" if kind == "defective_patches" else "eval/reward"])
                               for r in evals]
                 f["sec"] = float(open(os.path.join(out, "done")).read())
-                if name == "gradient_vs_dpo" and not args.smoke:
-                    f["diversity"] = diversity(out, seed)
+                if os.path.exists(os.path.join(out, "diversity.json")):  # (kept for the gradient-vs-DPO pair)
+                    f["diversity"] = json.load(open(os.path.join(out, "diversity.json")))["diversity"]
             for k, v in f.items():
                 per.setdefault(k, []).append(v)
         figs[c] = per
@@ -327,10 +350,10 @@ def run_all(jobs, args):
 
 
 def finished_runs(configs, args):
-    """{config: [(seed, folder)]} over the seeds EVERY one of `configs` has finished: the pairing."""
-    done = {c: {s for s in range(100) if os.path.exists(os.path.join(args.runs, f"{c}_s{s}", "done"))} for c in configs}
+    """{config: [(seed, kept folder)]} over the seeds EVERY one of `configs` has finished: the pairing."""
+    done = {c: {s for s in range(100) if os.path.exists(os.path.join(kept(c, s, args), "done"))} for c in configs}
     seeds = sorted(set.intersection(*done.values()))
-    return {c: [(s, os.path.join(args.runs, f"{c}_s{s}")) for s in seeds] for c in configs}
+    return {c: [(s, kept(c, s, args)) for s in seeds] for c in configs}
 
 
 def write_experiment(n, claim, figs, stats, held, seeds, args):
@@ -389,5 +412,6 @@ def main(args):
 
 if __name__ == "__main__":
     a = p.parse_args()
+    a.keep = a.keep or os.path.join(a.out, "runs")
     os.makedirs(a.out, exist_ok=True)
     main(a)
