@@ -37,6 +37,8 @@ p.add_argument("--aggregate-only", action="store_true", help="write JSON/PNG fro
 p.add_argument("--extend-to", type=int, default=5,
                help="seeds to run for an experiment whose 95%% interval spans zero after --seeds (0: never)")
 p.add_argument("--rejudge", action="store_true", help="new verdicts and tables from the saved JSONs' per-seed figures")
+p.add_argument("--readme", action="store_true", help="rewrite README's claims section from the saved JSONs, intro.md and "
+               "<name>.notes.md (the hand-written commentary) in --out")
 
 # ---- configurations: a script and its flags; experiments below name them --------------------
 # (rewards and learning rates pinned: the scripts' toy defaults were re-tuned on the new base, README)
@@ -88,6 +90,14 @@ EXPERIMENTS = {  # name -> (claim, configurations, the figure compared)
     "rwr_vs_dpo": ("binary AI feedback raises the judged pass rate; gains concentrate on falling objects and "
                    "interactions (RWR seed paper); RWR vs DPO side by side", ["rwr", "rwr_dpo"], "pass_rate"),
 }
+TITLES = {"online_vs_offline": "Online vs offline DPO at equal samples",
+          "ref_interval": "Reference-update interval (never, 3, 10, 20 steps)",
+          "num_candidates": "Number of candidates N = 2, 4, 6, 8",
+          "gradient_vs_dpo": "Reward gradients (VADER) vs online DPO, same reward",
+          "feedback_dimension": "Which feedback dimension to train on",
+          "frame_vs_video_reward": "Frame-wise (image) reward vs video reward",
+          "gran_vs_video_dpo": "Gran-DPO vs video-level DPO",
+          "rwr_vs_dpo": "RWR vs DPO on binary judge feedback"}
 
 
 def argv_of(cfg, seed, out, smoke):
@@ -374,11 +384,33 @@ def write_experiment(n, claim, figs, stats, held, seeds, args):
         print(f"  -> {k}: {v}")
 
 
+def readme(args, path=os.path.join(ROOT, "README.md")):
+    """README's claims section, between its markers: intro.md, the table of every verdict, then per experiment its
+    table (<name>.md, written by the sweep), the commentary (<name>.notes.md, by hand) and its plot."""
+    read = lambda f: open(os.path.join(args.out, f)).read().strip() + "\n"  # noqa: E731
+    parts = ["## The papers' claims in the toy world (`python benchmarks/claims.py`)\n", read("intro.md"),
+             "| experiment | claim | verdict (paired difference, 95% CI over seeds) |", "|---|---|---|"]
+    for i, n in enumerate(EXPERIMENTS, 1):
+        for k, v in json.load(open(os.path.join(args.out, f"{n}.json")))["verdict"].items():
+            parts.append(f"| {i}. {n} | {k} | {v} |")
+    parts.append("")
+    for i, n in enumerate(EXPERIMENTS, 1):
+        notes = os.path.join(args.out, f"{n}.notes.md")
+        parts += [f"### {i}. {TITLES[n]}\n", read(f"{n}.md")] + ([read(f"{n}.notes.md")] if os.path.exists(notes) else []) \
+            + [f"![{n}](benchmarks/results/claims/{n}.png)\n"]
+    text = open(path).read()
+    start, end = text.index("<!-- claims:start -->\n") + len("<!-- claims:start -->\n"), text.index("<!-- claims:end -->")
+    with open(path, "w") as f:
+        f.write(text[:start] + "\n".join(parts) + "\n" + text[end:])
+
+
 def main(args):
     names = args.only or list(EXPERIMENTS)
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise SystemExit(f"unknown experiment(s) {unknown}: valid are {list(EXPERIMENTS)}")
+    if args.readme:
+        return readme(args)
     if args.rejudge:  # new verdicts from the per-seed figures already saved, no run needed
         for n in names:
             save = json.load(open(os.path.join(args.out, f"{n}.json")))

@@ -72,3 +72,27 @@ def test_performance_smoke(tmp_path):
     assert run["algorithm"] == "vader_grad" and run["sec_per_step"] > 0 and 0 < run["inside_compute_frac"] <= 1
     assert abs(run["sampling_s"] + run["reward_s"] + run["update_s"] - run["sec_per_step"]) < 1e-6
     assert out["sampler_vs_stock"]["ours_videos_per_s"] > 0 and out["sampler_vs_stock"]["stock_videos_per_s"] > 0
+
+
+def test_claims_readme_section_is_assembled_from_the_saved_results(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import argparse
+    import claims
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "intro.md").write_text("INTRO\n")
+    for i, n in enumerate(claims.EXPERIMENTS):
+        (out / f"{n}.json").write_text(json.dumps({"verdict": {f"part of {n}": f"held (+0.{i}00)"}}))
+        (out / f"{n}.md").write_text(f"TABLE {n}\n")
+    (out / "rwr_vs_dpo.notes.md").write_text("WHAT RWR DID\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- claims:start -->\nold claims\n<!-- claims:end -->\nafter\n")
+    claims.readme(argparse.Namespace(out=str(out)), path=str(readme))
+    text = readme.read_text()
+    assert text.startswith("before\n<!-- claims:start -->\n") and text.endswith("<!-- claims:end -->\nafter\n")
+    assert "old claims" not in text and "INTRO" in text and "WHAT RWR DID" in text
+    assert "| 8. rwr_vs_dpo | part of rwr_vs_dpo | held (+0.700) |" in text
+    # each experiment: heading, its table, its notes if any, its plot, in the sweep's order
+    sec = text[text.index("### 8."):]
+    assert sec.index("TABLE rwr_vs_dpo") < sec.index("WHAT RWR DID") < sec.index("![rwr_vs_dpo]")
+    assert [text.index(f"TABLE {n}") for n in claims.EXPERIMENTS] == sorted(text.index(f"TABLE {n}") for n in claims.EXPERIMENTS)
