@@ -118,28 +118,51 @@ def kept(name, seed, args):
     return os.path.join(args.keep, f"{name}_s{seed}")
 
 
+def flags(name, seed, args):
+    """What a run was run with (script, flags, seed; no paths): a kept run counts only while its configuration stands."""
+    return [os.path.basename(a) for a in argv_of(CONFIGS[name], seed, "", args.smoke)[1:-2]]
+
+
+def finished_in(folder, name, seed, args):
+    """The folder holds a finished run of this configuration as it stands now."""
+    f = os.path.join(folder, "flags.json")
+    return os.path.exists(os.path.join(folder, "done")) and os.path.exists(f) and json.load(open(f)) == flags(name, seed, args)
+
+
+def is_kept(name, seed, args):
+    return finished_in(kept(name, seed, args), name, seed, args)
+
+
 def keep_run(name, seed, out, args):
     """Copy what the verdicts need out of a finished run: its metrics, configuration and seconds, and for the
     gradient-vs-DPO pair the diversity of its final weights. Small enough to commit, so a sweep split over
     sessions (or machines) continues from them; the heavy run folder may go."""
     dst = kept(name, seed, args)
-    os.makedirs(dst, exist_ok=True)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.makedirs(dst)
     for f in ("metrics.jsonl", "config.json"):
         shutil.copy(os.path.join(out, f), dst)
     if name in EXPERIMENTS["gradient_vs_dpo"][1] and not args.smoke:
+        div = diversity(out, seed)
         with open(os.path.join(dst, "diversity.json"), "w") as f:
-            json.dump({"diversity": diversity(out, seed)}, f)
+            json.dump({"diversity": div}, f)
+    with open(os.path.join(dst, "flags.json"), "w") as f:
+        json.dump(flags(name, seed, args), f)
     shutil.copy(os.path.join(out, "done"), dst)  # last: a kept folder with `done` is complete
 
 
 def run_one(name, seed, args):
     out = os.path.join(args.runs, f"{name}_s{seed}")
-    if os.path.exists(os.path.join(kept(name, seed, args), "done")):
+    if is_kept(name, seed, args):
         return out, 0.0
     t0 = time.time()
-    if not os.path.exists(os.path.join(out, "done")):  # (a run finished but not yet kept is only kept)
+    if not finished_in(out, name, seed, args):
+        if args.aggregate_only:
+            return out, 0.0
         shutil.rmtree(out, ignore_errors=True)  # an interrupted run starts over (it is short)
         os.makedirs(out)
+        with open(os.path.join(out, "flags.json"), "w") as f:
+            json.dump(flags(name, seed, args), f)
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
         with open(os.path.join(out, "log.txt"), "w") as log:
             rc = subprocess.run(argv_of(CONFIGS[name], seed, out, args.smoke), cwd=ROOT, env=env, stdout=log,
@@ -147,7 +170,7 @@ def run_one(name, seed, args):
         if rc != 0:
             raise RuntimeError(f"{name} seed {seed} failed (exit {rc}): see {out}/log.txt")
         open(os.path.join(out, "done"), "w").write(f"{time.time() - t0:.1f}\n")
-    keep_run(name, seed, out, args)
+    keep_run(name, seed, out, args)  # (a run finished but not yet kept is only kept)
     return out, time.time() - t0
 
 
@@ -196,6 +219,7 @@ def combined(verdicts, detail):
 def diversity(out, seed, n_prompts=4, n_seeds=4):
     """Per-pixel variance across seeds of the same held-out prompt, for a finished run's final weights."""
     import torch
+    torch.set_num_threads(1)  # (beside the sweep's other run)
     sys.path.insert(0, ROOT)
     import common
     cfg = json.load(open(os.path.join(out, "config.json")))
@@ -234,7 +258,7 @@ def summarise(name, runs, args):
                 f["curve"] = [(r["step"] * per_query, r["eval/defective_patches" if kind == "defective_patches" else "eval/reward"])
                               for r in evals]
                 f["sec"] = float(open(os.path.join(out, "done")).read())
-                if os.path.exists(os.path.join(out, "diversity.json")):  # (kept for the gradient-vs-DPO pair)
+                if name == "gradient_vs_dpo" and not args.smoke:  # (kept for this pair only)
                     f["diversity"] = json.load(open(os.path.join(out, "diversity.json")))["diversity"]
             for k, v in f.items():
                 per.setdefault(k, []).append(v)
@@ -352,7 +376,7 @@ def markdown(name, save):
 
 def run_all(jobs, args):
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {} if args.aggregate_only else {pool.submit(run_one, c, s, args): (c, s) for c, s in jobs}
+        futures = {pool.submit(run_one, c, s, args): (c, s) for c, s in jobs}  # (--aggregate-only: keep, run none)
         for fut in concurrent.futures.as_completed(futures):
             c, s = futures[fut]
             out, sec = fut.result()
@@ -361,7 +385,7 @@ def run_all(jobs, args):
 
 def finished_runs(configs, args):
     """{config: [(seed, kept folder)]} over the seeds EVERY one of `configs` has finished: the pairing."""
-    done = {c: {s for s in range(100) if os.path.exists(os.path.join(kept(c, s, args), "done"))} for c in configs}
+    done = {c: {s for s in range(100) if is_kept(c, s, args)} for c in configs}
     seeds = sorted(set.intersection(*done.values()))
     return {c: [(s, kept(c, s, args)) for s in seeds] for c in configs}
 
@@ -444,6 +468,9 @@ def main(args):
 
 if __name__ == "__main__":
     a = p.parse_args()
+    if a.smoke and a.out == p.get_default("out"):
+        raise SystemExit("--smoke makes plumbing runs, not figures: give it its own --out (e.g. --out /tmp/claims), "
+                         "so they are not kept beside the sweep's results")
     a.keep = a.keep or os.path.join(a.out, "runs")
     os.makedirs(a.out, exist_ok=True)
     main(a)

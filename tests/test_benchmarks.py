@@ -96,3 +96,53 @@ def test_claims_readme_section_is_assembled_from_the_saved_results(tmp_path):
     sec = text[text.index("### 8."):]
     assert sec.index("TABLE rwr_vs_dpo") < sec.index("WHAT RWR DID") < sec.index("![rwr_vs_dpo]")
     assert [text.index(f"TABLE {n}") for n in claims.EXPERIMENTS] == sorted(text.index(f"TABLE {n}") for n in claims.EXPERIMENTS)
+
+
+def _fake_run(folder, dims=("visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment", "physics",
+                            "color_accuracy", "reward")):
+    """A finished run's folder as the scripts leave it: two held-out evaluations, its config, its seconds."""
+    os.makedirs(folder)
+    rows = [{"step": 0, "eval": True} | {f"eval/{k}": 0.5 for k in dims},
+            {"step": 10, "loss": 0.6}, {"step": 10, "eval": True} | {f"eval/{k}": 0.6 for k in dims}]
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    json.dump({"batch_size": 4, "num_candidates": 4}, open(os.path.join(folder, "config.json"), "w"))
+    open(os.path.join(folder, "done"), "w").write("12.0\n")
+
+
+def test_kept_runs_count_only_under_their_configuration_and_diversity_stays_in_its_experiment(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import argparse
+    import claims
+    args = argparse.Namespace(smoke=False, runs=str(tmp_path / "runs"), keep=str(tmp_path / "kept"), out=str(tmp_path))
+    monkeypatch.setattr(claims, "diversity", lambda out, seed: 0.25)  # (the real one samples the run's final weights)
+    for c in ("dpo", "dpo_offline", "vader"):
+        _fake_run(tmp_path / "runs" / f"{c}_s0")
+        claims.keep_run(c, 0, str(tmp_path / "runs" / f"{c}_s0"), args)
+        assert claims.is_kept(c, 0, args)
+    # only the gradient-vs-DPO pair keeps and reports diversity; other experiments' tables do not grow a column
+    assert sorted(os.listdir(tmp_path / "kept" / "vader_s0")) == ["config.json", "diversity.json", "done", "flags.json",
+                                                                  "metrics.jsonl"]
+    assert not os.path.exists(tmp_path / "kept" / "dpo_offline_s0" / "diversity.json")
+    _, figs, _, _ = claims.summarise("gradient_vs_dpo", claims.finished_runs(["vader", "dpo"], args), args)
+    assert figs["vader"]["diversity"] == [0.25] and figs["dpo"]["diversity"] == [0.25]
+    _, figs, _, _ = claims.summarise("online_vs_offline", claims.finished_runs(["dpo", "dpo_offline"], args), args)
+    assert "diversity" not in figs["dpo"] and abs(figs["dpo"]["delta/reward"][0] - 0.1) < 1e-9
+    # a changed configuration makes its kept runs stale: not counted, so run again
+    monkeypatch.setitem(claims.CONFIGS, "dpo_offline", claims.CONFIGS["dpo_offline"] | {"--lr": 5e-4})
+    assert not claims.is_kept("dpo_offline", 0, args) and claims.is_kept("dpo", 0, args)
+    assert claims.finished_runs(["dpo", "dpo_offline"], args) == {"dpo": [], "dpo_offline": []}
+
+
+def test_claims_smoke_refuses_the_committed_results_folder():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "claims.py"), "--smoke"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "give it its own --out" in res.stderr
+
+
+def test_the_kept_claims_runs_are_not_git_ignored():
+    if not os.path.isdir(os.path.join(ROOT, ".git")):
+        import pytest
+        pytest.skip("not a git checkout")
+    res = subprocess.run(["git", "check-ignore", "-q", "benchmarks/results/claims/runs/dpo_s0/done"], cwd=ROOT)
+    assert res.returncode == 1  # 1: not ignored (0 would be ignored)
