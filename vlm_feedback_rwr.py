@@ -42,7 +42,7 @@ p.add_argument("--rounds", type=int, default=3, help="sample -> judge -> fine-tu
 p.add_argument("--prompts-per-round", type=int, default=32, help="prompts sampled each round (all ranks together)")
 p.add_argument("--videos-per-prompt", type=int, default=4, help="videos sampled per prompt each round")
 p.add_argument("--epochs", type=int, default=None, help="passes over the round's data (default 1 on the toy model: 2 cost shape, README; 2 otherwise)")
-p.add_argument("--batch-size", type=int, default=16, help="videos per optimisation step, summed over ranks")
+p.add_argument("--batch-size", type=int, default=16, help="videos per optimisation step, summed over ranks (--loss dpo: two per (yes, no) pair)")
 p.add_argument("--loss", default="rwr", choices=["rwr", "dpo"], help="reward-weighted regression, or Diffusion-DPO on (yes, no) pairs")
 p.add_argument("--beta", type=float, default=0.25, help="RWR temperature: w = exp(r / beta), normalised per batch")
 p.add_argument("--dpo-beta", type=float, default=None, help="DPO beta (default 100 for flow models, 5000 for eps/v)")
@@ -105,6 +105,9 @@ def main(args):
     if n_items % d.world or args.batch_size % d.world:
         raise ValueError(f"prompts-per-round x videos-per-prompt ({n_items}) and --batch-size must be divisible "
                          f"by the number of ranks ({d.world})")
+    if args.loss == "dpo" and args.batch_size % (2 * d.world):
+        raise ValueError(f"--loss dpo: --batch-size counts videos, two per (yes, no) pair, so it must be divisible by "
+                         f"2 x the number of ranks ({2 * d.world}); got {args.batch_size}")
     out = common.prepare_run_dir(args.out, "vlm_feedback_rwr", args.resume, need_checkpoint=False)  # (cache-only resume)
 
     # ---- model, judge, trainable weights ---------------------------------------------------
@@ -247,21 +250,23 @@ def main(args):
         # (3) fine-tune on the weighted loss (or DPO on yes/no pairs) for --epochs passes
         if ref is not None:
             ref.update()  # DPO's reference: the model that generated this round's data
-        per_rank = args.batch_size // d.world
         for epoch in range(args.epochs):
             order = torch.randperm(len(data), generator=torch.Generator().manual_seed(common.seed_for(args.seed, rnd, epoch)))
             if args.loss == "dpo":  # (yes, no) pairs of the same prompt, each video used once
                 groups = {}
                 for n in order.tolist():
                     groups.setdefault((data[n][3], data[n][2] > 0.5), []).append(n)
-                batches = [(w, l) for (g, ok), ws in groups.items() if ok for w, l in zip(ws, groups.get((g, False), []))]
-                batches = [batches[b: b + args.batch_size] for b in range(0, len(batches), args.batch_size)]
+                pairs = [(w, l) for (g, ok), ws in groups.items() if ok for w, l in zip(ws, groups.get((g, False), []))]
+                # --batch-size counts videos: batch_size / 2 pairs a step; the last, shorter batch is kept (pairs
+                # are scarce: a round of mostly-yes or mostly-no prompts can give fewer than one full batch)
+                batches = [pairs[b: b + args.batch_size // 2] for b in range(0, len(pairs), args.batch_size // 2)]
             else:
                 batches = [order[b: b + args.batch_size].tolist() for b in range(0, len(order), args.batch_size)]
             ep_loss, ep_n, skipped = 0.0, 0, 0
             for b, batch in enumerate(batches):
-                if len(batch) < args.batch_size:  # equal global batches keep every rank in step
-                    continue
+                if len(batch) % d.world:  # equal shares keep every rank in step: a last, shorter batch is used
+                    continue  # when it splits evenly over the ranks, else left out
+                per_rank = len(batch) // d.world
                 mine_b = batch[d.rank * per_rank: (d.rank + 1) * per_rank]
                 ids = [i for pair in mine_b for i in pair] if args.loss == "dpo" else mine_b
                 x0 = torch.stack([data[i][0] for i in ids]).to(d.device)
@@ -281,13 +286,13 @@ def main(args):
                     w_mine = w[d.rank * per_rank: (d.rank + 1) * per_rank].to(d.device)
                     with autocast:
                         err = common.per_sample_mse(common.denoise(model, x_t, t, emb, mask), target)
-                    loss = (w_mine * err).sum() / args.batch_size * d.world  # L_RWR = E[w * mse]
+                    loss = (w_mine * err).sum() / len(batch) * d.world  # L_RWR = E[w * mse]
                 else:
                     with autocast:
                         ref_err = common.per_sample_mse(ref.forward(common.denoise, model, x_t, t, emb, mask), target)
                         err = common.per_sample_mse(common.denoise(model, x_t, t, emb, mask), target)
                     inside = -args.dpo_beta / 2 * ((err[0::2] - ref_err[0::2]) - (err[1::2] - ref_err[1::2]))
-                    loss = -F.logsigmoid(inside).sum() / args.batch_size * d.world
+                    loss = -F.logsigmoid(inside).sum() / len(batch) * d.world  # (mean over the batch's pairs)
                 scaler.scale(loss).backward()
                 common.average_gradients(params, d)
                 scaler.unscale_(optimizer)  # fp16: clip the true gradients (a no-op otherwise)
@@ -301,6 +306,7 @@ def main(args):
             log.log({"step": opt_steps, "round": rnd + 1, "epoch": epoch + 1,
                      "loss": common.all_mean({"l": ep_loss / max(ep_n, 1)}, d)["l"], "batches": ep_n,
                      "batches_skipped_no_yes": skipped, "round_pass_rate": yes.mean().item(),
+                     **({"pairs": len(pairs)} if args.loss == "dpo" else {}),
                      "sec_sample_and_judge": t_sample, "data_size": len(data)})
         # (4) the next round samples from the fine-tuned model
         common.save_checkpoint(os.path.join(out, "checkpoints"), rnd + 1, model, params, optimizer,  # (every rank:

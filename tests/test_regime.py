@@ -72,8 +72,8 @@ def alternate_judge(monkeypatch):
 
 def test_bf16_rwr_dpo_trains_on_a_nonzero_signal(tmp_path, toy_model, monkeypatch):
     alternate_judge(monkeypatch)
-    out = run_main(rwr, RWR + ["--loss", "dpo", "--epochs", "2", "--lr", "1e-2", "--mixed-precision", "bf16",
-                               "--out", str(tmp_path / "r")])
+    out = run_main(rwr, RWR + ["--loss", "dpo", "--batch-size", "8", "--epochs", "2", "--lr", "1e-2",  # (4 pairs a step)
+                               "--mixed-precision", "bf16", "--out", str(tmp_path / "r")])
     epochs = [r for r in train_rows(out) if "epoch" in r]
     assert [r["batches"] for r in epochs] == [1, 1]
     assert epochs[0]["loss"] == pytest.approx(LOG2, abs=1e-6)  # first batch: policy == reference
@@ -297,7 +297,7 @@ def test_dpo_moves_the_policy_toward_the_preferred_video(tmp_path, toy_model, mo
             "reward": (rewards.ToyReward("visual_quality")(v, p)["reward"] > 0.9).float(),
             "yes": (rewards.ToyReward("visual_quality")(v, p)["reward"] > 0.9).float()})
         out = run_main(rwr, RWR + ["--loss", "dpo", "--epochs", "3", "--lr", "3e-3", "--prompts", str(tmp_path / "p.txt"),
-                                   "--batch-size", "1", "--out", str(tmp_path / "r")])  # one (yes, no) pair a round
+                                   "--batch-size", "2", "--out", str(tmp_path / "r")])  # one (yes, no) pair a round
         assert sum(r["batches"] for r in train_rows(out) if "epoch" in r) == 3
     else:
         mod = online_vpo if script == "online_vpo" else gran_dpo
@@ -346,7 +346,7 @@ def test_torchrun_fp16_rank_without_pairs_on_its_first_step(tmp_path, toy_model,
 
 
 def test_torchrun_rwr_dpo_bf16(tmp_path, toy_model):
-    args = RWR + ["--loss", "dpo", "--epochs", "2", "--lr", "1e-2", "--mixed-precision", "bf16"]
+    args = RWR + ["--loss", "dpo", "--batch-size", "8", "--epochs", "2", "--lr", "1e-2", "--mixed-precision", "bf16"]
     assert_ranks_agree_with_one_process("vlm_feedback_rwr", args, tmp_path, tol=2e-2, grad_rtol=2e-2,
                                         extra=["--judge-alternates"])
     epochs = [r for r in train_rows(str(tmp_path / "ddp")) if "epoch" in r]

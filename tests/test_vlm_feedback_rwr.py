@@ -80,6 +80,23 @@ def test_a_crash_between_the_checkpoint_and_its_evaluation_is_evaluated_on_resum
     assert [r["round"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r.get("eval")] == [0, 1]
 
 
+def test_dpo_trains_on_a_round_with_fewer_pairs_than_a_full_batch(tmp_path, monkeypatch, toy_model):
+    # yes, no, yes, no ...: each prompt's two videos make one (yes, no) pair, 4 pairs a round. --batch-size 16
+    # (videos) asks for 8 pairs a step: the round's 4 pairs make one shorter batch, not none (it used to train nothing)
+    monkeypatch.setattr(rewards.ToyJudge, "__call__", lambda self, v, p: {"reward": (torch.arange(len(p)) % 2 == 0).float(),
+                                                                         "yes": (torch.arange(len(p)) % 2 == 0).float()})
+    out = run_main(rwr, FAST + ["--loss", "dpo", "--batch-size", "16", "--epochs", "2", "--lr", "1e-2",
+                                "--out", str(tmp_path / "d")])
+    epochs = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "epoch" in r]
+    assert [r["batches"] for r in epochs] == [1, 1] and [r["pairs"] for r in epochs] == [4, 4]
+    # the first step's policy IS its reference (LoRA starts at zero): inside = 0, loss = log 2 exactly; then it moves
+    assert abs(epochs[0]["loss"] - math.log(2)) < 1e-5 and abs(epochs[1]["loss"] - math.log(2)) > 1e-4
+    state = torch.load(os.path.join(common.latest_checkpoint(out), "state.pt"), weights_only=False)
+    assert state["optimizer"]["state"] != {}
+    with pytest.raises(ValueError, match="two per"):  # an odd number of videos cannot be split into pairs
+        run_main(rwr, FAST + ["--loss", "dpo", "--batch-size", "5", "--out", str(tmp_path / "odd")])
+
+
 @pytest.mark.parametrize("loss", ["rwr", "dpo"])
 def test_one_round_end_to_end(tmp_path, toy_model, loss):
     out = run_main(rwr, FAST + ["--judge", "judge:p_yes", "--loss", loss, "--out", str(tmp_path / loss)])
