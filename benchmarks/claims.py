@@ -1,6 +1,6 @@
 """Rerun the papers' checkable claims (../shared/ALGORITHMS.md) in the toy world, 3 seeds each.
 
-    python benchmarks/claims.py                          # all 8 experiments (~2 h on 2 CPU cores)
+    python benchmarks/claims.py                          # all 8 experiments (~3 h on 2 CPU cores, 3 seeds)
     python benchmarks/claims.py --only online_vs_offline num_candidates
     python benchmarks/claims.py --smoke --out /tmp/c     # 1-2 steps, 1 seed: the plumbing only (CI)
 
