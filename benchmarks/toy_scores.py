@@ -2,7 +2,8 @@
 
     python benchmarks/toy_scores.py                    # ~2 minutes on 2 CPU cores
 Prints a Markdown table (every toy reward dimension, colour accuracy, the judge's pass rate on all
-prompts and on the dynamics prompts, i.e. all but "staying still", which RWR trains on), the judge's pass rate
+prompts and on the dynamics prompts, i.e. all but "staying still", which RWR trains on; and what the latter would
+be if the judge also checked the shape its question names), the judge's pass rate
 per category, and the sampling time per video; writes benchmarks/results/toy_scores.json.
 """
 import argparse
@@ -31,12 +32,17 @@ p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "toy
 
 def score(videos, prompts):
     r, judge = rewards.ToyReward(), rewards.ToyJudge()
-    s = {k: v.mean().item() for k, v in r(videos, prompts).items() if k != "reward"}
+    dims = r(videos, prompts)
+    s = {k: v.mean().item() for k, v in dims.items() if k != "reward"}
     s["color_accuracy"] = r.color_accuracy(videos, prompts).mean().item()
     yes = judge(videos, prompts)["yes"]
     s["judge_pass_rate"] = yes.mean().item()
     motions = [toy_world.parse_prompt(p)["motion"] for p in prompts]
-    s["judge_pass_rate_dynamics"] = yes[torch.tensor([m != "staying still" for m in motions])].mean().item()
+    dynamics = torch.tensor([m != "staying still" for m in motions])
+    s["judge_pass_rate_dynamics"] = yes[dynamics].mean().item()
+    # what the pass rate would be if the judge also checked the (first) object's shape, which its question names
+    # ("Does the red square ..."); the shipped judge checks motion, physics and colour only
+    s["judge_pass_rate_dynamics_if_shape_checked"] = (yes * (dims["shape"] > 0.5))[dynamics].mean().item()
     for cat in sorted(set(toy_world.CATEGORY.values())):  # moving, falling (and bouncing), still, interaction
         s[f"judge_{cat}"] = yes[torch.tensor([toy_world.CATEGORY[m] == cat for m in motions])].mean().item()
     return s
@@ -65,7 +71,7 @@ def main(args):
                    os.path.splitext(args.out)[0] + "_heldout.gif")  # samples go beside its JSON, not over the shipped ones)
             common.save_video_grid(gif, videos[: 2 * 8: 2], prompts[: 2 * 8: 2])
     keys = ["visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment", "physics", "color", "shape",
-            "motion", "color_accuracy", "judge_pass_rate", "judge_pass_rate_dynamics"]
+            "motion", "color_accuracy", "judge_pass_rate", "judge_pass_rate_dynamics", "judge_pass_rate_dynamics_if_shape_checked"]
     print("| videos | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for name, s in results.items():

@@ -146,3 +146,19 @@ def test_the_kept_claims_runs_are_not_git_ignored():
         pytest.skip("not a git checkout")
     res = subprocess.run(["git", "check-ignore", "-q", "benchmarks/results/claims/runs/dpo_s0/done"], cwd=ROOT)
     assert res.returncode == 1  # 1: not ignored (0 would be ignored)
+
+
+def test_toy_scores_judge_if_shape_checked_fails_the_wrong_shape():
+    """The shipped judge ignores shape; the diagnostic pass rate must fail a clip whose object has the wrong one."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import toy_scores
+    import toy_world
+    drawn = ["a red circle falling", "a blue square moving right"]
+    asked = ["a red square falling", "a blue circle moving right"]  # same colours and motions, shapes swapped
+    for p in drawn + asked:
+        toy_world.parse_prompt(p)  # (both are in the prompt grammar)
+    s = toy_scores.score(toy_world.render(drawn * 2, seed=1), asked * 2)
+    assert s["judge_pass_rate_dynamics"] == 1.0  # motion, physics and colour are right
+    assert s["judge_pass_rate_dynamics_if_shape_checked"] == 0.0
+    s = toy_scores.score(toy_world.render(drawn * 2, seed=1), drawn * 2)
+    assert s["judge_pass_rate_dynamics_if_shape_checked"] == 1.0
