@@ -87,7 +87,8 @@ class ToyReward:
     object's presence: flicker and vanishing objects lower it, and so, mildly, does fast motion, as
     with real consistency metrics), dynamic_degree (how far
     the objects move), text_alignment (colour, shape and motion as the prompt says), physics (falls
-    accelerate, constant speed otherwise, a pushed object stays ahead of its pusher); frame, the
+    accelerate, constant speed otherwise, a pushed object keeps still until its pusher touches it and
+    stays ahead of it after); frame, the
     image-style reward (per-frame quality and colour/shape alignment, blind to frame order)."""
     differentiable = True
     num_frames = None  # takes the video as it comes
@@ -186,7 +187,12 @@ class ToyReward:
             pushed_late = sig(((c2[-1, 0] - c2[half, 0]) / max(F - 1 - half, 1) - 0.6) / 0.2)
             pushed_still_early = torch.exp(-(c2[min(2, F - 1), 0] - c2[0, 0]).abs() / 2)
             order = sig((c2[:, 0] - c1[:, 0] - 2) / 1).mean()  # the pushed one stays ahead: no passing through
-            return pusher * pushed_late * pushed_still_early, order
+            # no motion without a cause: in a frame step where the pusher does not come within 2 half-sizes
+            # (+1 px) of where the pushed one stood, the pushed one must keep still (cut: 0.4 px/frame)
+            touch = 2 * toy_world.HALF_SIZE * cmask.shape[-1] / 32 + 1
+            apart = sig((c2[:-1, 0] - c1[1:, 0] - touch) / 0.5)
+            drift = (apart * (c2[1:, 0] - c2[:-1, 0]).abs()).amax()
+            return pusher * pushed_late * pushed_still_early, order * sig((0.4 - drift) / 0.08)
         vel = (c[1:] - c[:-1])  # [F-1, 2]
         acc = vel[1:] - vel[:-1]
         disp = (c[-1] - c[0]) / T

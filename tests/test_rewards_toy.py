@@ -87,6 +87,35 @@ def test_judge_says_yes_to_good_dynamics_and_no_to_reversed(gt):
     assert "fall downwards with increasing speed" in rewards.default_question("a red square falling")
 
 
+def _two_squares(x_pusher, x_pushed, y=16.0):
+    """A red square at x_pusher[f] and a blue one at x_pushed[f] (both at height y): [1, F, 3, 32, 32]."""
+    F, r = len(x_pusher), toy_world.HALF_SIZE
+    video = torch.zeros(1, F, 3, 32, 32)
+    for xs, color in ((x_pushed, "blue"), (x_pusher, "red")):
+        m = toy_world.shape_mask("square", xs, torch.full((F,), y), r, 32, 32)[:, None]
+        video[0] = video[0] * (1 - m) + torch.tensor(toy_world.COLORS[color]).view(1, 3, 1, 1) * m
+    return video
+
+
+def test_a_pushed_object_that_moves_before_it_is_touched_is_bad_physics():
+    # "Does the red square move right, touch the blue square and push it along?" In the good clip the blue
+    # square waits until the red one reaches it (centres 2 half-sizes apart), then both move on together.
+    # In the bad one it sets off at frame 2, while the red square is still 2.7 px short of it, and is never
+    # touched: motion without a cause, which the judge used to pass (its motion score only looked at frames 0-2).
+    prompt = ["a red square pushing a blue square"]
+    f = torch.arange(8.0)
+    pusher = 5 + 1.4 * f
+    good = torch.maximum(torch.full_like(f, 19.5), pusher + 2 * toy_world.HALF_SIZE)
+    bad = 19.5 + 1.4 * (f - 2).clamp(min=0)
+    r, judge = rewards.ToyReward("physics"), rewards.ToyJudge()
+    assert r(_two_squares(pusher, good), prompt)["physics"].item() > 0.8
+    assert r(_two_squares(pusher, bad), prompt)["physics"].item() < 0.2
+    assert judge(_two_squares(pusher, good), prompt)["yes"].item() == 1.0
+    assert judge(_two_squares(pusher, bad), prompt)["yes"].item() == 0.0
+    pushes = [p for p in toy_world.ALL_PROMPTS if "pushing" in p]  # and every ground-truth push still passes
+    assert judge(toy_world.render(pushes, seed=5), pushes)["yes"].mean() == 1.0
+
+
 def test_toy_reward_is_differentiable(gt):
     v = toy_world.corrupt(gt[:4], "noise").requires_grad_(True)
     for dim in rewards.TOY_DIMENSIONS:
