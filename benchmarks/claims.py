@@ -7,14 +7,16 @@
 Every experiment is a set of runs of the four scripts through their ordinary command lines (shared
 runs are run once: the default OnlineVPO configuration serves five experiments). Runs go to
 runs/claims/<config>_s<seed>/ (--runs, not committed); a finished run's figures are kept in <out>/runs/ (--keep,
-committed) and the run is skipped from then on, so an interrupted sweep continues where it stopped, on this machine
-or a fresh one. Each experiment writes <out>/<name>.json (the claim, every run's figures, per-seed mean and
+committed) and the run is skipped from then on (while its flags, seed and base weights stand: a new toy base reruns
+it), so an interrupted sweep continues where it stopped, on this machine or a fresh one. Each experiment writes <out>/<name>.json (the claim, every run's figures, per-seed mean and
 spread, and whether the claim held) and <name>.png. Figures are changes on HELD-OUT prompts between
 step 0 and the end of the run, paired per seed (a seed fixes prompts, candidates and evaluation noise).
 The scale is set by what 2 CPU cores can run, not by the papers: 30 steps of 4 prompts (toy model).
 """
 import argparse
 import concurrent.futures
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -118,9 +120,17 @@ def kept(name, seed, args):
     return os.path.join(args.keep, f"{name}_s{seed}")
 
 
+@functools.lru_cache(maxsize=None)
+def base_fingerprint():
+    """The first 12 hex digits of the toy base's weights' SHA-256: a new base makes every kept run stale."""
+    with open(os.path.join(ROOT, "assets", "toy", "transformer", "diffusion_pytorch_model.safetensors"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
 def flags(name, seed, args):
-    """What a run was run with (script, flags, seed; no paths): a kept run counts only while its configuration stands."""
-    return [os.path.basename(a) for a in argv_of(CONFIGS[name], seed, "", args.smoke)[1:-2]]
+    """What a run was run with (script, flags, seed, base weights; no paths): a kept run counts only while its
+    configuration and the base it ran on stand."""
+    return [os.path.basename(a) for a in argv_of(CONFIGS[name], seed, "", args.smoke)[1:-2]] + [f"base={base_fingerprint()}"]
 
 
 def finished_in(folder, name, seed, args):

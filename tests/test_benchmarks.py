@@ -160,3 +160,22 @@ def test_toy_scores_judge_if_shape_checked_fails_the_wrong_shape():
     assert s["judge_pass_rate_dynamics_if_shape_checked"] == 0.0
     s = toy_scores.score(toy_world.render(drawn * 2, seed=1), drawn * 2)
     assert s["judge_pass_rate_dynamics_if_shape_checked"] == 1.0
+
+
+def test_a_kept_claims_run_goes_stale_when_the_base_changes(tmp_path, monkeypatch):
+    # kept runs record the base's weights: after a new base, the sweep reruns them instead of reusing old figures
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import argparse
+    import claims
+    args = argparse.Namespace(keep=str(tmp_path / "keep"), smoke=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in ("metrics.jsonl", "config.json", "done"):
+        (run / f).write_text("{}\n")
+    real = claims.base_fingerprint
+    monkeypatch.setattr(claims, "base_fingerprint", lambda: "aaaaaaaaaaaa")
+    claims.keep_run("dpo_n2", 0, str(run), args)
+    assert claims.is_kept("dpo_n2", 0, args) and not claims.is_kept("dpo_n2", 1, args)
+    monkeypatch.setattr(claims, "base_fingerprint", lambda: "bbbbbbbbbbbb")
+    assert not claims.is_kept("dpo_n2", 0, args)
+    assert len(real()) == 12 and real() == real.__wrapped__()  # the real one: the shipped weights' hash
