@@ -31,13 +31,14 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, toy_model, two_prompts, scri
     args = argv + (two_prompts if extra else [])
     # gradients agree to ~2e-6 relative (reduce-scatter sums in another order); AdamW turns that into weight
     # differences of a few 1e-5 on near-zero entries, so weights at 1e-4 and gradients at 1e-5 relative. bf16:
-    # FSDP2 casts every weight to bf16: gradients at 5e-2 (DPO multiplies bf16 rounding by beta; a missing / world
-    # would be 100%), weights at lr scale
+    # FSDP2 casts every weight to bf16: gradients at 0.15 of the largest entry (DPO multiplies bf16 rounding by
+    # beta: 8% measured on the step-11000 toy base; a missing / world would be 100%, a per-rank mean over uneven
+    # pairs tens of %), weights at lr scale
     # (a full fine-tune has many near-zero gradient entries whose sign is rounding noise: AdamW moves each by up
     # to lr per step either way, so there the weights are compared at 4 x lr x steps; the gradients stay tight)
     bf16, full_ft = "bf16" in args, [args[i + 1] for i, a in enumerate(args) if a == "--lora-rank"][-1] == "0"
     assert_ranks_agree_with_one_process(script, args, tmp_path, tol=5e-3 if bf16 else 8e-4 if full_ft else 1e-4,
-                                        grad_rtol=5e-2 if bf16 else 1e-5, extra=extra, ranks_only=["--fsdp"])
+                                        grad_rtol=0.15 if bf16 else 1e-5, extra=extra, ranks_only=["--fsdp"])
     if script == "online_vpo" and bf16:  # the reference swap under FSDP2's own bf16 casts: a real DPO signal
         rows = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl") if '"eval"' not in line]
         assert rows[1]["inside_mean"] != 0.0 and abs(rows[1]["loss"] - math.log(2)) > 1e-6
