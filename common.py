@@ -968,10 +968,10 @@ def run_folder_of(path):
     return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
 
 
-def prepare_run_dir(out, script, resume, need_checkpoint=True):
+def prepare_run_dir(out, script, resume, need_checkpoint=True, main=True):
     """The run folder (default runs/<script>-<time>; with --resume, the resumed run's own folder). Refuses
     to write into an existing run unless --resume names it, so nothing already written is lost; checks the
-    checkpoint exists up front."""
+    checkpoint exists up front. --resume into another --out forks the run: see `fork_run`."""
     if resume and need_checkpoint:
         latest_checkpoint(resume)
     if out is None and resume:
@@ -979,7 +979,36 @@ def prepare_run_dir(out, script, resume, need_checkpoint=True):
     out = out or os.path.join("runs", f"{script}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     if resume is None and os.path.exists(os.path.join(out, "metrics.jsonl")):
         raise FileExistsError(f"{out} already holds a run: pass --resume {out} to continue it, or a new --out")
+    if resume and os.path.abspath(run_folder_of(resume)) != os.path.abspath(out):
+        if main:
+            fork_run(resume, out)
+        sharding.barrier()  # (the other ranks read the copied data only once it is all there)
     return out
+
+
+def fork_run(resume, out):
+    """--resume from a checkpoint of another run folder into a new --out: the new folder starts with the
+    source run's record up to that checkpoint (its metrics rows, RWR's kept rounds and judge answers), so
+    its before/after figures, model card and own later --resume see the whole run, not just its tail."""
+    src = run_folder_of(resume)
+    if os.path.exists(os.path.join(out, "metrics.jsonl")):
+        return  # (this fork was started before: it holds its own record now)
+    try:
+        k = int(os.path.basename(latest_checkpoint(resume)).split("-")[-1])  # step (RWR: round) reached
+    except FileNotFoundError:
+        k = 0  # (RWR's cache-only resume: it restarts round 1 and logs its own first evaluation)
+    os.makedirs(os.path.join(out, "data"), exist_ok=True)
+    if k and os.path.exists(os.path.join(src, "metrics.jsonl")):
+        rows = [line for line in open(os.path.join(src, "metrics.jsonl"))
+                if json.loads(line).get("round", json.loads(line)["step"]) <= k]  # (RWR's rows count rounds)
+        with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+            f.writelines(rows)
+    for name in os.listdir(src):
+        if name.startswith("judge_cache."):
+            shutil.copy(os.path.join(src, name), os.path.join(out, name))
+    for r in range(1, k + 1):
+        if os.path.exists(os.path.join(src, "data", f"round-{r}.pt")):
+            shutil.copy(os.path.join(src, "data", f"round-{r}.pt"), os.path.join(out, "data", f"round-{r}.pt"))
 
 
 def save_json(path, obj):

@@ -132,7 +132,7 @@ def main(args):
     grid = tuple(int(g) for g in args.patch_grid.split(","))
     if len(grid) != 3 or min(grid) < 1:
         raise ValueError(f"--patch-grid {args.patch_grid!r}: give three positive integers, e.g. 2,4,4")
-    out = common.prepare_run_dir(args.out, "gran_dpo", args.resume)
+    out = common.prepare_run_dir(args.out, "gran_dpo", args.resume, main=d.main)
 
     # ---- model, reward, trainable weights, reference ---------------------------------------
     dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype

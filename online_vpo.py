@@ -96,7 +96,7 @@ def main(args):
         raise ValueError("--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to FSDP2)")
     if args.batch_size % d.world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of ranks ({d.world})")
-    out = common.prepare_run_dir(args.out, "online_vpo", args.resume)
+    out = common.prepare_run_dir(args.out, "online_vpo", args.resume, main=d.main)
 
     # ---- model, reward, trainable weights, reference ---------------------------------------
     dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype

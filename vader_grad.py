@@ -98,7 +98,7 @@ def main(args):
     if args.batch_size % d.world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of ranks ({d.world})")
     per_rank = args.batch_size // d.world
-    out = common.prepare_run_dir(args.out, "vader_grad", args.resume)
+    out = common.prepare_run_dir(args.out, "vader_grad", args.resume, main=d.main)
 
     # ---- model, reward, trainable weights -------------------------------------------------
     dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype

@@ -108,7 +108,8 @@ def main(args):
     if args.loss == "dpo" and args.batch_size % (2 * d.world):
         raise ValueError(f"--loss dpo: --batch-size counts videos, two per (yes, no) pair, so it must be divisible by "
                          f"2 x the number of ranks ({2 * d.world}); got {args.batch_size}")
-    out = common.prepare_run_dir(args.out, "vlm_feedback_rwr", args.resume, need_checkpoint=False)  # (cache-only resume)
+    out = common.prepare_run_dir(args.out, "vlm_feedback_rwr", args.resume, need_checkpoint=False,  # (cache-only resume)
+                                 main=d.main)
 
     # ---- model, judge, trainable weights ---------------------------------------------------
     dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype

@@ -61,9 +61,15 @@ def test_fsdp_resume_equals_an_uninterrupted_run(tmp_path, toy_model, script, ar
     n, half = ("4", "2") if length == "steps" else ("2", "1")
     every = ["--save-every", half] if length == "steps" else []
     torchrun(script, argv + ["--fsdp", f"--{length}", n, "--out", str(tmp_path / "full")] + every)
-    torchrun(script, argv + ["--fsdp", f"--{length}", half, "--out", str(tmp_path / "part")])
-    torchrun(script, argv + ["--fsdp", f"--{length}", n, "--resume", str(tmp_path / "part")])
-    assert max_diff(load_rank(str(tmp_path / "full"), 0), load_rank(str(tmp_path / "part"), 0)) < 1e-6
+    # the uninterrupted run's own half-way checkpoint (as a preempted job leaves it), continued in a new folder
+    middle = os.path.join(tmp_path, "full", "checkpoints", f"step-{int(half):06d}")
+    torchrun(script, argv + ["--fsdp", f"--{length}", n, "--resume", middle, "--out", str(tmp_path / "resumed")])
+    assert max_diff(load_rank(str(tmp_path / "full"), 0), load_rank(str(tmp_path / "resumed"), 0)) < 1e-6
+    # the new folder holds the whole run's record (its step-0 evaluation included), equal to the uninterrupted one
+    evals = {f: [r for r in map(json.loads, open(tmp_path / f / "metrics.jsonl")) if r.get("eval")]
+             for f in ("full", "resumed")}
+    assert [r["step"] for r in evals["resumed"]] == [r["step"] for r in evals["full"]]
+    assert all(abs(evals["resumed"][-1][k] - v) < 1e-3 for k, v in evals["full"][-1].items() if k.startswith("eval/"))
     if script == "online_vpo":  # a sharded checkpoint needs --fsdp to resume, and says so
         with pytest.raises(AssertionError, match="written with --fsdp"):
-            torchrun(script, argv + ["--steps", "6", "--resume", str(tmp_path / "part")])
+            torchrun(script, argv + ["--steps", "6", "--resume", middle, "--out", str(tmp_path / "plain")])
