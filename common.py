@@ -977,38 +977,58 @@ def prepare_run_dir(out, script, resume, need_checkpoint=True, main=True):
     if out is None and resume:
         out = run_folder_of(resume)
     out = out or os.path.join("runs", f"{script}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    if resume is None and os.path.exists(os.path.join(out, "metrics.jsonl")):
+    fork = bool(resume) and os.path.abspath(run_folder_of(resume)) != os.path.abspath(out)  # see fork_run
+    if fork and not os.path.isdir(run_folder_of(resume)):
+        raise FileNotFoundError(f"--resume {resume!r}: no such run folder")
+    if (resume is None or fork) and os.path.exists(os.path.join(out, "metrics.jsonl")):
         raise FileExistsError(f"{out} already holds a run: pass --resume {out} to continue it, or a new --out")
-    if resume and os.path.abspath(run_folder_of(resume)) != os.path.abspath(out):
+    if fork:
+        sharding.barrier()  # (every rank has checked before rank 0 writes, and reads only once it has)
         if main:
             fork_run(resume, out)
-        sharding.barrier()  # (the other ranks read the copied data only once it is all there)
+        sharding.barrier()
     return out
 
 
 def fork_run(resume, out):
-    """--resume from a checkpoint of another run folder into a new --out: the new folder starts with the
-    source run's record up to that checkpoint (its metrics rows, RWR's kept rounds and judge answers), so
-    its before/after figures, model card and own later --resume see the whole run, not just its tail."""
+    """--resume from a checkpoint of another run folder into a new --out: the new folder starts as the
+    source run's record up to that checkpoint (metrics rows, samples, the checkpoint itself, RWR's kept
+    rounds and judge answers), so its before/after line, model card and own later --resume see the whole
+    run. metrics.jsonl is written last, so a fork that crashes part-way is simply started again."""
     src = run_folder_of(resume)
-    if os.path.exists(os.path.join(out, "metrics.jsonl")):
-        return  # (this fork was started before: it holds its own record now)
     try:
-        k = int(os.path.basename(latest_checkpoint(resume)).split("-")[-1])  # step (RWR: round) reached
+        ck = latest_checkpoint(resume)
+        k = int(os.path.basename(ck).split("-")[-1])  # the step (RWR: round) it reached
     except FileNotFoundError:
-        k = 0  # (RWR's cache-only resume: it restarts round 1 and logs its own first evaluation)
-    os.makedirs(os.path.join(out, "data"), exist_ok=True)
-    if k and os.path.exists(os.path.join(src, "metrics.jsonl")):
-        rows = [line for line in open(os.path.join(src, "metrics.jsonl"))
-                if json.loads(line).get("round", json.loads(line)["step"]) <= k]  # (RWR's rows count rounds)
-        with open(os.path.join(out, "metrics.jsonl"), "w") as f:
-            f.writelines(rows)
-    for name in os.listdir(src):
+        ck, k = None, 0  # (RWR's cache-only resume: it restarts round 1 and logs its own first evaluation)
+    if ck:  # hard links where the file system allows: no second copy of a large sharded checkpoint
+        copy = os.path.join(out, "checkpoints", os.path.basename(ck))
+        shutil.rmtree(copy, ignore_errors=True)  # (left by a fork that crashed part-way)
+        shutil.copytree(ck, copy, copy_function=_link_or_copy)
+    for sub in ("samples", "data"):  # samples/step-<k>.mp4 or round-<k>.mp4; data/round-<k>.pt
+        for name in os.listdir(os.path.join(src, sub)) if os.path.isdir(os.path.join(src, sub)) else []:
+            number = name.split("-")[-1].split(".")[0]
+            if number.isdigit() and int(number) <= k:
+                os.makedirs(os.path.join(out, sub), exist_ok=True)
+                shutil.copy(os.path.join(src, sub, name), os.path.join(out, sub, name))
+    for name in os.listdir(src):  # (answers are keyed by round, prompt and seed, as in a same-folder resume)
         if name.startswith("judge_cache."):
             shutil.copy(os.path.join(src, name), os.path.join(out, name))
-    for r in range(1, k + 1):
-        if os.path.exists(os.path.join(src, "data", f"round-{r}.pt")):
-            shutil.copy(os.path.join(src, "data", f"round-{r}.pt"), os.path.join(out, "data", f"round-{r}.pt"))
+    rows, metrics = [], os.path.join(src, "metrics.jsonl")
+    for line in open(metrics) if k and os.path.exists(metrics) else []:
+        row = json.loads(line)
+        if (row["round"] if "round" in row else row["step"]) <= k:  # (RWR's rows count rounds)
+            rows.append(line)
+    with open(os.path.join(out, "metrics.jsonl.tmp"), "w") as f:
+        f.writelines(rows)
+    os.replace(os.path.join(out, "metrics.jsonl.tmp"), os.path.join(out, "metrics.jsonl"))
+
+
+def _link_or_copy(a, b):
+    try:
+        os.link(a, b)
+    except OSError:
+        shutil.copy2(a, b)
 
 
 def save_json(path, obj):

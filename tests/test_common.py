@@ -223,3 +223,28 @@ def test_video_grid_and_metrics(tmp_path):
     log = common.MetricsLogger(str(tmp_path))
     log.log({"step": 1, "loss": 0.5})
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 0.5}
+
+
+def test_resume_into_a_new_folder_forks_the_run_up_to_the_checkpoint(tmp_path):
+    src, new = tmp_path / "run", tmp_path / "fork"
+    os.makedirs(src / "checkpoints" / "step-000002")
+    torch.save({"step": 2}, src / "checkpoints" / "step-000002" / "state.pt")
+    os.makedirs(src / "samples")
+    for k in (0, 2, 4):
+        (src / "samples" / f"step-{k:06d}.mp4").write_bytes(b"video")
+    rows = [{"step": 0, "eval": True}, {"step": 1}, {"step": 2}, {"step": 2, "eval": True}, {"step": 3}]
+    (src / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (src / "judge_cache.rank0.jsonl").write_text('{"key": "data-r0-0-0-a", "yes": 1}\n')
+    assert common.prepare_run_dir(str(new), "x", str(src / "checkpoints" / "step-000002")) == str(new)
+    assert [json.loads(line) for line in open(new / "metrics.jsonl")] == rows[:4]  # up to the checkpoint
+    assert sorted(os.listdir(new / "samples")) == ["step-000000.mp4", "step-000002.mp4"]
+    assert torch.load(new / "checkpoints" / "step-000002" / "state.pt") == {"step": 2}
+    assert os.path.exists(new / "judge_cache.rank0.jsonl")
+    assert common.latest_checkpoint(str(new)).endswith("step-000002")  # the fork resumes by itself
+    with pytest.raises(FileExistsError, match="already holds a run"):  # a folder with a run is never written over
+        common.prepare_run_dir(str(new), "x", str(src))
+    assert len(open(new / "metrics.jsonl").readlines()) == 4
+    with pytest.raises(FileNotFoundError, match="no such run folder"):  # RWR's cache-only resume: a typo, said
+        common.prepare_run_dir(str(new), "x", str(tmp_path / "typo"), need_checkpoint=False)
+    assert common.prepare_run_dir(None, "x", str(src)) == str(src)  # the usual resume: its own folder, untouched
+    assert len(open(src / "metrics.jsonl").readlines()) == 5
