@@ -29,7 +29,7 @@ import sharding
 p = argparse.ArgumentParser(description="OnlineVPO: online Diffusion-DPO with a video reward",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.add_argument("--model", default="toy", help="'toy', an alias (wan2.1-1.3b, cogvideox-2b, ...), a diffusers folder or hub id")
-p.add_argument("--reward", default=None, help="reward spec; default toy:text on the toy model (toy:temporal fell on held-out at every setting tried on the previous base; the claims sweep retries it, README), videoscore:temporal_consistency otherwise")
+p.add_argument("--reward", default=None, help="reward spec; default toy:text on the toy model (toy:temporal gained on no setting tried beyond seed noise, README), videoscore:temporal_consistency otherwise")
 p.add_argument("--prompts", default="toy_train", help="training prompts: a built-in list name or a text file, one per line")
 p.add_argument("--eval-prompts", default="toy_heldout", help="HELD-OUT evaluation prompts (list name or file)")
 p.add_argument("--steps", type=int, default=60, help="optimisation steps")
