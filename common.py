@@ -89,7 +89,7 @@ def resolve_model(name_or_path):
     folder = os.path.join(path, DENOISER_FOLDER[family])
     if not os.path.isdir(folder) or not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(folder)):
         raise FileNotFoundError(f"no weights in {folder}: the model folder is incomplete (download it fully, "
-                                f"or run `python pretrain_toy.py` to rebuild the toy model)")
+                                f"or run `python pretrain_toy.py --stop-at 11000` to rebuild the toy model: about 4 h on 2 CPU cores)")
     return path, family
 
 
@@ -781,7 +781,7 @@ class Offload:
     they are frozen, so it never goes stale, and each step costs one host-to-device copy. A call into an
     offloaded model fails loudly (its weights have no storage) instead of computing on garbage.
     Wan 14B at 480x832x81 under --fsdp on 8 x 80 GB: 76.9 -> 50.7 GiB per rank (benchmarks/memory_plan.py);
-    the price is host memory: each rank keeps its own pinned copy (27 GiB with UMT5-XXL + VideoScore)."""
+    the price is host memory: each rank keeps its own pinned copy (26 GiB with UMT5-XXL + VideoScore)."""
 
     def __init__(self, modules, enabled=True):
         by_storage = {}  # one entry per storage (tied weights share one), found before any is freed

@@ -55,7 +55,7 @@ p.add_argument("--fps", type=float, default=None, help="frame rate of the genera
 p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the denoiser (saves memory)")
 p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, reward) are stored in it, trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
 p.add_argument("--fsdp", action="store_true", help="shard the denoiser with PyTorch FSDP2 over the torchrun ranks (for full fine-tunes and models of 5B and up; bf16 or fp32)")
-p.add_argument("--offload-frozen", action="store_true", help="during the DPO update keep the text encoder, VAE and reward model in host memory (frees ~27 GiB per GPU with UMT5-XXL + VideoScore; one host-to-device copy per step)")
+p.add_argument("--offload-frozen", action="store_true", help="during the DPO update keep the text encoder, VAE and reward model in host memory (frees ~26 GiB per GPU with UMT5-XXL + VideoScore; one host-to-device copy per step)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, candidates, DPO noise")
 p.add_argument("--out", default=None, help="run folder (default runs/online_vpo-<time>; with --resume, the resumed run's)")
 p.add_argument("--eval-every", type=int, default=30, help="held-out evaluation interval (also at step 0 and the end)")

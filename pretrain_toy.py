@@ -6,11 +6,12 @@ by toy_world.render from the TRAIN prompts only; 10% of captions are dropped for
 guidance. The text encoder (a tiny UMT5 over a word-level tokenizer) is trained jointly here and
 frozen afterwards, like a real T5.
 
-    python pretrain_toy.py                      # ~45 min on 2 CPU cores, writes assets/toy
+    python pretrain_toy.py --stop-at 11000      # the shipped base: ~4 h on 2 CPU cores (resumable), writes assets/toy
     python pretrain_toy.py --steps 200 --out /tmp/toy   # a quick smoke run
-Resumes from <out>/../toy_pretrain_ckpt.pt when it exists (`--resume`). The defaults reproduce the
-shipped base; the other options (--sampling balanced, --timesteps uniform, a larger denoiser, --device
-cuda, --init-from to fine-tune) are for building a stronger one (README, "Known limitations").
+Resumes from <out>/../toy_pretrain_ckpt.pt when it exists (`--resume`). The defaults are the shipped base's
+recipe (its flags are recorded in assets/toy/pretrain_log.json); the other options (a smaller or larger
+denoiser, --timesteps uniform, --device cuda, --init-from to fine-tune) are for building another one
+(README, "The toy world": the candidates tried).
 """
 import argparse
 import json
@@ -26,7 +27,7 @@ import toy_world
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--out", default="assets/toy", help="where the diffusers-layout folder is written")
-p.add_argument("--steps", type=int, default=4000, help="optimisation steps (the length of the learning-rate schedule)")
+p.add_argument("--steps", type=int, default=12000, help="optimisation steps (the length of the learning-rate schedule)")
 p.add_argument("--stop-at", type=int, default=None, help="stop after this step and ship its EMA weights; the schedule still spans --steps (default: --steps)")
 p.add_argument("--batch-size", type=int, default=32, help="videos per step")
 p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (cosine decay, 200 warm-up steps)")
@@ -39,15 +40,15 @@ p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
 p.add_argument("--save-every", type=int, default=250, help="checkpoint interval (steps)")
 p.add_argument("--ckpt", default=None, help="training checkpoint path (default: toy_pretrain_ckpt.pt beside --out)")
-p.add_argument("--sampling", default="uniform", choices=["uniform", "balanced"],
-               help="uniform over the train prompts (the shipped base: 2/3 are pushes) or balanced over the motion categories")
-p.add_argument("--heads", type=int, default=4, help="attention heads of the denoiser (heads x head-dim = 64)")
-p.add_argument("--head-dim", type=int, default=16, help="attention head dim; Wan's 3D RoPE gives H and W 2*(head_dim//6) dims each")
-p.add_argument("--layers", type=int, default=4, help="transformer blocks of the denoiser")
-p.add_argument("--ffn-dim", type=int, default=128, help="feed-forward width of the denoiser")
+p.add_argument("--sampling", default="balanced", choices=["uniform", "balanced"],
+               help="balanced over the motion categories (the shipped base) or uniform over the train prompts (2/3 are pushes)")
+p.add_argument("--heads", type=int, default=4, help="attention heads of the denoiser (heads x head-dim = 128)")
+p.add_argument("--head-dim", type=int, default=32, help="attention head dim; Wan's 3D RoPE gives H and W 2*(head_dim//6) dims each")
+p.add_argument("--layers", type=int, default=6, help="transformer blocks of the denoiser")
+p.add_argument("--ffn-dim", type=int, default=512, help="feed-forward width of the denoiser")
 p.add_argument("--patch", type=int, default=4, help="spatial patch size of the denoiser (tokens = frames x (size/patch)^2)")
-p.add_argument("--patch-t", type=int, default=1, help="temporal patch size: 2 puts two frames in a token (half the tokens)")
-p.add_argument("--shift", type=float, default=1.0,
+p.add_argument("--patch-t", type=int, default=2, help="temporal patch size: 2 puts two frames in a token (half the tokens)")
+p.add_argument("--shift", type=float, default=2.0,
                help="flow shift of the noise levels, in training and in the shipped sampler (>1: more time at high noise)")
 p.add_argument("--device", default="cpu", help="cpu or cuda (data and noise are drawn on the CPU: the same run on either)")
 p.add_argument("--timesteps", default="logit-normal", choices=["logit-normal", "uniform"],
@@ -59,7 +60,7 @@ BY_CATEGORY = [[p for p in toy_world.TRAIN_PROMPTS if toy_world.CATEGORY[toy_wor
                for c in sorted(set(toy_world.CATEGORY.values()))]
 
 
-def build_components(seed, heads=4, head_dim=16, layers=4, ffn_dim=128, patch=4, patch_t=1, shift=1.0):
+def build_components(seed, heads=4, head_dim=32, layers=6, ffn_dim=512, patch=4, patch_t=2, shift=2.0):
     """Fresh tokenizer, text encoder, denoiser and scheduler of the toy model (random weights)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from tokenizers import Tokenizer, models, pre_tokenizers, processors

@@ -120,10 +120,11 @@ def main(args):
         config = json.load(open(os.path.join(folder, "config.json")))
         figures, trained, fell = judge(script, rows, config)
         rises = figures[trained][2] > 0
+        ran = seconds is not None  # (else the wall time and threads stay those recorded when it ran)
         results[script] = {"command": config.get("command"),
-                           "trained": trained, "figures": figures, "fell": fell, "threads": args.threads,
-                           "meets_rule": rises and not fell,
-                           "seconds": seconds if seconds is not None else results.get(script, {}).get("seconds")}
+                           "trained": trained, "figures": figures, "fell": fell, "meets_rule": rises and not fell,
+                           "threads": args.threads if ran else results.get(script, {}).get("threads"),
+                           "seconds": seconds if ran else results.get(script, {}).get("seconds")}
         if not args.no_gif:
             before_after_gif(folder, os.path.join(ROOT, "assets", f"{GIFS[script]}_before_after.gif"))
     for script, r in results.items():

@@ -24,15 +24,26 @@ def test_balanced_sampling_covers_every_train_prompt_by_category():
     assert counts["interaction"] > 0.5 * len(toy_world.TRAIN_PROMPTS)
 
 
+def test_the_defaults_are_the_shipped_base_recipe():
+    """`python pretrain_toy.py` (what the load error and conftest tell a user to run) trains the shipped
+    architecture on the shipped schedule: the shipped run's recorded flags, except where it was written and how."""
+    shipped = json.load(open(os.path.join(common.TOY_PATH, "pretrain_log.json")))["args"]
+    defaults = vars(pretrain_toy.p.parse_args([]))
+    where_and_how = {"out", "threads", "resume", "ckpt", "device", "stop_at", "save_every"}
+    differs = {k: (defaults[k], v) for k, v in shipped.items() if k not in where_and_how and defaults[k] != v}
+    assert not differs, f"(default, shipped) {differs}"
+    assert shipped["stop_at"] == 11000  # the one flag the README command adds: --stop-at 11000
+
+
 def test_options_and_init_from(tmp_path):
     first = tmp_path / "a" / "toy"
-    arch = ["--heads", "2", "--head-dim", "32", "--layers", "2", "--ffn-dim", "64", "--patch", "2"]
-    run_main(pretrain_toy, TINY + arch + ["--steps", "2", "--sampling", "balanced", "--timesteps", "uniform", "--out", str(first)])
+    arch = ["--heads", "2", "--head-dim", "32", "--layers", "2", "--ffn-dim", "64", "--patch", "2", "--patch-t", "1"]
+    run_main(pretrain_toy, TINY + arch + ["--steps", "2", "--sampling", "uniform", "--timesteps", "uniform", "--out", str(first)])
     model = common.load_model(str(first))  # the ordinary loading path
     cfg = model.denoiser.config
     assert (cfg.num_attention_heads, cfg.attention_head_dim, cfg.num_layers, cfg.ffn_dim, tuple(cfg.patch_size)) == (2, 32, 2, 64, (1, 2, 2))
     log = json.load(open(first / "pretrain_log.json"))
-    assert log["args"]["timesteps"] == "uniform" and log["args"]["sampling"] == "balanced"
+    assert log["args"]["timesteps"] == "uniform" and log["args"]["sampling"] == "uniform"
     ckpt = tmp_path / "a" / "toy_pretrain_ckpt.pt"
     assert torch.load(ckpt, weights_only=False)["step"] == 2
     # --init-from with no steps to run exports the checkpoint's EMA weights unchanged
