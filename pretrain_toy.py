@@ -60,7 +60,7 @@ BY_CATEGORY = [[p for p in toy_world.TRAIN_PROMPTS if toy_world.CATEGORY[toy_wor
                for c in sorted(set(toy_world.CATEGORY.values()))]
 
 
-def build_components(seed, heads=4, head_dim=32, layers=6, ffn_dim=512, patch=4, patch_t=2, shift=2.0):
+def build_components(seed, heads, head_dim, layers, ffn_dim, patch, patch_t, shift):
     """Fresh tokenizer, text encoder, denoiser and scheduler of the toy model (random weights)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
