@@ -549,11 +549,14 @@ def set_timesteps(model, steps, shape):
 
 def sample(model, prompts, seeds, num_frames, height, width, steps, guidance, negative_prompt="",
            grad_from=None, grad_checkpointing=False, decode_frames=None, autocast=None, progress=False, guidance_2=None,
-           decoder_prefix_grad=True):
+           decoder_prefix_grad=True, branch_at=None, branch_seeds=None):
     """Sample one video per (prompt, seed) in ONE batch, classifier-free guidance batched as [uncond; cond].
     Steps with index >= grad_from build a graph (VADER's truncated backprop); all others run under
     no_grad. Returns (final latents, videos [B, F, C, H, W] in [0, 1]). Given the same components and
-    seeds it reproduces the stock diffusers pipeline (tests/test_sampler.py)."""
+    seeds it reproduces the stock diffusers pipeline (tests/test_common.py, test_families.py).
+    `branch_at` = b (flow families): after step b the noise the trajectory carries is replaced by fresh
+    noise drawn from `branch_seeds` (SDEdit from the step's x0 estimate). Videos given the same seed then
+    share their trajectory up to step b (the layout) and differ only in what later steps decide."""
     from tqdm import tqdm
     B, dev = len(prompts), model.device
     shape = latent_shape(model, num_frames, height, width)
@@ -611,14 +614,20 @@ def sample(model, prompts, seeds, num_frames, height, width, steps, guidance, ne
                 latents = step.reshape(Bc, F, C, H, W).permute(0, 2, 1, 3, 4)
             else:
                 kw = {"generator": gens} if "generator" in sch.step.__code__.co_varnames else {}
-                latents = sch.step(pred, t, latents, return_dict=False, **kw)[0]
+                x_prev, latents = latents, sch.step(pred, t, latents, return_dict=False, **kw)[0]
+                if i == branch_at:  # x_t = (1 - s) x0 + s eps: the Euler step kept eps_hat = x_t + (1 - s) v;
+                    s, s_next = sch.sigmas[i].item(), sch.sigmas[i + 1].item()  # swap it for the branch's own eps
+                    eps_hat = x_prev.float() + (1 - s) * pred
+                    eps = torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(b)))
+                                     for b in branch_seeds]).to(latents)
+                    latents = latents + s_next * (eps - eps_hat).to(latents)
     with torch.set_grad_enabled(grad_from < len(timesteps) and torch.is_grad_enabled()):
         videos = decode(model, latents, decode_frames, decoder_prefix_grad)
     return latents, videos
 
 
 @torch.no_grad()
-def sample_and_score(model, prompts, seeds, batch_size, score, video_kw, autocast=None):
+def sample_and_score(model, prompts, seeds, batch_size, score, video_kw, autocast=None, branch_seeds=None):
     """`sample` in micro-batches of `batch_size` videos per sampler/decoder call (--sample-batch-size), each
     micro-batch scored by `score(videos, prompts) -> {name: [n] tensor}` as soon as it is decoded, so only
     latents and scores are kept. Per-sample seeds make the result that of one big call. Returns
@@ -627,7 +636,8 @@ def sample_and_score(model, prompts, seeds, batch_size, score, video_kw, autocas
     for c in range(0, len(prompts), batch_size):
         batch = prompts[c: c + batch_size]
         with (autocast or contextlib.nullcontext()):
-            lat, videos = sample(model, batch, seeds[c: c + batch_size], **video_kw)
+            branch = {"branch_seeds": branch_seeds[c: c + batch_size]} if branch_seeds else {}
+            lat, videos = sample(model, batch, seeds[c: c + batch_size], **video_kw, **branch)
         for k, v in score(videos, batch).items():
             scores.setdefault(k, []).append(v.float())
         latents.append(lat)
@@ -637,11 +647,13 @@ def sample_and_score(model, prompts, seeds, batch_size, score, video_kw, autocas
 # ----------------------------------------------------------------------------------------------
 # Training-side helpers: timesteps, noising, targets
 # ----------------------------------------------------------------------------------------------
-def sample_train_timesteps(model, n, generator):
+def sample_train_timesteps(model, n, generator, distribution="uniform"):
     """[n] training timesteps in the scheduler's units (flow: sigma*1000 with the sampler's shift;
-    DDPM families: integer t uniform over the training range)."""
+    DDPM families: integer t over the training range). u ~ U(0, 1), or with "logit-normal"
+    u = sigmoid(z), z ~ N(0, 1) (SD3's and the toy model's pre-training density: fewer draws at the ends)."""
     cfg = model.scheduler.config
-    u = torch.rand(n, generator=generator)
+    u = torch.rand(n, generator=generator) if distribution == "uniform" else \
+        torch.sigmoid(torch.randn(n, generator=generator))
     if model.prediction == "flow":
         shift = cfg.get("flow_shift") or cfg.get("shift") or 1.0
         sigma = shift * u / (1 + (shift - 1) * u)
@@ -671,6 +683,34 @@ def predicted_x0(model, x_t, pred, timestep):
     if model.prediction == "v":
         return a.sqrt() * x_t - (1 - a).sqrt() * pred
     return (x_t - (1 - a).sqrt() * pred) / a.sqrt()
+
+
+@torch.no_grad()
+def implicit_accuracy(model, x0_w, x0_l, prompts, init, seed, draws=4, autocast=None, distribution="uniform"):
+    """DPO's implicit accuracy against the INITIAL model: the fraction of pairs on which the policy has moved
+    toward the winner relative to the loser, -[(e_w - e_w_init) - (e_l - e_l_init)] > 0, each pair's errors
+    averaged over `draws` (t, eps) draws shared by its two members. On pairs never trained on it measures a
+    preference that generalises, where the training rows' accuracy (against the curriculum reference) can
+    also reflect memorised pairs. `init`: a Reference holding the initial weights."""
+    n, dev = x0_w.shape[0], model.device
+    if n == 0:
+        return []
+    x0 = torch.cat([x0_w, x0_l]).to(dev)
+    emb, mask = encode_prompts(model, list(prompts) * 2)
+    inside = torch.zeros(n, device=dev)
+    for k in range(draws):
+        gens = [torch.Generator().manual_seed(seed_for(seed, "implicit-accuracy", i, k)) for i in range(n)]
+        t = torch.cat([sample_train_timesteps(model, 1, g, distribution) for g in gens])
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
+        t, eps = torch.cat([t, t]).to(dev), torch.cat([eps, eps]).to(dev)  # shared by w and l
+        x_t, target = noisy_and_target(model, x0, eps, t)
+        with (autocast or contextlib.nullcontext()):
+            init_pred = init.forward(denoise, model, x_t, t, emb, mask)
+            pred = denoise(model, x_t, t, emb, mask)
+        e_w, e_l = per_sample_mse(pred, target).chunk(2)
+        i_w, i_l = per_sample_mse(init_pred, target).chunk(2)
+        inside -= (e_w - i_w) - (e_l - i_l)
+    return (inside > 0).float().tolist()
 
 
 def per_sample_mse(pred, target):
@@ -933,10 +973,13 @@ def all_gather_tensor(x, d):
 
 
 @torch.no_grad()
-def evaluate(model, reward_fn, prompts, seed, video_kw, d, autocast=None, grid_path=None, extra=None, batch_size=8):
-    """Mean of every reward dimension over `prompts`, one fixed seed each, sharded over ranks, sampled in
-    micro-batches of `batch_size`. `extra(videos, prompts)` may add per-video figures; the first 8 videos
-    are written to `grid_path`."""
+def evaluate(model, reward_fn, prompts, seed, video_kw, d, autocast=None, grid_path=None, extra=None, batch_size=8,
+             seeds_per_prompt=1):
+    """Mean of every reward dimension over `prompts`, `seeds_per_prompt` fixed seeds each (more seeds: a lower
+    noise floor), sharded over ranks, sampled in micro-batches of `batch_size`. `extra(videos, prompts)` may
+    add per-video figures; the first 8 videos are written to `grid_path`."""
+    seeds = [seed_for(seed, "eval", i, *([k] if k else [])) for k in range(seeds_per_prompt) for i in range(len(prompts))]
+    prompts = list(prompts) * seeds_per_prompt  # (seed 0 of each prompt first: the grid shows one video per prompt)
     mine = list(range(d.rank, len(prompts), d.world))
     n = len(mine)  # padded with repeats to the same count on every rank (under FSDP each forward is a collective)
     mine += [mine[-1] if mine else 0] * (-(-len(prompts) // d.world) - n)
@@ -946,7 +989,7 @@ def evaluate(model, reward_fn, prompts, seed, video_kw, d, autocast=None, grid_p
         grid.extend(zip(videos[: 8 - len(grid)].cpu(), batch))
         return dict(reward_fn(videos, batch)) | (extra(videos, batch) if extra else {})
 
-    _, scores = sample_and_score(model, [prompts[i] for i in mine], [seed_for(seed, "eval", i) for i in mine],
+    _, scores = sample_and_score(model, [prompts[i] for i in mine], [seeds[i] for i in mine],
                                  batch_size, score, video_kw, autocast)
     if grid_path and d.main:
         save_video_grid(grid_path, torch.stack([v for v, _ in grid]), [p for _, p in grid])

@@ -36,6 +36,11 @@ p.add_argument("--steps", type=int, default=60, help="optimisation steps")
 p.add_argument("--batch-size", type=int, default=8, help="prompts per step, summed over all ranks (paper: 8)")
 p.add_argument("--num-candidates", type=int, default=4, help="videos sampled per prompt, N (paper: 4-6)")
 p.add_argument("--min-margin", type=float, default=0.02, help="skip pairs whose reward margin (best - worst) is below this")
+p.add_argument("--pairing", default="best-worst", choices=["best-worst", "all"], help="best vs worst of the N candidates (one pair per prompt), or every pair of them above the margin")
+p.add_argument("--branch-at", type=int, default=None, help="aligned candidates: one initial noise per prompt, own noise after this sampler step (SDEdit branch; flow models); default: independent samples (paper)")
+p.add_argument("--dpo-draws", type=int, default=1, help="K (t, eps) draws per pair per update, the loss averaged over them (paper: 1)")
+p.add_argument("--dpo-epochs", type=int, default=1, help="updates on each sampled batch of pairs, each with fresh draws (paper: 1)")
+p.add_argument("--timestep-sampling", default="uniform", choices=["uniform", "logit-normal"], help="training timestep density (before the flow shift)")
 p.add_argument("--beta", type=float, default=None, help="DPO beta on mean-reduced errors; default 100 for flow models (Flow-GRPO), 5000 for eps/v (Diffusion-DPO)")
 p.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 1e-4 on the toy model (3e-4 lowers the held-out reward, README); otherwise 1e-4 with LoRA (adapters need ~10x a full fine-tune's rate), 1e-5 for a full fine-tune (paper)")
 p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -59,7 +64,9 @@ p.add_argument("--offload-frozen", action="store_true", help="during the DPO upd
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, candidates, DPO noise")
 p.add_argument("--out", default=None, help="run folder (default runs/online_vpo-<time>; with --resume, the resumed run's)")
 p.add_argument("--eval-every", type=int, default=30, help="held-out evaluation interval (also at step 0 and the end)")
-p.add_argument("--num-eval-prompts", type=int, default=52, help="how many held-out prompts to evaluate (one seed each)")
+p.add_argument("--num-eval-prompts", type=int, default=52, help="how many held-out prompts to evaluate")
+p.add_argument("--eval-seeds", type=int, default=1, help="seeds per held-out prompt (more: a lower noise floor)")
+p.add_argument("--heldout-pairs", type=int, default=16, help="fresh pairs on held-out prompts (sampled by the initial model) on which each evaluation logs the implicit accuracy against the initial model (0: off)")
 p.add_argument("--save-every", type=int, default=30, help="checkpoint interval (and at the end)")
 p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue from")
 p.add_argument("--track", action="store_true", help="mirror metrics to Weights & Biases")
@@ -117,24 +124,46 @@ def main(args):
     scaler = common.grad_scaler(args.mixed_precision, d.device)
     video_kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, steps=args.sample_steps,
                     guidance=args.guidance, guidance_2=args.guidance_2)
-    per_rank = args.batch_size // d.world
+    eval_kw = dict(video_kw)
+    video_kw["branch_at"] = args.branch_at
 
-    def make_pairs(step):
-        """Sample N candidates per prompt with the CURRENT weights, score, pair best vs worst (steps 1-4)."""
-        rng = random.Random(common.seed_for(args.seed, "prompts", step))
-        batch = [rng.choice(train_prompts) for _ in range(args.batch_size)]  # same on every rank
-        gidx = list(range(d.rank * per_rank, (d.rank + 1) * per_rank))  # this rank's shard of the batch
-        prompts = [batch[i] for i in gidx for _ in range(args.num_candidates)]
-        seeds = [common.seed_for(args.seed, step, i, j) for i in gidx for j in range(args.num_candidates)]
+    N = args.num_candidates
+    cand_pairs = [(a, b) for a in range(N) for b in range(a + 1, N)]  # --pairing all: every pair of candidates
+
+    def make_pairs(step, batch=None, key=()):
+        """Sample N candidates per prompt with the CURRENT weights, score, pair them (steps 1-4)."""
+        if batch is None:
+            rng = random.Random(common.seed_for(args.seed, "prompts", step))
+            batch = [rng.choice(train_prompts) for _ in range(args.batch_size)]  # same on every rank
+        n_rank = len(batch) // d.world
+        gidx = list(range(d.rank * n_rank, (d.rank + 1) * n_rank))  # this rank's shard of the batch
+        prompts = [batch[i] for i in gidx for _ in range(N)]
+        seeds = [common.seed_for(args.seed, *key, step, i, j) for i in gidx for j in range(N)]
+        branch = None
+        if args.branch_at is not None:  # aligned: the prompt's N candidates share their first noise, then branch
+            seeds, branch = [common.seed_for(args.seed, *key, step, i) for i in gidx for j in range(N)], seeds
         latents, scores = common.sample_and_score(model, prompts, seeds, args.sample_batch_size,
-                                                  lambda v, ps: {"r": reward_fn(v, ps)["reward"]}, video_kw, autocast)
-        r = scores["r"].view(per_rank, args.num_candidates)
-        best, worst = r.argmax(1), r.argmin(1)
-        lat = latents.view(per_rank, args.num_candidates, *latents.shape[1:])
-        ar = torch.arange(per_rank)
-        return {"prompts": [batch[i] for i in gidx], "gidx": gidx, "x0_w": lat[ar, best], "x0_l": lat[ar, worst],
-                "margin": r[ar, best] - r[ar, worst], "reward": r}
+                                                  lambda v, ps: {"r": reward_fn(v, ps)["reward"]}, video_kw, autocast,
+                                                  branch_seeds=branch)
+        r = scores["r"].view(n_rank, N)
+        lat = latents.view(n_rank, N, *latents.shape[1:])
+        if args.pairing == "best-worst":
+            w, l, ids = r.argmax(1), r.argmin(1), [(g,) for g in gidx]
+            rows = torch.arange(n_rank, device=r.device)
+        else:  # every candidate pair (a, b), the higher-reward one the winner
+            rows = torch.arange(n_rank, device=r.device).repeat_interleave(len(cand_pairs))
+            a, b = (torch.tensor([c[k] for c in cand_pairs], device=r.device).repeat(n_rank) for k in (0, 1))
+            a_wins = r[rows, a] >= r[rows, b]
+            w, l = torch.where(a_wins, a, b), torch.where(a_wins, b, a)
+            ids = [(gidx[i], *c) for i in range(n_rank) for c in cand_pairs]
+        return {"prompts": [batch[gidx[i]] for i in rows.tolist()], "ids": ids, "x0_w": lat[rows, w],
+                "x0_l": lat[rows, l], "margin": r[rows, w] - r[rows, l], "reward": r}
 
+    init = common.Reference(params, model.experts)  # the initial weights: held-out pairs' implicit accuracy
+    heldout = None
+    if args.heldout_pairs:  # fresh held-out pairs, sampled by the initial model (so before a resume loads)
+        n_h = -(-args.heldout_pairs // d.world) * d.world  # (a multiple of the ranks: each samples its share)
+        heldout = make_pairs(0, [eval_prompts[i % len(eval_prompts)] for i in range(n_h)], key=("heldout-pairs",))
     offline_pairs = None
     if args.offline:  # the ablation: all data from the INITIAL model (so before a resume loads), kept on the CPU
         offline_pairs = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in make_pairs(s).items()}
@@ -154,8 +183,14 @@ def main(args):
     def evaluate(step):
         """Every reward dimension on held-out prompts, one fixed seed each (sharded over ranks)."""
         extra = (lambda v, ps: {"color_accuracy": rewards.ToyReward().color_accuracy(v, ps)}) if family == "toy" else None
-        means = common.evaluate(model, reward_fn, eval_prompts, args.seed, video_kw, d, autocast,
-                                os.path.join(out, "samples", f"step-{step:06d}.mp4"), extra, args.sample_batch_size)
+        means = common.evaluate(model, reward_fn, eval_prompts, args.seed, eval_kw, d, autocast,
+                                os.path.join(out, "samples", f"step-{step:06d}.mp4"), extra, args.sample_batch_size,
+                                args.eval_seeds)
+        if heldout is not None:  # does the preference generalise to pairs it never saw?
+            hits = common.implicit_accuracy(model, heldout["x0_w"], heldout["x0_l"], heldout["prompts"], init,
+                                            common.seed_for(args.seed, "heldout-pairs"), 4, autocast,
+                                            args.timestep_sampling)
+            means |= {"heldout_implicit_acc": common.all_mean({"a": sum(hits)}, d)["a"] / max(len(hits), 1)}
         row = {"step": step, "eval": True} | {f"eval/{k}": v for k, v in means.items()}
         log.log(row)
         return row
@@ -173,33 +208,42 @@ def main(args):
         n_local = int(keep.sum())
         n_global = int(common.all_mean({"n": n_local}, d)["n"] * d.world + 0.5)
 
-        # 5. Diffusion-DPO: ONE t and ONE eps per pair, shared by its two members
-        loss_value, acc, inside_mean = 0.0, 0.0, 0.0
-        if n_global > 0:
+        # 5. Diffusion-DPO: each of K draws is ONE (t, eps) per pair, shared by its two members; E updates
+        loss_value, acc, inside_mean, grad_norm = 0.0, 0.0, 0.0, 0.0
+        for epoch in range(args.dpo_epochs if n_global > 0 else 0):
             if n_local > 0 or args.fsdp:  # (a rank whose pairs were all filtered still joins the gradient average;
                 # under FSDP it must also run the forward, a collective: all its pairs, weighted 0 when filtered)
-                ki = list(range(per_rank)) if args.fsdp else keep.nonzero().flatten().tolist()
+                ki = list(range(len(keep))) if args.fsdp else keep.nonzero().flatten().tolist()
                 counts = keep[ki].float().to(d.device)  # 1: the pair counts; 0: run only to keep FSDP in step
                 on = counts > 0
                 x0 = torch.cat([pairs["x0_w"][ki], pairs["x0_l"][ki]]).to(d.device)
-                gens = [torch.Generator().manual_seed(common.seed_for(args.seed, "dpo", step, pairs["gidx"][i])) for i in ki]
-                t = torch.cat([common.sample_train_timesteps(model, 1, g) for g in gens]).to(d.device)
-                eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(d.device)
-                t, eps = torch.cat([t, t]), torch.cat([eps, eps])  # ONE (t, eps) per pair, shared by w and l
-                x_t, target = common.noisy_and_target(model, x0, eps, t)
                 emb, mask = common.encode_prompts(model, [pairs["prompts"][i] for i in ki] * 2)
                 frozen.away()  # (until the next sampling; no-op without --offload-frozen)
-                with autocast:  # reference first (it swaps weights), then the policy
-                    ref_pred = ref.forward(common.denoise, model, x_t, t, emb, mask)
-                    pred = common.denoise(model, x_t, t, emb, mask)
-                err, ref_err = common.per_sample_mse(pred, target), common.per_sample_mse(ref_pred, target)
-                e_w, e_l = err.chunk(2)  # e(theta) = mse(f_theta(x_t, t, c), target(x0, eps, t))
-                r_w, r_l = ref_err.chunk(2)
-                losses, inside = dpo_loss(e_w, e_l, r_w, r_l, args.beta)  # -log sigmoid(-beta/2 [dw - dl])
-                # sum / global count * world: after averaging over ranks this is the mean over ALL pairs
-                scaler.scale((losses * counts).sum() / n_global * d.world).backward()
+                inside_sum, draw_losses = 0.0, 0.0
+                for k in range(args.dpo_draws):  # (one backward per draw: memory does not grow with K)
+                    draw = (epoch, k) if epoch or k else ()
+                    gens = [torch.Generator().manual_seed(common.seed_for(args.seed, "dpo", step, *pairs["ids"][i], *draw))
+                            for i in ki]
+                    t = torch.cat([common.sample_train_timesteps(model, 1, g, args.timestep_sampling) for g in gens])
+                    eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(d.device)
+                    t, eps = torch.cat([t, t]).to(d.device), torch.cat([eps, eps])  # shared by w and l
+                    x_t, target = common.noisy_and_target(model, x0, eps, t)
+                    with autocast:  # reference first (it swaps weights), then the policy
+                        ref_pred = ref.forward(common.denoise, model, x_t, t, emb, mask)
+                        pred = common.denoise(model, x_t, t, emb, mask)
+                    err, ref_err = common.per_sample_mse(pred, target), common.per_sample_mse(ref_pred, target)
+                    e_w, e_l = err.chunk(2)  # e(theta) = mse(f_theta(x_t, t, c), target(x0, eps, t))
+                    r_w, r_l = ref_err.chunk(2)
+                    losses, inside = dpo_loss(e_w, e_l, r_w, r_l, args.beta)  # -log sigmoid(-beta/2 [dw - dl])
+                    # L = mean over pairs and draws: sum / global count * world / K (the mean over ALL pairs after
+                    # the average over ranks)
+                    scaler.scale((losses * counts).sum() / n_global * d.world / args.dpo_draws).backward()
+                    inside_sum, draw_losses = inside_sum + inside.detach(), draw_losses + losses.detach()
                 if n_local:
-                    loss_value, acc, inside_mean = losses[on].mean().item(), (inside[on] > 0).float().mean().item(), inside[on].mean().item()
+                    inside_k, loss_k = inside_sum / args.dpo_draws, draw_losses / args.dpo_draws
+                    loss_value += loss_k[on].mean().item() / args.dpo_epochs
+                    acc += (inside_k[on] > 0).float().mean().item() / args.dpo_epochs
+                    inside_mean += inside_k[on].mean().item() / args.dpo_epochs
             common.average_gradients(params, d)
             scaler.unscale_(optimizer)  # fp16: clip the true gradients (a no-op otherwise)
             grad_norm = common.clip_grad_norm(params, args.max_grad_norm)
@@ -207,8 +251,6 @@ def main(args):
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             frozen.back()
-        else:
-            grad_norm = 0.0
 
         # 6. curriculum: the reference catches up with the policy every I steps
         if args.ref_update_interval and (step + 1) % args.ref_update_interval == 0:
@@ -224,7 +266,7 @@ def main(args):
                "implicit_acc": stats["implicit_acc"] * d.world / pairs_total,
                "inside_mean": stats["inside"] * d.world / pairs_total, "reward_mean": stats["reward_mean"],
                "reward_min": stats["reward_min"], "reward_max": stats["reward_max"], "margin": stats["margin"],
-               "pairs_used": n_global, "pairs_skipped": args.batch_size - n_global, "grad_norm": grad_norm,
+               "pairs_used": n_global, "pairs_skipped": len(keep) * d.world - n_global, "grad_norm": grad_norm,
                "sec_per_step": dt, "sec_sampling": t_sample,
                "samples_per_s": 0.0 if args.offline else args.batch_size * args.num_candidates / max(dt, 1e-9)}
         log.log(row)

@@ -145,9 +145,10 @@ def test_bad_input_fails_early(tmp_path):
 
 def test_torchrun_two_ranks_average_gradients(tmp_path, toy_model):
     args = FAST + ["--steps", "2", "--eval-every", "99", "--ref-update-interval", "0"]
-    # weights at 1e-4 (AdamW moves a near-zero gradient entry whose last bits differ by up to lr: 6e-5 measured on
-    # the step-11000 toy base); gradients at 1e-5 relative, the check a missing average cannot pass
-    _, one = assert_ranks_agree_with_one_process("online_vpo", args, tmp_path, tol=1e-4)
+    # weights at 3e-4 (AdamW's first step is lr * sign(g): a near-zero gradient entry whose last bits differ can
+    # move by up to 2 lr per step; 6e-5 measured on the step-11000 toy base with torch 2.12, 1.3e-4 with 2.13);
+    # gradients at 1e-5 relative: the check a missing average cannot pass
+    _, one = assert_ranks_agree_with_one_process("online_vpo", args, tmp_path, tol=3e-4)
     # negative control: without gradient averaging the ranks drift apart and the test above would fail
     torchrun("online_vpo", args + ["--out", str(tmp_path / "noavg")], extra=["--no-grad-average"])
     n0, n1 = load_rank(str(tmp_path / "noavg"), 0), load_rank(str(tmp_path / "noavg"), 1)
