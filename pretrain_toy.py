@@ -6,9 +6,12 @@ by toy_world.render from the TRAIN prompts only; 10% of captions are dropped for
 guidance. The text encoder (a tiny UMT5 over a word-level tokenizer) is trained jointly here and
 frozen afterwards, like a real T5.
 
-    python pretrain_toy.py --stop-at 11000      # the shipped base: ~4 h on 2 CPU cores (resumable), writes assets/toy
+    python pretrain_toy.py --stop-at 11000      # the shipped base's recipe: ~4 h on 2 CPU cores (resumable), writes runs/toy
+    python pretrain_toy.py --stop-at 11000 --out assets/toy --overwrite   # the same, replacing the shipped base
     python pretrain_toy.py --steps 200 --out /tmp/toy   # a quick smoke run
-Resumes from <out>/../toy_pretrain_ckpt.pt when it exists (`--resume`). The defaults are the shipped base's
+Writes runs/toy by default (not committed); writing over shipped files (anything under assets/: the shipped
+base, the candidates' checkpoints) takes --overwrite. Resumes from <out>/../toy_pretrain_ckpt.pt when it
+exists (`--resume`). The defaults are the shipped base's
 recipe (its flags are recorded in assets/toy/pretrain_log.json); the other options (a smaller or larger
 denoiser, --timesteps uniform, --device cuda, --init-from to fine-tune) are for building another one
 (README, "The toy world": the candidates tried).
@@ -25,8 +28,14 @@ from tqdm import tqdm
 
 import toy_world
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SHIPPED = [os.path.join(ROOT, "assets")]  # committed files: overwritten only with --overwrite
+
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-p.add_argument("--out", default="assets/toy", help="where the diffusers-layout folder is written")
+p.add_argument("--out", default=os.path.join(ROOT, "runs", "toy"),
+               help="where the diffusers-layout folder is written (default runs/toy, not committed)")
+p.add_argument("--overwrite", action="store_true",
+               help="allow writing over shipped files (under assets/: e.g. --out assets/toy, the shipped base)")
 p.add_argument("--steps", type=int, default=12000, help="optimisation steps (the length of the learning-rate schedule)")
 p.add_argument("--stop-at", type=int, default=None, help="stop after this step and ship its EMA weights; the schedule still spans --steps (default: --steps)")
 p.add_argument("--batch-size", type=int, default=32, help="videos per step")
@@ -92,7 +101,35 @@ def encode(tokenizer, text_encoder, prompts, max_len=16):
     return emb * t.attention_mask[..., None]
 
 
+def shipped_files(path):
+    """`path` when it is an existing file, or a folder with files, under a shipped folder (SHIPPED), else None.
+    This script's own working checkpoint (toy_pretrain_ckpt.pt[.opt], git-ignored) is not a shipped file."""
+    real = os.path.realpath(path)
+    if not any(real.startswith(os.path.realpath(d) + os.sep) for d in SHIPPED):
+        return None
+    own = lambda f: os.path.basename(f).startswith("toy_pretrain_ckpt.pt")  # noqa: E731
+    if os.path.isfile(real) and not own(real):
+        return path
+    if os.path.isdir(real) and any(not own(f) for _, _, files in os.walk(real) for f in files):
+        return path
+    return None
+
+
+def refuse_to_overwrite_shipped(args, ckpt_path):
+    """--out, or a checkpoint the run will write, that holds shipped files needs --overwrite."""
+    if args.overwrite:
+        return
+    hits = [f for f in (shipped_files(args.out), shipped_files(ckpt_path), shipped_files(ckpt_path + ".opt")) if f]
+    if hits:
+        raise SystemExit(f"pretrain_toy: {', '.join(hits)} holds shipped files (committed under assets/), which this "
+                         f"run would overwrite: write elsewhere (the default --out is runs/toy, not committed) or pass "
+                         f"--overwrite to replace them (e.g. `python pretrain_toy.py --stop-at 11000 --out assets/toy "
+                         f"--overwrite` rebuilds the shipped base)")
+
+
 def main(args):
+    ckpt_path = args.ckpt or os.path.join(os.path.dirname(os.path.abspath(args.out)), "toy_pretrain_ckpt.pt")
+    refuse_to_overwrite_shipped(args, ckpt_path)
     if args.stop_at is not None and not 0 <= args.stop_at <= args.steps:
         raise ValueError(f"--stop-at {args.stop_at} must lie within the schedule: 0 to --steps ({args.steps})")
     torch.set_num_threads(args.threads)
@@ -108,7 +145,6 @@ def main(args):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s / max(args.steps, 1), 1.0))))
     ema = [p.detach().clone() for p in params]
-    ckpt_path = args.ckpt or os.path.join(os.path.dirname(os.path.abspath(args.out)), "toy_pretrain_ckpt.pt")
     os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
     start, losses = 0, []
     if args.init_from:

@@ -14,7 +14,8 @@ its public hub id when the machine is online):
                               (`<dimension>_expected`: the expected score)
   videoreward[:dimension]     VideoAlign's VideoReward (Qwen2-VL + head at special tokens): VQ, MQ, TA, overall
   vlm[:alias]                 a local Qwen2/2.5/3-VL asked a yes/no question: P(yes)
-  api:<model>@<url>           the same question to an OpenAI-compatible server (vLLM, hosted APIs)
+  api:<model>@<url>           the same question to an OpenAI-compatible server (vLLM, Ollama, hosted APIs);
+                              the model name may hold colons (api:llava:13b@http://localhost:11434/v1)
   pickscore, clipscore, hpsv2, aesthetic [:mean|:random]   frame-wise image rewards (CLIPModel)
   videomae[:class_label]      VADER's action reward: P(target Kinetics class)
   vjepa2                      temporal feature consistency under V-JEPA 2
@@ -1092,12 +1093,16 @@ class VJEPA2Consistency(CropPatchScores):
 
 
 class APIJudge:
-    """A yes/no judge behind any OpenAI-compatible chat-completions server (vLLM, hosted APIs). Each video
-    goes as `num_frames` PNG frames (base64 data URLs) plus the question; P(yes) comes from the first
+    """A yes/no judge behind any OpenAI-compatible chat-completions server (vLLM, Ollama, hosted APIs). Each
+    video goes as `num_frames` PNG frames (base64 data URLs) plus the question; P(yes) comes from the first
     answer token's top logprobs when the server returns them (yes mass / (yes + no) mass), else from the
     answer text (1 or 0). The API key is read from the environment variable `api_key_env` and never
-    logged. Requests time out, and 429/5xx answers and dropped connections are retried with exponential
-    back-off before a clear error. Not differentiable (binary feedback for RWR/DPO)."""
+    logged: a 401/403 reply (which may echo it) is not quoted, and the key is masked in any reply quoted.
+    Each try waits `timeout` seconds; 429/5xx answers, replies that are not a completion (malformed JSON,
+    an HTTP 200 carrying {"error": ...}), timeouts and dropped connections are retried `retries` times with
+    exponential back-off (`backoff`, 2x, ... seconds; each retry is announced on stderr), then end in an
+    error naming the URL and quoting the server's last message. Not differentiable (binary feedback for
+    RWR/DPO)."""
     differentiable = False
     resolution = None
     fps = None
@@ -1107,9 +1112,13 @@ class APIJudge:
                  api_key_env="OPENAI_API_KEY", workers=8):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"api judge: {url!r} is not an http(s) URL; e.g. --judge api:Qwen2.5-VL-7B-Instruct@http://localhost:8000/v1")
+        if not timeout > 0:
+            raise ValueError(f"api judge: the timeout must be positive seconds, got {timeout!r} (--judge-timeout)")
+        if int(retries) != retries or retries < 0:
+            raise ValueError(f"api judge: retries must be a whole number >= 0, got {retries!r} (--judge-retries)")
         self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
         self.model, self.dimension, self.name = model, dimension, f"api:{model}"
-        self.num_frames, self.timeout, self.retries, self.backoff, self.workers = num_frames, timeout, retries, backoff, workers
+        self.num_frames, self.timeout, self.retries, self.backoff, self.workers = num_frames, timeout, int(retries), backoff, workers
         self.api_key_env = api_key_env
         self.question_fn = default_question
 
@@ -1124,8 +1133,29 @@ class APIJudge:
             urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
         return urls
 
+    @staticmethod
+    def server_message(raw, key=None, limit=300):
+        """The message in a server's reply (`{"error": {"message": ...}}`, `{"error": "..."}`, `{"detail": ...}`,
+        else the text itself), on one line, cut to `limit` characters, the API key masked."""
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            err = obj.get("error", obj.get("detail", obj.get("message")))
+            if isinstance(err, dict):
+                err = err.get("message", err)
+            if err is not None:
+                text = err if isinstance(err, str) else json.dumps(err)
+        text = " ".join(text.split())
+        if key:
+            text = text.replace(key, "***")
+        return text if len(text) <= limit else text[:limit] + "..."
+
     def post(self, body):
-        import json
+        import http.client
+        import sys
         import time
         import urllib.error
         import urllib.request
@@ -1133,22 +1163,61 @@ class APIJudge:
         key = os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        data, last = json.dumps(body).encode(), None
+        data, last, kind = json.dumps(body).encode(), None, None
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                delay = self.backoff * 2 ** (attempt - 1)
+                print(f"api judge: {self.url}: {last}; retry {attempt}/{self.retries} in {delay:g} s",
+                      file=sys.stderr, flush=True)
+                time.sleep(delay)
             try:
                 with urllib.request.urlopen(urllib.request.Request(self.url, data, headers), timeout=self.timeout) as r:
-                    return json.loads(r.read())
+                    raw = r.read()
             except urllib.error.HTTPError as e:
+                if e.code in (401, 403):  # never quoted: a server may echo the key it was sent
+                    e.close()
+                    state = "it is not set" if not key else "it is set; is it valid for this server?"
+                    raise RuntimeError(f"judge server {self.url} refused the request: HTTP {e.code} unauthorized: "
+                                       f"check {self.api_key_env} ({state})") from None
+                try:
+                    message = self.server_message(e.read(), key)
+                except (OSError, http.client.HTTPException):
+                    message = ""
+                finally:
+                    e.close()
                 if e.code not in (429, 500, 502, 503, 504):  # the request itself is wrong: retrying will not help
-                    hint = f" (is ${self.api_key_env} set to a valid key?)" if e.code in (401, 403) else ""
-                    raise RuntimeError(f"judge server {self.url} refused the request: HTTP {e.code} "
-                                       f"{e.read()[:300].decode(errors='replace')}{hint}") from None
-                last = f"HTTP {e.code}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last = str(getattr(e, "reason", e))
-        raise ConnectionError(f"judge server {self.url} unreachable after {self.retries + 1} tries ({last}): start it "
+                    hint = " (is the URL the server's /v1 base?)" if e.code == 404 else ""
+                    raise RuntimeError(f"judge server {self.url} refused the request: HTTP {e.code}: "
+                                       f"{message or '(no message)'}{hint}") from None
+                last, kind = f"HTTP {e.code}: {message or '(no message)'}", "server"
+                continue
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                reason = getattr(e, "reason", e)
+                if isinstance(e, TimeoutError) or isinstance(reason, TimeoutError):
+                    last, kind = f"no answer within {self.timeout:g} s", "timeout"
+                else:
+                    last, kind = str(reason) or type(reason).__name__, "unreachable"
+                continue
+            try:
+                resp = json.loads(raw)
+            except ValueError:
+                last, kind = f"malformed JSON reply: {self.server_message(raw, key)!r}", "server"
+                continue
+            if isinstance(resp, dict) and "error" in resp:
+                last, kind = f"error reply: {self.server_message(raw, key)}", "server"
+                continue
+            choices = resp.get("choices") if isinstance(resp, dict) else None
+            if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)):
+                last, kind = f"reply without choices: {self.server_message(raw, key)!r}", "server"
+                continue
+            return resp
+        tries = f"{self.retries + 1} tr{'y' if self.retries == 0 else 'ies'}"
+        if kind == "timeout":
+            raise TimeoutError(f"judge server {self.url} gave no answer within {self.timeout:g} s ({tries}): is it "
+                               f"overloaded or hung? Allow more time (--judge-timeout) or check the server") from None
+        if kind == "server":
+            raise RuntimeError(f"judge server {self.url} failed after {tries} ({last})") from None
+        raise ConnectionError(f"judge server {self.url} unreachable after {tries} ({last}): start it "
                               f"(e.g. `vllm serve Qwen/Qwen2.5-VL-7B-Instruct`) or fix the URL in the spec") from None
 
     def ask(self, video, prompt):
@@ -1160,8 +1229,8 @@ class APIJudge:
         top = (((choice.get("logprobs") or {}).get("content") or [{}])[0]).get("top_logprobs") or []
         mass = {"yes": 0.0, "no": 0.0}
         for t in top:
-            word = t["token"].strip().lower()
-            if word in mass:
+            word = str(t.get("token") or "").strip().lower() if isinstance(t, dict) else ""
+            if word in mass and isinstance(t.get("logprob"), (int, float)):
                 mass[word] += math.exp(t["logprob"])
         if mass["yes"] + mass["no"] > 0:
             return mass["yes"] / (mass["yes"] + mass["no"])
@@ -1199,8 +1268,9 @@ REWARDS = {  # name -> constructor(dimension or None, weights path or None, devi
                                                                 dim or "overall", device, dtype),
     "videomae": lambda label, path, device, dtype: VideoMAEAction(resolve_weights(path or "videomae"), label, device, dtype),
     "vjepa2": lambda dim, path, device, dtype: VJEPA2Consistency(resolve_weights(path or "vjepa2"), dim, device, dtype),
-    # api:<served model name>@<base URL>: a yes/no judge behind an OpenAI-compatible server (no weights here)
-    "api": lambda model, url, device, dtype: APIJudge(url or "http://localhost:8000/v1", model or "default"),
+    # api:<served model name>@<base URL>: a yes/no judge behind an OpenAI-compatible server (no weights here);
+    # the served name may hold colons (Ollama's llava:13b); keywords: APIJudge's timeout and retries
+    "api": lambda model, url, device, dtype, **kw: APIJudge(url or "http://localhost:8000/v1", model or "default", **kw),
 }
 DIMENSIONS = {"judge": ToyJudge.dimensions, "videoscore": VIDEOSCORE_DIMENSIONS, "vlm": sorted(VLM_ALIASES),
               **{kind: ["mean", "random"] for kind in CLIP_ALIASES},  # frame-wise rewards: how frames are aggregated
@@ -1242,17 +1312,22 @@ class WeightedSum:
 
 
 def parse_reward_spec(spec):
-    """'toy:quality*0.5+toy:temporal' -> [(0.5, 'toy', 'quality'), (1.0, 'toy', 'temporal')]; validates
-    names and dimensions without loading anything."""
+    """'toy:quality*0.5+toy:temporal' -> [(0.5, 'toy', 'quality', None), (1.0, 'toy', 'temporal', None)]
+    (weight, name, dimension, weights folder or URL); validates names and dimensions without loading anything.
+    `api:<model>@<url>`: everything between the first ':' and the '@' is the served model's name, colons
+    included (Ollama's `api:llava:13b@http://localhost:11434/v1`)."""
     terms = []
     for part in spec.replace(" ", "").split("+"):
-        m = re.fullmatch(r"([A-Za-z0-9_\-]+)(?::([A-Za-z0-9_.\-/]+))?(?:@([^*+]+))?(?:\*([0-9.eE+-]+))?", part)
+        m = re.fullmatch(r"([A-Za-z0-9_\-]+)(?::([A-Za-z0-9_.\-/:]+))?(?:@([^*+]+))?(?:\*([0-9.eE+-]+))?", part)
         if not m:
             raise ValueError(f"cannot parse reward spec {part!r}: use name[:dimension][@weights-folder][*weight] "
                              f"terms joined by '+'")
         name, dim, path, w = m.group(1), m.group(2), m.group(3), float(m.group(4) or 1.0)
         if name not in REWARDS:
             raise ValueError(f"unknown reward {name!r}: valid are {sorted(REWARDS)}")
+        if name != "api" and dim and ":" in dim:
+            raise ValueError(f"cannot parse reward spec {part!r}: one ':dimension' at most (only api:<model> "
+                             f"names may hold colons)")
         if name == "toy" and dim:
             dim = canonical_toy_dimension(dim)
         if name in DIMENSIONS and dim and dim not in DIMENSIONS[name]:
@@ -1261,11 +1336,14 @@ def parse_reward_spec(spec):
     return terms
 
 
-def load_reward(spec, device="cpu", dtype=torch.float32, fps=None):
+def load_reward(spec, device="cpu", dtype=torch.float32, fps=None, judge_timeout=None, judge_retries=None):
     """`name[:dimension][@weights-folder][*weight]` terms joined by '+'; see the module docstring. `fps`: the
     frame rate of the clips it will score (also settable later as `reward.fps`); the rewards that sample
-    frames by time (videoscore2, videoreward, a Qwen3-VL vlm) refuse to guess it."""
-    terms = [(w, REWARDS[name](dim, path, device, dtype)) for w, name, dim, path in parse_reward_spec(spec)]
+    frames by time (videoscore2, videoreward, a Qwen3-VL vlm) refuse to guess it. `judge_timeout` (seconds
+    per try) and `judge_retries` reach every `api:` term (None: APIJudge's defaults); other rewards ignore them."""
+    api = {k: v for k, v in (("timeout", judge_timeout), ("retries", judge_retries)) if v is not None}
+    terms = [(w, REWARDS[name](dim, path, device, dtype, **(api if name == "api" else {})))
+             for w, name, dim, path in parse_reward_spec(spec)]
     reward = terms[0][1] if len(terms) == 1 and terms[0][0] == 1.0 else WeightedSum(terms)
     if fps is not None:
         reward.fps = fps

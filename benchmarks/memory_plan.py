@@ -21,7 +21,12 @@ Validations (printed as ratios): (a) the fake estimate vs the same code on real 
     python benchmarks/memory_plan.py                      # the whole plan (~15 min a model on 2 CPU cores), resumable
     python benchmarks/memory_plan.py --models wan2.1-1.3b --sizes 480x832x81
     python benchmarks/memory_plan.py --smoke              # tiny Wan, seconds (CI)
-Writes benchmarks/results/memory_plan.json (one row per configuration) and prints the README table.
+    python benchmarks/memory_plan.py --report             # the tables of runs/memory_plan.json, else of the shipped plan
+    python benchmarks/memory_plan.py --out benchmarks/results/memory_plan.json --overwrite   # extend the shipped plan
+Writes runs/memory_plan.json (--out, one row per configuration; not committed) and prints the README table.
+The shipped plan, benchmarks/results/memory_plan.json, is rewritten only with an explicit --out and
+--overwrite, and never by --smoke (plumbing rows, not a plan), as benchmarks/claims.py refuses a --smoke run
+into its shipped results.
 """
 import argparse
 import contextlib
@@ -51,7 +56,13 @@ p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory the table
 p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (0 = full fine-tune rows are added for Wan)")
 p.add_argument("--smoke", action="store_true", help="tiny Wan only, fake vs real (CI)")
 p.add_argument("--skip-validation", action="store_true", help="plan only")
-p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "memory_plan.json"), help="JSON output")
+SHIPPED_PLAN = os.path.join(ROOT, "benchmarks", "results", "memory_plan.json")
+SHIPPED = [os.path.join(ROOT, "benchmarks", "results")]  # committed results: rewritten only with --overwrite
+p.add_argument("--out", default=os.path.join(ROOT, "runs", "memory_plan.json"),
+               help="JSON output (default runs/memory_plan.json, not committed; --report falls back to the shipped "
+                    "benchmarks/results/memory_plan.json when it does not exist)")
+p.add_argument("--overwrite", action="store_true",
+               help="allow rewriting the shipped plan (--out benchmarks/results/memory_plan.json); never with --smoke")
 p.add_argument("--fresh", action="store_true", help="recompute rows already in the JSON")
 p.add_argument("--report", action="store_true", help="print the tables from the JSON only, computing nothing")
 
@@ -644,9 +655,27 @@ def detail_table(rows, models=("wan2.1-1.3b", "wan2.1-14b")):
     return "\n".join(lines)
 
 
+def refuse_to_overwrite_shipped(args):
+    """An --out among the shipped results: never for --smoke, and an existing file only with --overwrite."""
+    real = os.path.realpath(args.out)
+    if not any(real.startswith(os.path.realpath(d) + os.sep) for d in SHIPPED):
+        return
+    if args.smoke:
+        raise SystemExit(f"memory_plan: --smoke makes plumbing rows, not a plan: give it an --out outside the shipped "
+                         f"benchmarks/results/ (the default, runs/memory_plan.json), so {args.out} keeps the plan")
+    if os.path.exists(real) and not args.overwrite:
+        raise SystemExit(f"memory_plan: {args.out} is shipped (committed) and this run would rewrite it: write under "
+                         f"runs/ (the default --out, runs/memory_plan.json), or pass --overwrite to extend (or with "
+                         f"--fresh recompute) the shipped plan")
+
+
 def main(args):
     if args.report:
-        with open(args.out) as f:
+        path = args.out
+        if not os.path.exists(path) and path == p.get_default("out"):
+            path = SHIPPED_PLAN  # nothing planned here yet: the shipped plan's tables
+        print(f"(from {os.path.relpath(path)})")
+        with open(path) as f:
             result = json.load(f)
         rows = result["rows"] + derived_rows(result["rows"])
         print(fits_table(rows, args.gpu_gib) + "\n\n" + detail_table(result["rows"]))
@@ -654,6 +683,7 @@ def main(args):
             print(f"{v['check']}: estimate {v['estimate_gib']:.3f} GiB, reference {v['reference_gib']:.3f} GiB, "
                   f"ratio {v['ratio']:.2f}")
         return result
+    refuse_to_overwrite_shipped(args)
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
     import torch.distributed as dist

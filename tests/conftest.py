@@ -32,7 +32,7 @@ def tiny_folders(tmp_path_factory):
 def toy_model():
     import common
     if not os.path.exists(os.path.join(common.MODEL_ALIASES["toy"], "transformer")):
-        pytest.fail("assets/toy is missing: run `python pretrain_toy.py --stop-at 11000` (it ships with the repository)")
+        pytest.fail("assets/toy is missing: run `python pretrain_toy.py --stop-at 11000 --out assets/toy --overwrite` (it ships with the repository)")
     return common.load_model("toy")
 
 

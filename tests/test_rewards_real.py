@@ -344,8 +344,10 @@ def test_api_judge_retries_a_503_then_answers_from_text_without_logprobs():
         srv.close()
     srv = FakeServer(fail_first=10)
     try:
-        with pytest.raises(ConnectionError, match="unreachable after 3 tries \\(HTTP 503\\)"):
+        # the server answered (503s): its message is quoted, and it is not called unreachable (issue #31)
+        with pytest.raises(RuntimeError, match="failed after 3 tries \\(HTTP 503: overloaded\\)") as e:
             rewards.APIJudge(srv.url, "m", retries=2, backoff=0.01)(torch.rand(1, 4, 3, 8, 8), ["x"])
+        assert "unreachable" not in str(e.value) and len(srv.requests) == 3
     finally:
         srv.close()
 

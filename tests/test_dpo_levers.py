@@ -1,0 +1,155 @@
+"""Issue #30's DPO levers: aligned candidates (--branch-at), K (t, eps) draws, every pair, logit-normal
+timesteps, several evaluation seeds, and the implicit accuracy on fresh held-out pairs."""
+import json
+import os
+
+import torch
+
+import common
+import online_vpo
+from helpers import run_main
+
+FAST = ["--batch-size", "2", "--num-candidates", "2", "--sample-steps", "2", "--num-eval-prompts", "2",
+        "--lora-rank", "4", "--min-margin", "0", "--heldout-pairs", "0", "--save-every", "99", "--eval-every", "99"]
+PROMPT = "a red square moving right"
+
+
+def spy_denoiser(monkeypatch):
+    """Record every sampler call's input latents and guided velocity."""
+    calls = []
+    real = common.denoise
+
+    def spy(model, x, t, emb, mask=None):
+        out = real(model, x, t, emb, mask)
+        calls.append((x.detach().clone(), t.detach().clone(), out.detach().clone()))
+        return out
+    monkeypatch.setattr(common, "denoise", spy)
+    return calls
+
+
+def test_aligned_candidates_share_the_trajectory_up_to_the_branch(monkeypatch, toy_model):
+    model, b = toy_model, 2
+    calls = spy_denoiser(monkeypatch)
+    lat, _ = common.sample(model, [PROMPT] * 2, [7, 7], 4, 16, 16, steps=5, guidance=3.0, branch_at=b,
+                           branch_seeds=[101, 202])
+    xs = [x.chunk(2)[1] for x, _, _ in calls]  # [uncond; cond] batched: the cond half is the latents
+    for i in range(b + 1):  # steps 0..b see the same input: one initial noise, a deterministic ODE
+        assert torch.equal(xs[i][0], xs[i][1]), i
+    assert (xs[b + 1][0] - xs[b + 1][1]).abs().max() > 0.1  # after step b each candidate has its own noise
+    assert (lat[0] - lat[1]).abs().max() > 0.01
+    # the branch by hand: x_{b+1} = (1 - s_{b+1}) x0_hat + s_{b+1} eps_j, with x0_hat = x_b - s_b v (Euler flow)
+    sig = model.scheduler.sigmas
+    x_b, (uncond, cond) = xs[b], calls[b][2].float().chunk(2)
+    v = uncond + 3.0 * (cond - uncond)
+    x0_hat = x_b - sig[b] * v
+    for j, seed in enumerate([101, 202]):
+        eps = torch.randn((1, *x_b.shape[1:]), generator=torch.Generator().manual_seed(seed))[0]
+        want = (1 - sig[b + 1]) * x0_hat[j] + sig[b + 1] * eps
+        assert torch.allclose(xs[b + 1][j], want, atol=1e-5)
+
+
+def test_without_branch_the_sampler_is_unchanged(toy_model):
+    a, _ = common.sample(toy_model, [PROMPT] * 2, [7, 8], 4, 16, 16, steps=4, guidance=3.0)
+    b, _ = common.sample(toy_model, [PROMPT] * 2, [7, 8], 4, 16, 16, steps=4, guidance=3.0, branch_at=None,
+                         branch_seeds=[1, 2])
+    assert torch.equal(a, b)  # (the stock pipeline comparisons in test_common/test_families pin the rest)
+
+
+def test_online_vpo_branch_flag_gives_candidates_one_noise_per_prompt(tmp_path, monkeypatch, toy_model):
+    seen = []
+    real = common.sample
+
+    def spy(model, prompts, seeds, *a, **k):
+        seen.append((list(prompts), list(seeds), k.get("branch_seeds"), k.get("branch_at")))
+        return real(model, prompts, seeds, *a, **k)
+    monkeypatch.setattr(common, "sample", spy)
+    run_main(online_vpo, FAST + ["--steps", "1", "--branch-at", "1", "--out", str(tmp_path / "r")])
+    train = [s for s in seen if s[3] == 1]  # (the evaluation never branches)
+    assert train and all(s[3] is None for s in seen if s not in train)
+    prompts, seeds, branch, _ = train[0]
+    assert seeds[0] == seeds[1] and seeds[2] == seeds[3] and seeds[0] != seeds[2]  # N = 2 per prompt share one
+    assert len(set(branch)) == 4  # ... and each branches with its own noise
+
+
+def test_k_draws_average_the_per_draw_losses(tmp_path, monkeypatch, toy_model):
+    seen = []
+    real = online_vpo.dpo_loss
+
+    def spy(e_w, *a):
+        loss, inside = real(e_w, *a)
+        seen.append((e_w.detach().clone(), loss.detach().clone()))
+        return loss, inside
+    monkeypatch.setattr(online_vpo, "dpo_loss", spy)
+    two = FAST + ["--steps", "2", "--ref-update-interval", "0", "--lr", "1e-2"]  # step 2: policy != reference
+    out2 = str(tmp_path / "k2")
+    run_main(online_vpo, two + ["--dpo-draws", "2", "--out", out2])
+    assert len(seen) == 4 and not torch.equal(seen[0][0], seen[1][0])  # two different (t, eps) draws per step
+    rows = [json.loads(line) for line in open(os.path.join(out2, "metrics.jsonl")) if '"loss"' in line]
+    want = ((seen[2][1] + seen[3][1]) / 2).mean().item()  # L = mean over the pairs and the K draws
+    assert abs(rows[1]["loss"] - want) < 1e-6 and abs(want - 0.693147) > 1e-4
+    k2 = list(seen)
+    seen.clear()
+    run_main(online_vpo, FAST + ["--steps", "1", "--out", str(tmp_path / "k1")])
+    assert len(seen) == 1 and torch.equal(seen[0][0], k2[0][0])  # draw 0 of K is the paper's one-draw estimator
+
+
+def test_epochs_update_twice_per_sampled_batch(tmp_path, monkeypatch, toy_model):
+    steps = []
+    monkeypatch.setattr(common, "clip_grad_norm", lambda params, m: steps.append(1) or 0.0)
+    run_main(online_vpo, FAST + ["--steps", "2", "--dpo-epochs", "3", "--out", str(tmp_path / "e")])
+    assert len(steps) == 6
+
+
+def test_pairing_all_uses_every_candidate_pair(tmp_path, toy_model):
+    out = str(tmp_path / "all")
+    run_main(online_vpo, FAST + ["--steps", "1", "--num-candidates", "3", "--pairing", "all", "--out", out])
+    row = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line][0]
+    assert row["pairs_used"] + row["pairs_skipped"] == 2 * 3  # 2 prompts x C(3, 2) pairs
+    assert row["margin"] >= 0  # each pair's winner is its higher-reward member
+
+
+def test_logit_normal_timesteps_avoid_the_ends(toy_model):
+    g = torch.Generator().manual_seed(0)
+    u = common.sample_train_timesteps(toy_model, 20000, g) / 1000
+    ln = common.sample_train_timesteps(toy_model, 20000, g, "logit-normal") / 1000
+    ends = lambda s: ((s < 0.1) | (s > 0.95)).float().mean().item()  # noqa: E731
+    assert ends(ln) < 0.5 * ends(u)
+    # sigma = shift u / (1 + (shift - 1) u) with u = sigmoid(z): its median is shift(0.5) = 2/3 for shift 2
+    assert abs(ln.median().item() - 2 / 3) < 0.01
+
+
+def test_implicit_accuracy_sees_a_policy_fitted_to_the_winner(toy_model):
+    model = common.load_model("toy")  # (its own copy: the session's toy_model stays without an adapter)
+    params = common.setup_trainable(model, 4)
+    init = common.Reference(params, model.experts)
+    g = torch.Generator().manual_seed(1)
+    x0_w, x0_l = torch.randn(2, 3, 4, 16, 16, generator=g), torch.randn(2, 3, 4, 16, 16, generator=g)
+    prompts = [PROMPT, "a blue circle falling"]
+    assert common.implicit_accuracy(model, x0_w, x0_l, prompts, init, 0) == [0.0, 0.0]  # policy == init
+    opt = torch.optim.Adam(params, lr=3e-3)
+    emb, mask = common.encode_prompts(model, prompts)
+    for i in range(30):  # fit the winners (supervised fine-tuning on x0_w only)
+        t = common.sample_train_timesteps(model, 2, g)
+        x_t, target = common.noisy_and_target(model, x0_w, torch.randn(x0_w.shape, generator=g), t)
+        common.per_sample_mse(common.denoise(model, x_t, t, emb, mask), target).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert common.implicit_accuracy(model, x0_w, x0_l, prompts, init, 0, draws=8) == [1.0, 1.0]
+    assert common.implicit_accuracy(model, x0_l, x0_w, prompts, init, 0, draws=8) == [0.0, 0.0]  # swapped
+
+
+def test_evaluation_seeds_add_videos_and_keep_seed_zero(tmp_path, monkeypatch, toy_model):
+    seen = []
+    real = common.sample_and_score
+
+    def spy(model, prompts, seeds, *a, **k):
+        seen.append(list(seeds))
+        return real(model, prompts, seeds, *a, **k)
+    monkeypatch.setattr(common, "sample_and_score", spy)
+    d = common.Dist(0, 1, "cpu")
+    reward = lambda v, p: {"reward": v.mean((1, 2, 3, 4))}  # noqa: E731
+    kw = dict(num_frames=4, height=16, width=16, steps=2, guidance=3.0)
+    one = common.evaluate(toy_model, reward, [PROMPT, "a blue circle falling"], 0, kw, d)
+    three = common.evaluate(toy_model, reward, [PROMPT, "a blue circle falling"], 0, kw, d, seeds_per_prompt=3)
+    assert len(seen[0]) == 2 and len(seen[1]) == 6 and seen[1][:2] == seen[0]  # seed 0 as before, then 2 more
+    assert len(set(seen[1])) == 6 and one["reward"] != three["reward"]
