@@ -192,7 +192,8 @@ class ToyReward:
             # (+1 px) of where the pushed one stood, the pushed one must keep still (cut: 0.4 px/frame)
             touch = 2 * toy_world.HALF_SIZE * cmask.shape[-1] / 32 + 1
             apart = sig((c2[:-1, 0] - c1[1:, 0] - touch) / 0.5)
-            drift = (apart * (c2[1:, 0] - c2[:-1, 0]).abs()).amax()
+            moves = apart * (c2[1:, 0] - c2[:-1, 0]).abs()
+            drift = moves.amax() if moves.numel() else moves.new_zeros(())  # (one frame, as VADER may decode: no drift)
             return pusher * pushed_late * pushed_still_early, order * sig((0.4 - drift) / 0.08)
         vel = (c[1:] - c[:-1])  # [F-1, 2]
         acc = vel[1:] - vel[:-1]

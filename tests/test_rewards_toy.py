@@ -135,3 +135,10 @@ def test_specs_weighted_sums_and_errors(gt):
         rewards.load_reward("toy:colour")
     with pytest.raises(ValueError, match="cannot parse"):
         rewards.load_reward("toy:quality**2")
+
+
+def test_a_single_frame_of_a_pushing_prompt_scores():
+    """VADER's --decode-frames one hands the reward one frame: the push check must not need two."""
+    import rewards
+    out = rewards.load_reward("toy:quality")(torch.rand(1, 1, 3, 32, 32), ["a red square pushing a green square"])
+    assert torch.isfinite(out["reward"]).all()
