@@ -12,6 +12,7 @@ Plain functions and one bundle class, no framework. Supported families (diffuser
 Latents stay in the family's own layout everywhere; `denoise` is the one place that knows the
 family's call convention. Videos handed to rewards are always [B, F, C, H, W] floats in [0, 1].
 """
+import argparse
 import collections
 import contextlib
 import dataclasses
@@ -20,6 +21,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 
 import torch
@@ -157,6 +159,7 @@ def model_defaults(path, family):
 def fill_video_args(args, path, family):
     """Fill unset --num-frames/--height/--width/--guidance from the model's defaults and check them,
     before anything heavy loads."""
+    check_positive(args, "num_frames", "height", "width")  # (0 passes every divisibility rule below)
     defaults = model_defaults(path, family)
     for k in ("num_frames", "height", "width", "guidance", "guidance_2", "fps"):
         if getattr(args, k) is None:
@@ -258,21 +261,42 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, denoiser_dtype=t
 # ----------------------------------------------------------------------------------------------
 # Prompts
 # ----------------------------------------------------------------------------------------------
-def load_prompts(spec):
+def load_prompts(spec, flag="--prompts"):
     """A built-in list name (toy_train, toy_heldout, toy_dynamics_train, toy_dynamics_heldout) or a
-    text file with one prompt per line."""
+    text file with one prompt per line (UTF-8); `flag` names the option in error messages."""
     import toy_world
     if spec in toy_world.PROMPT_LISTS:
         return list(toy_world.PROMPT_LISTS[spec])
     try:
-        with open(spec) as f:
+        with open(spec, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
     except OSError as e:
-        raise FileNotFoundError(f"cannot read prompt file {spec!r} ({e.strerror}): pass a text file with one "
+        raise FileNotFoundError(f"{flag}: cannot read prompt file {spec!r} ({e.strerror}): pass a text file with one "
                                 f"prompt per line, or one of {sorted(toy_world.PROMPT_LISTS)}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag}: prompt file {spec!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                         f"{e.start}): save it as UTF-8") from None
     if not prompts:
-        raise ValueError(f"prompt file {spec!r} is empty")
+        raise ValueError(f"{flag}: prompt file {spec!r} is empty")
     return prompts
+
+
+def check_toy_prompts(spec, family, prompts, eval_prompts):
+    """Refuse, before anything loads, a prompt outside the toy grammar wherever one is read as such: the toy
+    rewards and judge (a `toy` or `judge` term in `spec`) read colour, shape and motion from every caption, and
+    the toy model's evaluation scores colour accuracy on the held-out ones. (It used to fail at the first reward
+    call, after the step-0 evaluation had been paid for.)"""
+    import rewards
+    import toy_world
+    toy_scored = any(name in ("toy", "judge") for _, name, _, _ in rewards.parse_reward_spec(spec))
+    for flag, plist in (("--prompts", prompts if toy_scored else []),
+                        ("--eval-prompts", eval_prompts if toy_scored or family == "toy" else [])):
+        for prompt in plist:
+            try:
+                toy_world.parse_prompt(prompt)
+            except ValueError as e:
+                raise ValueError(f"{flag}: {e}. The toy rewards, the toy judge and the toy model's evaluation read "
+                                 f"the caption, so every prompt must follow that grammar (see toy_world.py)") from None
 
 
 PROMPT_CACHE_SIZE = 128  # prompts whose embeddings stay on the device (one Wan UMT5 embedding: 512 x 4096)
@@ -998,6 +1022,180 @@ def evaluate(model, reward_fn, prompts, seed, video_kw, d, autocast=None, grid_p
 
 
 # ----------------------------------------------------------------------------------------------
+# Command line: --help, the flags a command typed, --resume's configuration, checks before loading
+# ----------------------------------------------------------------------------------------------
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each default said once: argparse's "(default: X)" is left off where the help text already
+    says what the default is ("default: the model's"), and where X is None or False (a value resolved later, a
+    switch that is off), which would only print a second, meaningless default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
+def prompt_lists():
+    """The built-in prompt lists, for --help."""
+    import toy_world
+    return ", ".join(toy_world.PROMPT_LISTS)
+
+
+def parse_args(parser, argv=None):
+    """parser.parse_args, plus `args.given`: the flags the command line typed, so --resume can tell a typed
+    `--batch-size 8` from the default 8. (A second parse into a namespace holding a marker for every flag:
+    argparse fills in a default only where the namespace has no value.)"""
+    args = parser.parse_args(argv)
+    unset = object()
+    typed = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
+    args.given = sorted(k for k, v in vars(typed).items() if v is not unset)
+    return args
+
+
+# --resume: flags that are this command's own (where the run continues and on what), never taken from the run
+RESUME_OWN = {"resume", "out", "device", "fsdp", "track"}
+# --resume: flags that may differ from the run's, as they do not change what it trains or how it is evaluated:
+# --steps/--rounds extend it, the intervals say how often it evaluates and saves, the rest trade memory or time
+RESUME_SAFE = {"steps", "rounds", "eval_every", "save_every", "sample_batch_size", "offload_frozen",
+               "grad_checkpointing", "judge_timeout", "judge_retries"}
+SCRIPT_FLAGS = {"vlm_feedback_rwr": "judge", "gran_dpo": "patch_grid", "vader_grad": "backprop_mode",
+                "online_vpo": "num_candidates"}  # a flag only that script has (checked in this order)
+
+
+def script_of(cfg):
+    """The script that wrote a run's config.json: its "script" (written since issue #31), else the script in
+    the command it records, else told by a flag only that script has."""
+    if cfg.get("script"):
+        return cfg["script"]
+    m = re.search(r"(\w+)\.py", cfg.get("command") or "")
+    return m.group(1) if m else next((s for s, k in SCRIPT_FLAGS.items() if k in cfg), None)
+
+
+def resume_config(args, parser, script):
+    """--resume continues the run that was started. Every flag the command did not give takes the run's saved
+    value (config.json); a given flag may differ from it only where that leaves the run the same (RESUME_SAFE;
+    RESUME_OWN are this command's own: --out forks the run); any other given flag that differs is refused by
+    name, as is another script's run, a damaged checkpoint, or a sharded one without --fsdp (and the reverse).
+    Call it first in main(): it reads only small files. `args.given` lists the flags the command typed
+    (common.parse_args); where it is missing (main() called from Python with a whole namespace) a flag counts
+    as given where it differs from the parser's default. Returns the checkpoint to load, or None: a new run, or
+    one that failed before its first checkpoint, which then starts afresh from its saved configuration."""
+    given = vars(args).pop("given", None)
+    if not args.resume:
+        return None
+    checkpoint = resume_checkpoint(args.resume)
+    defaults = vars(parser.parse_args([]))
+    length = "rounds" if "rounds" in defaults else "steps"
+    config = os.path.join(run_folder_of(args.resume), "config.json")
+    saved = json.load(open(config)) if os.path.exists(config) else {}
+    if saved and script_of(saved) != script:  # (gran_dpo on an online_vpo run compared different rewards)
+        other = script_of(saved) or "another script"
+        raise ValueError(f"--resume {args.resume}: that run was started by {other}.py, not {script}.py: resume it "
+                         f"with {other}.py")
+    if given is None:
+        given = [k for k in defaults if getattr(args, k, defaults[k]) != defaults[k]]
+    changed = []
+    for k in defaults:
+        if k in RESUME_OWN or k not in saved:  # (a flag newer than the run keeps this command's value)
+            continue
+        if k not in given:
+            setattr(args, k, saved[k])
+        elif k not in RESUME_SAFE and getattr(args, k) != saved[k]:
+            changed.append(f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved[k]})")
+    if changed:
+        raise ValueError(f"--resume {args.resume} continues the run as it was started, and {', '.join(changed)} "
+                         f"would change it: drop {'them' if len(changed) > 1 else 'it'}, or start a new run "
+                         f"(no --resume, a new --out)")
+    reached = int(os.path.basename(checkpoint).split("-")[-1]) if checkpoint else 0
+    if getattr(args, length) < reached:
+        raise ValueError(f"--{length} {getattr(args, length)}: the run's checkpoint {checkpoint} is already at "
+                         f"{length[:-1]} {reached}: pass --{length} {reached} or more (or none: the run's own)")
+    sharded = checkpoint is not None and os.path.isdir(os.path.join(checkpoint, "sharded"))
+    if checkpoint and sharded != bool(getattr(args, "fsdp", False)):
+        raise ValueError(f"--resume {args.resume}: the checkpoint was {'' if sharded else 'not '}written with --fsdp; "
+                         f"resume it the same way ({'add' if sharded else 'drop'} --fsdp)")
+    return checkpoint
+
+
+def check_branch(branch_at, sample_steps, model_path):
+    """--branch-at b needs a later step to branch into, and a flow-matching sampler (its noise is swapped in
+    x_t = (1 - s) x0 + s eps); checked from the scheduler's config, before anything loads."""
+    if branch_at is None:
+        return
+    if not 0 <= branch_at < sample_steps - 1:
+        raise ValueError(f"--branch-at {branch_at}: the candidates branch after a sampler step that has a later one: "
+                         f"pass 0 to {sample_steps - 2} (--sample-steps {sample_steps}), or drop it (independent samples)")
+    folder = os.path.join(model_path, "scheduler")
+    configs = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".json")] if os.path.isdir(folder) else []
+    cfg = json.load(open(configs[0])) if configs else {}
+    if cfg and "FlowMatch" not in cfg.get("_class_name", "") and not cfg.get("use_flow_sigmas"):
+        raise ValueError(f"--branch-at: {cfg.get('_class_name')} is not a flow-matching sampler (CogVideoX, ModelScope): "
+                         f"drop --branch-at for this model")
+
+
+def check_positive(args, *names):
+    """Refuse a count, size or interval below 1 (--batch-size 0, --save-every 0, --rounds -1 ...) before
+    anything loads: each used to fail inside torch, late, or not at all."""
+    for k in names:
+        value = getattr(args, k)
+        if value is not None and value < 1:
+            raise ValueError(f"--{k.replace('_', '-')} {value}: must be a whole number, 1 or more")
+
+
+def check_track(track):
+    """--track needs wandb: refused up front rather than after the model has loaded."""
+    if track:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("--track mirrors the metrics to Weights & Biases, which is not installed here: "
+                             "`pip install wandb` (and `wandb login`), or drop --track") from None
+
+
+def check_writable(out):
+    """Refuse an --out that cannot be created or written before anything loads, creating nothing: the nearest
+    folder that exists on its path must be a folder this process may write in."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"--out {out}: {path} is a file, not a folder: pass a folder path for the run")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write in {path} (permission denied): pass a folder you can write to")
+
+
+_LOCKS = {}  # run folder -> its open .lock file: held until the process exits
+
+
+def lock_run_dir(out):
+    """An advisory lock on <out>/.lock (fcntl.flock), so that a second process never writes into a live run; the
+    kernel releases it when the process ends, however it ends (kill -9 included), so it never goes stale. The
+    file holds the PID of the process that holds it, for the message. Taken again by the same process, it is
+    already held (a test, a notebook: main() called again on the same folder)."""
+    import fcntl
+    key = os.path.realpath(out)
+    if key in _LOCKS:
+        return
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise RuntimeError(f"{out} is in use by another process (PID {pid}, from {os.path.join(out, '.lock')}): "
+                           f"two processes writing one run would corrupt it; wait for it to end, or pass another "
+                           f"--out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKS[key] = f
+
+
+# ----------------------------------------------------------------------------------------------
 # Run folder: config, metrics, videos, checkpoints
 # ----------------------------------------------------------------------------------------------
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --mixed-precision -> frozen dtype
@@ -1011,12 +1209,40 @@ def run_folder_of(path):
     return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
 
 
+def resume_checkpoint(resume):
+    """The checkpoint --resume names (one checkpoint, or a run folder's newest), checked readable; None where a
+    run folder has no checkpoint yet but a config.json: a run that failed before its first checkpoint, which
+    --resume starts afresh from that configuration."""
+    if not os.path.isdir(run_folder_of(resume)):
+        raise FileNotFoundError(f"--resume {resume!r}: no such run folder")
+    try:
+        checkpoint = latest_checkpoint(resume)
+    except FileNotFoundError:
+        named_one = os.path.basename(os.path.normpath(resume)).startswith("step-")
+        if named_one or not os.path.exists(os.path.join(run_folder_of(resume), "config.json")):
+            raise
+        return None
+    state = os.path.join(checkpoint, "state.pt")
+    import zipfile  # torch.save writes a zip, its directory at the end: a file cut short has none
+    try:
+        zipfile.ZipFile(state).close()
+    except (zipfile.BadZipFile, OSError) as e:
+        folder = os.path.dirname(checkpoint)
+        earlier = sorted(os.path.join(folder, d) for d in os.listdir(folder)
+                         if d.startswith("step-") and not d.endswith(".tmp") and d < os.path.basename(checkpoint))
+        raise ValueError(f"--resume: {state} is damaged ({e}; cut short by a crash or a full disk?): resume from an "
+                         f"earlier checkpoint ({', '.join(earlier) or 'there is none'}) or start the run again") from None
+    return checkpoint
+
+
 def prepare_run_dir(out, script, resume, need_checkpoint=True, main=True):
     """The run folder (default runs/<script>-<time>; with --resume, the resumed run's own folder). Refuses
     to write into an existing run unless --resume names it, so nothing already written is lost; checks the
-    checkpoint exists up front. --resume into another --out forks the run: see `fork_run`."""
+    checkpoint exists up front (or, for a run that failed before its first one, its config.json), that the
+    folder can be written, and locks it (the main rank: see lock_run_dir). --resume into another --out forks
+    the run: see `fork_run`."""
     if resume and need_checkpoint:
-        latest_checkpoint(resume)
+        resume_checkpoint(resume)
     if out is None and resume:
         out = run_folder_of(resume)
     out = out or os.path.join("runs", f"{script}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
@@ -1025,6 +1251,9 @@ def prepare_run_dir(out, script, resume, need_checkpoint=True, main=True):
         raise FileNotFoundError(f"--resume {resume!r}: no such run folder")
     if (resume is None or fork) and os.path.exists(os.path.join(out, "metrics.jsonl")):
         raise FileExistsError(f"{out} already holds a run: pass --resume {out} to continue it, or a new --out")
+    check_writable(out)
+    if main:
+        lock_run_dir(out)
     if fork:
         sharding.barrier()  # (every rank has checked before rank 0 writes, and reads only once it has)
         if main:
@@ -1057,14 +1286,9 @@ def fork_run(resume, out):
     for name in os.listdir(src):  # (answers are keyed by round, prompt and seed, as in a same-folder resume)
         if name.startswith("judge_cache."):
             shutil.copy(os.path.join(src, name), os.path.join(out, name))
-    rows, metrics = [], os.path.join(src, "metrics.jsonl")
-    for line in open(metrics) if k and os.path.exists(metrics) else []:
-        row = json.loads(line)
-        if (row["round"] if "round" in row else row["step"]) <= k:  # (RWR's rows count rounds)
-            rows.append(line)
-    with open(os.path.join(out, "metrics.jsonl.tmp"), "w") as f:
-        f.writelines(rows)
-    os.replace(os.path.join(out, "metrics.jsonl.tmp"), os.path.join(out, "metrics.jsonl"))
+    metrics = os.path.join(src, "metrics.jsonl")
+    rows = resumed_rows(read_jsonl(metrics), k) if k and os.path.exists(metrics) else []
+    write_jsonl(os.path.join(out, "metrics.jsonl"), rows)
 
 
 def _link_or_copy(a, b):
@@ -1081,14 +1305,66 @@ def save_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
-class MetricsLogger:
-    """metrics.jsonl, one JSON object per line; optional W&B mirror (`--track`)."""
+def save_config(out, args, script, **resolved):
+    """config.json: every argument, what the run resolved (model folder, family, reward, ...), the script and
+    the command that started the run. A resumed run keeps that command and adds its own to "resumed_with"."""
+    cfg = vars(args) | resolved | {"script": script, "command": command_line(script)}
+    started = os.path.join(run_folder_of(args.resume), "config.json") if args.resume else None
+    if started and os.path.exists(started):
+        with open(started) as f:
+            before = json.load(f)
+        cfg |= {"command": before.get("command"),
+                "resumed_with": before.get("resumed_with", []) + [c for c in [command_line(script)] if c]}
+    save_json(os.path.join(out, "config.json"), cfg)
 
-    def __init__(self, folder, enabled=True, track=False, config=None):
+
+def read_jsonl(path, repair=False):
+    """The rows of a JSON-lines file, less any line that does not parse: the torn last line of a crash in the
+    middle of a write (or that line with the next append glued to it). `repair` rewrites the file without them,
+    so that the next append starts on a line of its own."""
+    with open(path) as f:
+        text = f.read()
+    rows, torn = [], False
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            torn = torn or bool(line.strip())
+    if repair and (torn or (text and not text.endswith("\n"))):
+        write_jsonl(path, rows)
+    return rows
+
+
+def write_jsonl(path, rows):
+    """Rows as JSON lines, written to a temporary file and renamed: never half a file."""
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+
+
+def resumed_rows(rows, k, final_step=None):
+    """The metrics rows a run resumed from its checkpoint at step k (RWR: round k) keeps: those logged up to k,
+    as it logs everything after k again; less an evaluation at k that it repeats: k = 0 (it starts afresh) or
+    k = final_step (a finished run evaluates its last step again)."""
+    def at(r):
+        return r["round"] if "round" in r else r["step"]
+    redo = k == 0 or k == final_step
+    return [r for r in rows if at(r) < k or (at(r) == k and not (redo and r.get("eval")))]
+
+
+class MetricsLogger:
+    """metrics.jsonl, one JSON object per line; optional W&B mirror (`--track`). On --resume (`resume_step`: the
+    checkpoint's step or round, 0 for a run started afresh) the rows logged after the checkpoint are dropped
+    first, as the resumed run logs them again (`final_step`: see resumed_rows)."""
+
+    def __init__(self, folder, enabled=True, track=False, config=None, resume_step=None, final_step=None):
         self.enabled, self.wandb = enabled, None
         if enabled:
             os.makedirs(folder, exist_ok=True)
-            self.file = open(os.path.join(folder, "metrics.jsonl"), "a")
+            path = os.path.join(folder, "metrics.jsonl")
+            if resume_step is not None and os.path.exists(path):
+                write_jsonl(path, resumed_rows(read_jsonl(path), resume_step, final_step))
+            self.file = open(path, "a")
             if track:
                 import wandb  # optional dependency, only with --track
                 self.wandb = wandb.init(project="cleanvideoalign", config=config, dir=folder)
@@ -1233,40 +1509,66 @@ PIPELINE_CLASS = {"toy": "WanPipeline", "wan": "WanPipeline", "cogvideox": "CogV
                   "hunyuan15": "HunyuanVideo15Pipeline"}
 
 
+def hub_id(cfg):
+    """The Hugging Face Hub id a run's base model came from (an alias of one, a hub id, or a download of one in
+    the hub cache), or None for a local folder."""
+    name = MODEL_ALIASES.get(cfg["model"], cfg["model"])
+    if not os.path.isdir(name) and name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return name
+    m = re.search(r"models--([^/]+)--([^/]+)/snapshots/", cfg.get("model_path") or "")
+    return f"{m.group(1)}/{m.group(2)}" if m else None
+
+
 def write_model_card(out, script, algorithm, paper, samples_seen):
-    """<final checkpoint>/lora/README.md: a Hugging Face model card (YAML metadata: base model, library,
-    tags) written from the run's own config.json and metrics.jsonl: algorithm, base model, reward, command,
-    steps and samples seen, seed, the held-out evaluation before and after on every figure, and how to load
-    the LoRA into the stock pipeline."""
+    """<final checkpoint>/lora/README.md: a Hugging Face model card (YAML metadata: base model when it is a
+    hub id, library, tags) written from the run's own config.json and metrics.jsonl: algorithm, base model,
+    reward, command, steps and samples seen, seed, the held-out evaluation before and after on every figure
+    (and on how many prompts), and a snippet that loads the LoRA into the stock pipeline (it runs as written)."""
     cfg = json.load(open(os.path.join(out, "config.json")))
-    evals = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r.get("eval")]
+    evals = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r.get("eval")]
     before, after = evals[0], evals[-1]
     lora = os.path.join(latest_checkpoint(out), "lora")
-    base = MODEL_ALIASES.get(cfg["model"], cfg["model"])
+    hub = hub_id(cfg)
+    base = hub or cfg.get("model_path") or MODEL_ALIASES.get(cfg["model"], cfg["model"])
     pipe = PIPELINE_CLASS[cfg["family"]]
     two_experts = os.path.isdir(lora + "_transformer_2")
     figures = [k for k in after if k.startswith(("eval/", "train/"))]
-    lines = ["---", f"base_model: {base}", "library_name: diffusers", "pipeline_tag: text-to-video",
+    # base_model must be a hub id (the hub rejects a local path): a local model is named in the text instead
+    meta = f"base_model: {hub}" if hub else f"# base_model: left out, the base model is the local folder {base}"
+    heldout = cfg.get("heldout_prompts")
+    seeds = cfg.get("eval_seeds", 1)
+    counted = f": {heldout} held-out prompts x {seeds} seed{'s' if seeds > 1 else ''}" if heldout else ""
+    lines = ["---", meta, "library_name: diffusers", "pipeline_tag: text-to-video",
              f"tags: [lora, text-to-video, {script.replace('_', '-')}, cleanvideoalign]", "---", "",
              f"# {algorithm} LoRA for {os.path.basename(base.rstrip('/'))}", "",
              f"Trained with `{script}.py` of CleanVideoAlign: {algorithm} ({paper}).", "",
-             "| | |", "|---|---|", f"| base model | `{base}` ({pipe}) |",
+             "| | |", "|---|---|",
+             f"| base model | `{base}` ({pipe}{'' if hub else '; a local folder, not on the Hugging Face Hub'}) |",
              f"| reward / judge | `{cfg.get('reward_name') or cfg.get('judge_name')}` |",
-             f"| command | `{cfg.get('command') or '(main() called from Python; every argument is in config.json)'}` |",
-             f"| optimisation steps | {after['step']} |", f"| training videos sampled | {samples_seen} |",
-             f"| seed | {cfg['seed']} |", f"| LoRA rank / alpha | {cfg['lora_rank']} / {cfg['lora_alpha'] or cfg['lora_rank']} |",
-             f"| ranks (GPUs) | {cfg.get('world_size', 1)} |", "",
-             f"Held-out evaluation (`{cfg.get('eval_prompts')}`), before training and after:", "",
-             f"| figure | step {before['step']} | step {after['step']} |", "|---|---|---|"]
+             f"| command | `{cfg.get('command') or '(main() called from Python; every argument is in config.json)'}` |"]
+    lines += [f"| resumed with | `{c}` |" for c in cfg.get("resumed_with", [])]
+    lines += [f"| optimisation steps | {after['step']} |", f"| training videos sampled | {samples_seen} |",
+              f"| seed | {cfg['seed']} |", f"| LoRA rank / alpha | {cfg['lora_rank']} / {cfg['lora_alpha'] or cfg['lora_rank']} |",
+              f"| ranks (GPUs) | {cfg.get('world_size', 1)} |", "",
+              f"Held-out evaluation (`{cfg.get('eval_prompts')}`{counted}), before training and after:", "",
+              f"| figure | step {before['step']} | step {after['step']} |", "|---|---|---|"]
     lines += [f"| {k} | {before.get(k, '')} | {after[k]} |" for k in figures]
-    lines += ["", "```python", f"pipe = diffusers.{pipe}.from_pretrained(\"{base}\", torch_dtype=torch.bfloat16)",
-              "pipe.load_lora_weights(\"path/to/this/folder\")"]
+    lines += ["", "```python", "import diffusers", "import torch", ""]
+    if cfg["family"] == "toy":  # pixel space: no VAE (and one expert), which the stock pipeline is told
+        lines += [f"pipe = diffusers.{pipe}.from_pretrained(\"{base}\", vae=None, transformer_2=None, torch_dtype=torch.float32)"]
+    else:
+        lines += [f"pipe = diffusers.{pipe}.from_pretrained(\"{base}\", torch_dtype=torch.bfloat16)"]
     if cfg["family"] == "hunyuan15":  # HunyuanVideo15Pipeline has no load_lora_weights (diffusers 0.42): its DiT loads it
-        lines[-1] = ("pipe.transformer.load_lora_adapter(\"path/to/this/folder\", "
-                     "weight_name=\"pytorch_lora_weights.safetensors\", prefix=\"transformer\")")
+        lines += ["pipe.transformer.load_lora_adapter(\"path/to/this/folder\", "
+                  "weight_name=\"pytorch_lora_weights.safetensors\", prefix=\"transformer\")"]
+    else:
+        lines += ["pipe.load_lora_weights(\"path/to/this/folder\")"]
     if two_experts:  # Wan 2.2 A14B: the low-noise expert's adapter is its own folder
         lines += ["pipe.load_lora_weights(\"path/to/lora_transformer_2\", load_into_transformer_2=True)"]
     lines += ["```", ""]
+    if cfg["family"] == "toy":
+        lines += ["The toy model samples in pixel space, which the stock pipeline does not: it loads the model and the "
+                  "LoRA as above, and CleanVideoAlign samples them (`common.load_model`, `common.sample`).", ""]
     with open(os.path.join(lora, "README.md"), "w") as f:
         f.write("\n".join(lines))
     return os.path.join(lora, "README.md")

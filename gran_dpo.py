@@ -30,11 +30,11 @@ import rewards
 import sharding
 
 p = argparse.ArgumentParser(description="Gran-DPO (HALO): video- and patch-level Diffusion-DPO",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=common.HelpFormatter)
 p.add_argument("--model", default="toy", help="'toy', an alias (wan2.1-1.3b, cogvideox-2b, ...), a diffusers folder or hub id")
 p.add_argument("--reward", default=None, help="reward spec (must offer patch scores); default toy:quality on the toy model, videoscore:visual_quality otherwise")
-p.add_argument("--prompts", default="toy_train", help="training prompts: a built-in list name or a text file, one per line")
-p.add_argument("--eval-prompts", default="toy_heldout", help="HELD-OUT evaluation prompts (list name or file)")
+p.add_argument("--prompts", default="toy_train", help=f"training prompts: a text file (UTF-8, one per line) or a built-in list: {common.prompt_lists()}")
+p.add_argument("--eval-prompts", default="toy_heldout", help="HELD-OUT evaluation prompts: a text file or a built-in list (as --prompts)")
 p.add_argument("--steps", type=int, default=60, help="optimisation steps")
 p.add_argument("--batch-size", type=int, default=8, help="prompts per step, summed over all ranks (paper: 8)")
 p.add_argument("--num-candidates", type=int, default=4, help="videos sampled per prompt, N (paper: 4-6)")
@@ -68,9 +68,14 @@ p.add_argument("--out", default=None, help="run folder (default runs/gran_dpo-<t
 p.add_argument("--eval-every", type=int, default=30, help="held-out evaluation interval (also at step 0 and the end)")
 p.add_argument("--num-eval-prompts", type=int, default=52, help="how many held-out prompts to evaluate (one seed each)")
 p.add_argument("--save-every", type=int, default=30, help="checkpoint interval (and at the end)")
-p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue from")
-p.add_argument("--track", action="store_true", help="mirror metrics to Weights & Biases")
+p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue: restores the weights, optimizer, RNG and reference, and the run's saved configuration (only --steps, --eval-every, --save-every, --sample-batch-size, --out (a fork), --device may differ; README)")
+p.add_argument("--track", action="store_true", help="mirror metrics to Weights & Biases (needs `pip install wandb`)")
+p.add_argument("--judge-timeout", type=float, default=60.0, help="api:<model>@<url> rewards: seconds to wait for each answer before retrying it")
+p.add_argument("--judge-retries", type=int, default=4, help="api: rewards: retries of a timed-out, 429/5xx, malformed or error answer (back-off 1, 2, 4 ... s); 401/403 are not retried")
 p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+
+
+NO_PATCH_SCORES = {"judge", "api"}  # rewards.py's yes/no judges: one answer per video, nothing per patch
 
 
 def dpo_loss(e_w, e_l, ref_e_w, ref_e_l, beta):
@@ -118,12 +123,22 @@ def resolve_defaults(args, family):
 
 def main(args):
     # ---- validate everything cheap before anything heavy loads ------------------------------
+    checkpoint = common.resume_config(args, p, "gran_dpo")  # --resume: the run's own configuration, checked first
+    common.check_positive(args, "steps", "batch_size", "sample_batch_size", "num_eval_prompts", "eval_every",
+                          "save_every", "sample_steps")
+    if args.num_candidates < 2:  # (every pair would be skipped: a run that trains nothing)
+        raise ValueError(f"--num-candidates {args.num_candidates}: a pair needs two candidates of a prompt: pass 2 or more (paper: 4-6)")
+    common.check_track(args.track)
     model_path, family = common.resolve_model(args.model)
     resolve_defaults(args, family)
     common.fill_video_args(args, model_path, family)
-    rewards.parse_reward_spec(args.reward)
-    train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts)
+    judges = [name for _, name, _, _ in rewards.parse_reward_spec(args.reward) if name in NO_PATCH_SCORES]
+    if judges:  # (a weighted sum with a judge in it used to pass the check after loading, then fail mid-run)
+        raise ValueError(f"--reward {args.reward}: {judges[0]} answers yes or no per video and offers no patch scores, "
+                         f"which Gran-DPO needs from every term: use e.g. toy:quality or videoscore")
+    train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts, "--eval-prompts")
     eval_prompts = eval_prompts[: args.num_eval_prompts]
+    common.check_toy_prompts(args.reward, family, train_prompts, eval_prompts)
     d = common.setup_distributed(args.device)
     if args.fsdp and args.mixed_precision == "fp16":
         raise ValueError("--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to FSDP2)")
@@ -138,8 +153,9 @@ def main(args):
     dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype
     model = common.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
     args.beta = args.beta or (100.0 if model.prediction == "flow" else 5000.0)
-    reward_fn = rewards.load_reward(args.reward, d.device, dtype, fps=args.fps)
-    if not hasattr(reward_fn, "patch_scores"):
+    reward_fn = rewards.load_reward(args.reward, d.device, dtype, fps=args.fps, judge_timeout=args.judge_timeout,
+                                       judge_retries=args.judge_retries)
+    if not all(hasattr(r, "patch_scores") for _, r in getattr(reward_fn, "terms", [(1.0, reward_fn)])):
         raise ValueError(f"reward {reward_fn.name} offers no patch scores: Gran-DPO needs one that does (e.g. toy:quality)")
     args.patch_beta = args.patch_beta or args.beta
     channel_dim = 2 if family == "cogvideox" else 1
@@ -165,16 +181,16 @@ def main(args):
                     guidance=args.guidance, guidance_2=args.guidance_2)
     per_rank = args.batch_size // d.world
     start_step = 0
-    if args.resume:
-        start_step, extra = common.load_checkpoint(args.resume, params, optimizer, scaler, model, {"ref": ref.weights})
+    if checkpoint:  # (None on --resume of a run that failed before its first checkpoint: it starts afresh)
+        start_step, extra = common.load_checkpoint(checkpoint, params, optimizer, scaler, model, {"ref": ref.weights})
         with torch.no_grad():
             for w, v in zip(ref.weights, extra["ref"]):
                 w.copy_(v)
     if d.main:
-        common.save_json(os.path.join(out, "config.json"), vars(args) | {"model_path": model.path, "family": family,
-                                                                         "reward_name": reward_fn.name, "world_size": d.world,
-                                                                         "command": common.command_line("gran_dpo")})
-    log = common.MetricsLogger(out, enabled=d.main, track=args.track, config=vars(args))
+        common.save_config(out, args, "gran_dpo", model_path=model.path, family=family, reward_name=reward_fn.name,
+                           world_size=d.world, heldout_prompts=len(eval_prompts))
+    log = common.MetricsLogger(out, enabled=d.main, track=args.track, config=vars(args),  # (--resume: without the
+                               resume_step=start_step if args.resume else None, final_step=args.steps)  # rows to redo)
 
     def evaluate(step):
         """Every reward dimension on held-out prompts (one fixed seed each), and defective patches per video."""
@@ -321,4 +337,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(p.parse_args())
+    main(common.parse_args(p))

@@ -27,11 +27,11 @@ import rewards
 import sharding
 
 p = argparse.ArgumentParser(description="OnlineVPO: online Diffusion-DPO with a video reward",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=common.HelpFormatter)
 p.add_argument("--model", default="toy", help="'toy', an alias (wan2.1-1.3b, cogvideox-2b, ...), a diffusers folder or hub id")
 p.add_argument("--reward", default=None, help="reward spec; default toy:text on the toy model (toy:temporal gained on no setting tried beyond seed noise, README), videoscore:temporal_consistency otherwise")
-p.add_argument("--prompts", default="toy_train", help="training prompts: a built-in list name or a text file, one per line")
-p.add_argument("--eval-prompts", default="toy_heldout", help="HELD-OUT evaluation prompts (list name or file)")
+p.add_argument("--prompts", default="toy_train", help=f"training prompts: a text file (UTF-8, one per line) or a built-in list: {common.prompt_lists()}")
+p.add_argument("--eval-prompts", default="toy_heldout", help="HELD-OUT evaluation prompts: a text file or a built-in list (as --prompts)")
 p.add_argument("--steps", type=int, default=60, help="optimisation steps")
 p.add_argument("--batch-size", type=int, default=8, help="prompts per step, summed over all ranks (paper: 8)")
 p.add_argument("--num-candidates", type=int, default=4, help="videos sampled per prompt, N (paper: 4-6)")
@@ -42,6 +42,7 @@ p.add_argument("--dpo-draws", type=int, default=1, help="K (t, eps) draws per pa
 p.add_argument("--dpo-epochs", type=int, default=1, help="updates on each sampled batch of pairs, each with fresh draws (paper: 1)")
 p.add_argument("--timestep-sampling", default="uniform", choices=["uniform", "logit-normal"], help="training timestep density (before the flow shift)")
 p.add_argument("--beta", type=float, default=None, help="DPO beta on mean-reduced errors; default 100 for flow models (Flow-GRPO), 5000 for eps/v (Diffusion-DPO)")
+p.add_argument("--dpop", type=float, default=0.0, help="DPO-Positive lambda: penalise a rise of the winner's error over the reference's (0: plain Diffusion-DPO, paper)")
 p.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 1e-4 on the toy model (3e-4 lowers the held-out reward, README); otherwise 1e-4 with LoRA (adapters need ~10x a full fine-tune's rate), 1e-5 for a full fine-tune (paper)")
 p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
 p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
@@ -68,15 +69,21 @@ p.add_argument("--num-eval-prompts", type=int, default=52, help="how many held-o
 p.add_argument("--eval-seeds", type=int, default=1, help="seeds per held-out prompt (more: a lower noise floor)")
 p.add_argument("--heldout-pairs", type=int, default=16, help="fresh pairs on held-out prompts (sampled by the initial model) on which each evaluation logs the implicit accuracy against the initial model (0: off)")
 p.add_argument("--save-every", type=int, default=30, help="checkpoint interval (and at the end)")
-p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue from")
-p.add_argument("--track", action="store_true", help="mirror metrics to Weights & Biases")
+p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue: restores the weights, optimizer, RNG and reference, and the run's saved configuration (only --steps, --eval-every, --save-every, --sample-batch-size, --out (a fork), --device may differ; README)")
+p.add_argument("--track", action="store_true", help="mirror metrics to Weights & Biases (needs `pip install wandb`)")
+p.add_argument("--judge-timeout", type=float, default=60.0, help="api:<model>@<url> rewards: seconds to wait for each answer before retrying it")
+p.add_argument("--judge-retries", type=int, default=4, help="api: rewards: retries of a timed-out, 429/5xx, malformed or error answer (back-off 1, 2, 4 ... s); 401/403 are not retried")
 p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
 
 
-def dpo_loss(e_w, e_l, ref_e_w, ref_e_l, beta):
+def dpo_loss(e_w, e_l, ref_e_w, ref_e_l, beta, dpop=0.0):
     """Diffusion-DPO per pair, from the per-sample denoising errors of policy and reference:
-    inside = -beta/2 * [(e_w - e_w_ref) - (e_l - e_l_ref)],  L = -log sigmoid(inside)."""
+    inside = -beta/2 * [(e_w - e_w_ref) - (e_l - e_l_ref)],  L = -log sigmoid(inside).
+    `dpop` = lambda > 0 (DPO-Positive, arXiv 2402.13228, in Diffusion-DPO's terms): inside -= lambda * beta/2 *
+    max(0, e_w - e_w_ref), so the loss cannot fall by raising the winner's error too, only the loser's more."""
     inside = -beta / 2 * ((e_w - ref_e_w) - (e_l - ref_e_l))
+    if dpop:
+        inside = inside - dpop * beta / 2 * (e_w - ref_e_w).clamp(min=0)
     return -F.logsigmoid(inside), inside
 
 
@@ -92,12 +99,22 @@ def resolve_defaults(args, family):
 
 def main(args):
     # ---- validate everything cheap before anything heavy loads ------------------------------
+    checkpoint = common.resume_config(args, p, "online_vpo")  # --resume: the run's own configuration, checked first
+    common.check_positive(args, "steps", "batch_size", "sample_batch_size", "num_eval_prompts", "eval_every",
+                          "save_every", "eval_seeds", "dpo_draws", "dpo_epochs", "sample_steps")
+    if args.num_candidates < 2:  # (every pair would be skipped: a run that trains nothing)
+        raise ValueError(f"--num-candidates {args.num_candidates}: a pair needs two candidates of a prompt: pass 2 or more (paper: 4-6)")
+    common.check_track(args.track)
     model_path, family = common.resolve_model(args.model)
     resolve_defaults(args, family)
     common.fill_video_args(args, model_path, family)
+    common.check_branch(args.branch_at, args.sample_steps, model_path)
+    if args.heldout_pairs < 0:
+        raise ValueError(f"--heldout-pairs {args.heldout_pairs}: pass 0 (off) or more")
     rewards.parse_reward_spec(args.reward)
-    train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts)
+    train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts, "--eval-prompts")
     eval_prompts = eval_prompts[: args.num_eval_prompts]
+    common.check_toy_prompts(args.reward, family, train_prompts, eval_prompts)
     d = common.setup_distributed(args.device)
     if args.fsdp and args.mixed_precision == "fp16":
         raise ValueError("--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to FSDP2)")
@@ -109,7 +126,8 @@ def main(args):
     dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype
     model = common.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
     args.beta = args.beta or (100.0 if model.prediction == "flow" else 5000.0)
-    reward_fn = rewards.load_reward(args.reward, d.device, dtype, fps=args.fps)
+    reward_fn = rewards.load_reward(args.reward, d.device, dtype, fps=args.fps, judge_timeout=args.judge_timeout,
+                                       judge_retries=args.judge_retries)
     torch.manual_seed(args.seed)  # LoRA's random init
     params = common.setup_trainable(model, args.lora_rank, args.lora_alpha, args.grad_checkpointing)
     common.broadcast_params(params, d)
@@ -169,16 +187,16 @@ def main(args):
         offline_pairs = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in make_pairs(s).items()}
                          for s in tqdm(range(args.steps), desc="offline pairs", disable=not d.main)]
     start_step = 0
-    if args.resume:
-        start_step, extra = common.load_checkpoint(args.resume, params, optimizer, scaler, model, {"ref": ref.weights})
+    if checkpoint:  # (None on --resume of a run that failed before its first checkpoint: it starts afresh)
+        start_step, extra = common.load_checkpoint(checkpoint, params, optimizer, scaler, model, {"ref": ref.weights})
         with torch.no_grad():
             for w, v in zip(ref.weights, extra["ref"]):
                 w.copy_(v)
     if d.main:
-        common.save_json(os.path.join(out, "config.json"), vars(args) | {"model_path": model.path, "family": family,
-                                                                         "reward_name": reward_fn.name, "world_size": d.world,
-                                                                         "command": common.command_line("online_vpo")})
-    log = common.MetricsLogger(out, enabled=d.main, track=args.track, config=vars(args))
+        common.save_config(out, args, "online_vpo", model_path=model.path, family=family, reward_name=reward_fn.name,
+                           world_size=d.world, heldout_prompts=len(eval_prompts))
+    log = common.MetricsLogger(out, enabled=d.main, track=args.track, config=vars(args),  # (--resume: without the
+                               resume_step=start_step if args.resume else None, final_step=args.steps)  # rows to redo)
 
     def evaluate(step):
         """Every reward dimension on held-out prompts, one fixed seed each (sharded over ranks)."""
@@ -234,7 +252,7 @@ def main(args):
                     err, ref_err = common.per_sample_mse(pred, target), common.per_sample_mse(ref_pred, target)
                     e_w, e_l = err.chunk(2)  # e(theta) = mse(f_theta(x_t, t, c), target(x0, eps, t))
                     r_w, r_l = ref_err.chunk(2)
-                    losses, inside = dpo_loss(e_w, e_l, r_w, r_l, args.beta)  # -log sigmoid(-beta/2 [dw - dl])
+                    losses, inside = dpo_loss(e_w, e_l, r_w, r_l, args.beta, args.dpop)  # -log sig(-beta/2 [dw - dl])
                     # L = mean over pairs and draws: sum / global count * world / K (the mean over ALL pairs after
                     # the average over ranks)
                     scaler.scale((losses * counts).sum() / n_global * d.world / args.dpo_draws).backward()
@@ -291,4 +309,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(p.parse_args())
+    main(common.parse_args(p))

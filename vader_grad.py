@@ -26,12 +26,12 @@ import rewards
 import sharding
 
 p = argparse.ArgumentParser(description="VADER: reward-gradient alignment through the sampler",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=common.HelpFormatter)
 p.add_argument("--model", default="toy", help="'toy', an alias (wan2.1-1.3b, cogvideox-2b, ...), a diffusers folder or hub id")
 p.add_argument("--reward", default="toy:quality", help="a DIFFERENTIABLE reward spec (e.g. toy:quality, toy:text, aesthetic, hpsv2)")
 p.add_argument("--reward-target", type=float, default=None, help="minimise |target - reward| instead of maximising the reward")
-p.add_argument("--prompts", default="toy_train", help="training prompts: a built-in list name or a text file, one per line")
-p.add_argument("--eval-prompts", default="toy_heldout", help="HELD-OUT evaluation prompts (list name or file)")
+p.add_argument("--prompts", default="toy_train", help=f"training prompts: a text file (UTF-8, one per line) or a built-in list: {common.prompt_lists()}")
+p.add_argument("--eval-prompts", default="toy_heldout", help="HELD-OUT evaluation prompts: a text file or a built-in list (as --prompts)")
 p.add_argument("--steps", type=int, default=30, help="optimisation steps (on the previous toy base the held-out reward peaked near 30, then fell)")
 p.add_argument("--batch-size", type=int, default=8, help="videos per optimisation step, summed over ranks")
 p.add_argument("--sample-batch-size", type=int, default=8, help="videos per sampler/decoder call; one backward each, accumulated into the step (results do not depend on it; lower it if a step runs out of memory)")
@@ -63,8 +63,8 @@ p.add_argument("--num-eval-prompts", type=int, default=52, help="how many held-o
 p.add_argument("--diversity-prompts", type=int, default=4, help="prompts sampled with --diversity-seeds seeds to measure diversity")
 p.add_argument("--diversity-seeds", type=int, default=4, help="seeds per diversity prompt")
 p.add_argument("--save-every", type=int, default=30, help="checkpoint interval (and at the end)")
-p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue from")
-p.add_argument("--track", action="store_true", help="mirror metrics to Weights & Biases")
+p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue: restores the weights, optimizer and RNG, and the run's saved configuration (only --steps, --eval-every, --save-every, --sample-batch-size, --out (a fork), --device may differ; README)")
+p.add_argument("--track", action="store_true", help="mirror metrics to Weights & Biases (needs `pip install wandb`)")
 p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
 
 
@@ -77,6 +77,10 @@ def peak_memory_gb(device):
 
 def main(args):
     # ---- validate everything cheap before anything heavy loads ------------------------------
+    checkpoint = common.resume_config(args, p, "vader_grad")  # --resume: the run's own configuration, checked first
+    common.check_positive(args, "steps", "batch_size", "sample_batch_size", "num_eval_prompts", "eval_every",
+                          "save_every", "sample_steps", "diversity_prompts", "diversity_seeds")
+    common.check_track(args.track)
     model_path, family = common.resolve_model(args.model)
     common.fill_video_args(args, model_path, family)
     toy = family == "toy"
@@ -87,11 +91,15 @@ def main(args):
         raise ValueError("--backprop-mode specific needs --backprop-start (the first step index carrying gradient)")
     if not 1 <= args.backprop_steps <= args.sample_steps:
         raise ValueError(f"--backprop-steps must be between 1 and --sample-steps ({args.sample_steps})")
+    if args.backprop_mode == "specific" and not 0 <= args.backprop_start < args.sample_steps:
+        raise ValueError(f"--backprop-start {args.backprop_start}: a sampler step index, 0 to {args.sample_steps - 1} "
+                         f"(--sample-steps {args.sample_steps}); from it on every step carries gradient")
     if args.decoder_grad == "own" and family != "wan":
         raise ValueError(f"--decoder-grad own truncates Wan's causal VAE decoder; this model's family is {family}: "
                          "drop the flag (its decoder gradient is the whole decode)")
-    train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts)
+    train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts, "--eval-prompts")
     eval_prompts = eval_prompts[: args.num_eval_prompts]
+    common.check_toy_prompts(args.reward, family, train_prompts, eval_prompts)
     d = common.setup_distributed(args.device)
     if args.fsdp and args.mixed_precision == "fp16":
         raise ValueError("--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to FSDP2)")
@@ -115,14 +123,15 @@ def main(args):
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     autocast = common.autocast_context(args.mixed_precision, d.device)
     scaler = common.grad_scaler(args.mixed_precision, d.device)
-    start_step = common.load_checkpoint(args.resume, params, optimizer, scaler, model)[0] if args.resume else 0
+    # (checkpoint None on --resume of a run that failed before its first checkpoint: it starts afresh)
+    start_step = common.load_checkpoint(checkpoint, params, optimizer, scaler, model)[0] if checkpoint else 0
     video_kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, steps=args.sample_steps,
                     guidance=args.guidance, guidance_2=args.guidance_2)
     if d.main:
-        common.save_json(os.path.join(out, "config.json"), vars(args) | {"model_path": model.path, "family": family,
-                                                                         "reward_name": reward_fn.name, "world_size": d.world,
-                                                                         "command": common.command_line("vader_grad")})
-    log = common.MetricsLogger(out, enabled=d.main, track=args.track, config=vars(args))
+        common.save_config(out, args, "vader_grad", model_path=model.path, family=family, reward_name=reward_fn.name,
+                           world_size=d.world, heldout_prompts=len(eval_prompts))
+    log = common.MetricsLogger(out, enabled=d.main, track=args.track, config=vars(args),  # (--resume: without the
+                               resume_step=start_step if args.resume else None, final_step=args.steps)  # rows to redo)
 
     def evaluate(step):
         """Every reward dimension on held-out prompts, plus diversity: the per-pixel variance across
@@ -218,4 +227,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(p.parse_args())
+    main(common.parse_args(p))

@@ -32,12 +32,12 @@ import sharding
 import toy_world
 
 p = argparse.ArgumentParser(description="Iterative RWR on binary VLM feedback",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=common.HelpFormatter)
 p.add_argument("--model", default="toy", help="'toy', an alias (wan2.1-1.3b, cogvideox-2b, ...), a diffusers folder or hub id")
 p.add_argument("--judge", default="judge", help="binary judge spec: 'judge' (the toy world's), 'vlm[:qwen2.5-vl|qwen3-vl][@folder]' (P(yes) of a local Qwen-VL) or 'api:<model>@<url>' (an OpenAI-compatible server)")
 p.add_argument("--question", default=None, help="yes/no question template with {prompt}; default: a dynamics question built from the prompt")
-p.add_argument("--prompts", default="toy_dynamics_train", help="training prompts about object dynamics (list name or file)")
-p.add_argument("--eval-prompts", default="toy_dynamics_heldout", help="HELD-OUT dynamics prompts (list name or file)")
+p.add_argument("--prompts", default="toy_dynamics_train", help=f"training prompts about object dynamics: a text file (UTF-8, one per line) or a built-in list: {common.prompt_lists()}")
+p.add_argument("--eval-prompts", default="toy_dynamics_heldout", help="HELD-OUT dynamics prompts: a text file or a built-in list (as --prompts)")
 p.add_argument("--rounds", type=int, default=3, help="sample -> judge -> fine-tune rounds")
 p.add_argument("--prompts-per-round", type=int, default=32, help="prompts sampled each round (all ranks together)")
 p.add_argument("--videos-per-prompt", type=int, default=4, help="videos sampled per prompt each round")
@@ -66,8 +66,10 @@ p.add_argument("--seed", type=int, default=0, help="seed of prompts, videos, tra
 p.add_argument("--out", default=None, help="run folder (default runs/vlm_feedback_rwr-<time>; with --resume, the resumed run's)")
 p.add_argument("--eval-seeds", type=int, default=2, help="videos per held-out prompt in evaluation")
 p.add_argument("--num-train-eval-prompts", type=int, default=32, help="training prompts also evaluated (pass rate on train)")
-p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue from (the judge cache is reused)")
-p.add_argument("--track", action="store_true", help="mirror metrics to Weights & Biases")
+p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue: restores the weights, optimizer, RNG, the judge's cached answers and the run's saved configuration (only --rounds, --sample-batch-size, --out (a fork), --device may differ; README)")
+p.add_argument("--track", action="store_true", help="mirror metrics to Weights & Biases (needs `pip install wandb`)")
+p.add_argument("--judge-timeout", type=float, default=60.0, help="api:<model>@<url> rewards: seconds to wait for each answer before retrying it")
+p.add_argument("--judge-retries", type=int, default=4, help="api: rewards: retries of a timed-out, 429/5xx, malformed or error answer (back-off 1, 2, 4 ... s); 401/403 are not retried")
 p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
 
 
@@ -88,6 +90,13 @@ def category(prompt):
 
 def main(args):
     # ---- validate everything cheap before anything heavy loads ------------------------------
+    checkpoint = common.resume_config(args, p, "vlm_feedback_rwr")  # --resume: the run's own configuration, checked first
+    common.check_positive(args, "rounds", "prompts_per_round", "videos_per_prompt", "batch_size", "sample_batch_size",
+                          "eval_seeds", "epochs", "sample_steps")
+    if args.loss == "dpo" and args.videos_per_prompt < 2:  # (no (yes, no) pair of one prompt: a run that trains nothing)
+        raise ValueError(f"--loss dpo pairs a yes and a no video of the same prompt: --videos-per-prompt "
+                         f"{args.videos_per_prompt} gives none; pass 2 or more")
+    common.check_track(args.track)
     model_path, family = common.resolve_model(args.model)
     common.fill_video_args(args, model_path, family)
     toy = family == "toy"
@@ -97,7 +106,14 @@ def main(args):
     rewards.parse_reward_spec(args.judge)
     if args.question is not None and "{prompt}" not in args.question:
         raise ValueError("--question must contain {prompt}, e.g. 'Does the video show {prompt}? Answer yes or no.'")
-    train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts)
+    try:
+        if args.question is not None:
+            args.question.format(prompt="a red square falling")
+    except (KeyError, IndexError, ValueError) as e:  # (it used to fail only at the first question, after loading)
+        raise ValueError(f"--question {args.question!r}: {{prompt}} is the one field it may hold ({type(e).__name__}: "
+                         f"{e}); write a literal brace twice, {{{{ or }}}}") from None
+    train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts, "--eval-prompts")
+    common.check_toy_prompts(args.judge, family, train_prompts, eval_prompts)
     d = common.setup_distributed(args.device)
     if args.fsdp and args.mixed_precision == "fp16":
         raise ValueError("--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to FSDP2)")
@@ -115,7 +131,8 @@ def main(args):
     dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype
     model = common.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
     args.dpo_beta = args.dpo_beta or (100.0 if model.prediction == "flow" else 5000.0)
-    judge = rewards.load_reward(args.judge, d.device, dtype, fps=args.fps)
+    judge = rewards.load_reward(args.judge, d.device, dtype, fps=args.fps, judge_timeout=args.judge_timeout,
+                                       judge_retries=args.judge_retries)
     question = (lambda pr: args.question.format(prompt=pr)) if args.question else rewards.default_question
     if hasattr(judge, "question_fn"):  # a VLM judge is asked exactly this question
         judge.question_fn = question
@@ -129,27 +146,24 @@ def main(args):
     autocast = common.autocast_context(args.mixed_precision, d.device)
     scaler = common.grad_scaler(args.mixed_precision, d.device)
     start_round, opt_steps = 0, 0
-    if args.resume:
-        try:
-            start_round, extra = common.load_checkpoint(args.resume, params, optimizer, scaler, model)
-            opt_steps = extra["opt_steps"]
-        except FileNotFoundError:  # crashed inside round 1: no checkpoint yet, but its judge answers are cached
-            if not os.path.isdir(args.resume):
-                raise
-            common.print0(d, f"no checkpoint in {args.resume}: restarting round 1, reusing the judge cache")
+    if checkpoint:
+        start_round, extra = common.load_checkpoint(checkpoint, params, optimizer, scaler, model)
+        opt_steps = extra["opt_steps"]
+    elif args.resume:  # crashed inside round 1: no checkpoint yet, but its judge answers are cached
+        common.print0(d, f"no checkpoint in {args.resume}: restarting round 1, reusing the judge cache")
     video_kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, steps=args.sample_steps,
                     guidance=args.guidance, guidance_2=args.guidance_2)
     if d.main:
-        common.save_json(os.path.join(out, "config.json"), vars(args) | {"model_path": model.path, "family": family,
-                                                                         "judge_name": judge.name, "world_size": d.world,
-                                                                         "command": common.command_line("vlm_feedback_rwr")})
-    log = common.MetricsLogger(out, enabled=d.main, track=args.track, config=vars(args))
+        common.save_config(out, args, "vlm_feedback_rwr", model_path=model.path, family=family, judge_name=judge.name,
+                           world_size=d.world, heldout_prompts=len(eval_prompts))
+    log = common.MetricsLogger(out, enabled=d.main, track=args.track, config=vars(args),  # (--resume: without the
+                               resume_step=start_round if args.resume else None)  # rows to redo; see `logged` below)
 
     # the judge cache: one line per judged video, so a crashed round resumes without asking again
     os.makedirs(out, exist_ok=True)
     cache, cache_file = {}, os.path.join(out, f"judge_cache.rank{d.rank}.jsonl")
-    if os.path.exists(cache_file):
-        cache = {row["key"]: row["yes"] for row in map(json.loads, open(cache_file))}
+    if os.path.exists(cache_file):  # (a line torn by a crash mid-write is dropped: that video is asked again)
+        cache = {row["key"]: row["yes"] for row in common.read_jsonl(cache_file, repair=True)}
     stats = {"judge_calls": 0, "judge_seconds": 0.0}
 
     def ask_judge(videos, prompts, keys):
@@ -325,4 +339,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(p.parse_args())
+    main(common.parse_args(p))

@@ -8,6 +8,8 @@ At the start of training (policy = reference) each pair's Diffusion-DPO gradient
 A batch of pairs can only move the model consistently if different pairs' gradients share a direction. For
 each way of making pairs (independent candidates, or aligned ones that branch at sampler step b) and each
 timestep density, this prints
+  - same-pair cosine: cosine between two independent K/2-draw estimates of ONE pair's gradient (how much of
+    a pair's gradient is its (t, eps) draw rather than the pair),
   - cross-pair cosine: mean cosine between the (K-draw) gradients of DIFFERENT pairs (> 0: a common
     preference direction; ~0: each pair pulls its own way),
   - batch agreement: cosine between two batch gradients built from disjoint halves of the pairs (what an
@@ -30,6 +32,7 @@ import rewards  # noqa: E402
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--prompts", type=int, default=24, help="training prompts (one pair each)")
 p.add_argument("--num-candidates", type=int, default=4, help="N candidates per prompt; the pair is best vs worst")
+p.add_argument("--distinct-prompts", type=int, default=None, help="draw the pairs' prompts from only this many prompts (same-prompt pairs: does a preference transfer within a prompt?)")
 p.add_argument("--draws", type=int, default=8, help="K (t, eps) draws per pair gradient")
 p.add_argument("--branch", default="none,1,2,4", help="pair constructions: none (independent) or a branch step")
 p.add_argument("--timesteps", default="uniform,logit-normal", help="training timestep densities")
@@ -56,6 +59,8 @@ def main(args):
     train = common.load_prompts("toy_train")
     g = torch.Generator().manual_seed(args.seed)
     prompts = [train[i] for i in torch.randint(len(train), (args.prompts,), generator=g).tolist()]
+    if args.distinct_prompts:  # e.g. 2: 8 pairs of each of two prompts, each pair from its own candidates
+        prompts = [prompts[i % args.distinct_prompts] for i in range(args.prompts)]
     N, results = args.num_candidates, []
     for branch in args.branch.split(","):
         b = None if branch == "none" else int(branch)
@@ -84,8 +89,9 @@ def main(args):
         pix = (x0_w - x0_l).pow(2).mean().item()
         emb, mask = common.encode_prompts(model, prompts)
         for dist in args.timesteps.split(","):
-            grads = []
+            grads, within = [], []
             for i in range(len(prompts)):  # one pair at a time: its K-draw gradient of (e_w - e_l)
+                halves = []
                 for k in range(args.draws):
                     gk = torch.Generator().manual_seed(common.seed_for(args.seed, "draw", i, k))
                     t = common.sample_train_timesteps(model, 1, gk, dist).repeat(2)
@@ -95,7 +101,10 @@ def main(args):
                                                                None if mask is None else mask[i:i + 1].expand(2, -1)),
                                                 target)
                     ((err[0] - err[1]) / args.draws).backward()
-                grads.append(-torch.cat([q.grad.flatten() for q in params]))  # descent direction of e_w - e_l
+                    if k + 1 in (args.draws // 2, args.draws):  # the gradient of the first half of the draws, then all
+                        halves.append(-torch.cat([q.grad.flatten() for q in params]))  # descent direction of e_w - e_l
+                grads.append(halves[-1])
+                within.append(cosine(halves[0], halves[1] - halves[0]))  # two independent half-K estimates
                 for q in params:
                     q.grad = None
             G = torch.stack(grads)
@@ -103,12 +112,16 @@ def main(args):
             C = Gn @ Gn.T
             n = len(grads)
             cross = ((C.sum() - C.diag().sum()) / (n * (n - 1))).item()
+            same = torch.tensor([[a == b for b in prompts] for a in prompts]) & ~torch.eye(n, dtype=torch.bool)
+            cross_same = C[same].mean().item() if same.any() else float("nan")  # pairs of the SAME prompt
             half = cosine(G[: n // 2].sum(0), G[n // 2:].sum(0))
+            reliability = sum(within) / n  # cosine of two K/2-draw estimates of the SAME pair's gradient
             row = {"pairs": "independent" if b is None else f"branch at {b}", "timesteps": dist, "draws": args.draws,
-                   "cross_pair_cosine": cross, "batch_agreement": half, "margin": (r[rows, w] - r[rows, l]).mean().item(),
+                   "cross_pair_cosine": cross, "same_prompt_cosine": cross_same, "batch_agreement": half, "within_pair_cosine": reliability, "margin": (r[rows, w] - r[rows, l]).mean().item(),
                    "gap": gap, "pixel_mse_w_l": pix}
             results.append(row)
-            print(f"{row['pairs']:>14} | {dist:>12} | cross-pair cos {cross:+.3f} | halves cos {half:+.3f} | margin "
+            print(f"{row['pairs']:>14} | {dist:>12} | K {args.draws} | same pair, two K/2 estimates cos {reliability:+.3f} | "
+                  f"cross-pair cos {cross:+.3f} (same prompt {cross_same:+.3f}) | halves cos {half:+.3f} | margin "
                   f"{row['margin']:.3f} (colour {gap['color']:+.3f}, shape {gap['shape']:+.3f}, motion "
                   f"{gap['motion']:+.3f}) | pixel MSE w-l {pix:.3f}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -62,6 +62,8 @@ CONFIGS = {
     "independent_draws4_epochs2_lr3e-4": PAPER | {"--dpo-draws": 4, "--dpo-epochs": 2, "--lr": 3e-4},
     "recipe_beta2000_lr1e-3": PAPER | RECIPE | {"--beta": 2000, "--lr": 1e-3},
     "independent_beta2000_lr1e-3": PAPER | RECIPE | {"--branch-at": None, "--beta": 2000, "--lr": 1e-3},
+    "recipe_beta2000_lr3e-4": PAPER | RECIPE | {"--beta": 2000, "--lr": 3e-4},
+    "recipe_dpop2_beta2000_lr3e-4": PAPER | RECIPE | {"--dpop": 2, "--beta": 2000, "--lr": 3e-4},
 }
 
 

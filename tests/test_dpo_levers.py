@@ -153,3 +153,39 @@ def test_evaluation_seeds_add_videos_and_keep_seed_zero(tmp_path, monkeypatch, t
     three = common.evaluate(toy_model, reward, [PROMPT, "a blue circle falling"], 0, kw, d, seeds_per_prompt=3)
     assert len(seen[0]) == 2 and len(seen[1]) == 6 and seen[1][:2] == seen[0]  # seed 0 as before, then 2 more
     assert len(set(seen[1])) == 6 and one["reward"] != three["reward"]
+
+
+def test_branch_outside_the_sampler_is_refused_before_loading(tmp_path, monkeypatch):
+    import pytest
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    for b in ("1", "-1"):  # --sample-steps 2: only step 0 has a later step to branch into
+        with pytest.raises(ValueError, match="--branch-at"):
+            run_main(online_vpo, FAST + ["--steps", "1", "--branch-at", b, "--out", str(tmp_path / b)])
+
+
+def test_judge_timeout_and_retries_reach_the_reward(tmp_path, monkeypatch):
+    import pytest
+    import rewards
+    seen = {}
+
+    def capture(*a, **k):
+        seen.update(k)
+        raise KeyboardInterrupt  # (stop the run here)
+    monkeypatch.setattr(rewards, "load_reward", capture)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(online_vpo, FAST + ["--steps", "1", "--judge-timeout", "7", "--judge-retries", "2",
+                                     "--out", str(tmp_path / "r")])
+    assert seen["judge_timeout"] == 7.0 and seen["judge_retries"] == 2
+
+
+def test_dpo_positive_penalises_a_rising_winner_error_by_hand():
+    import math
+    e_w, e_l = torch.tensor([0.30, 0.20]), torch.tensor([0.50, 0.10])
+    r_w, r_l = torch.tensor([0.25, 0.20]), torch.tensor([0.40, 0.12])
+    plain, inside0 = online_vpo.dpo_loss(e_w, e_l, r_w, r_l, beta=10.0)
+    loss, inside = online_vpo.dpo_loss(e_w, e_l, r_w, r_l, beta=10.0, dpop=2.0)
+    # pair 0: dw = +0.05, dl = +0.10 -> inside = -5 * (-0.05) = 0.25; the winner's error rose by 0.05: -2 * 5 * 0.05
+    # pair 1: dw = 0 (no rise, no penalty), dl = -0.02 -> inside = -5 * 0.02 = -0.1
+    assert torch.allclose(inside0, torch.tensor([0.25, -0.1])) and torch.allclose(inside, torch.tensor([-0.25, -0.1]))
+    assert torch.allclose(loss, torch.tensor([math.log(1 + math.exp(0.25)), math.log(1 + math.exp(0.1))]), atol=1e-6)
+    assert torch.equal(loss[1], plain[1])
