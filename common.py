@@ -91,7 +91,7 @@ def resolve_model(name_or_path):
     folder = os.path.join(path, DENOISER_FOLDER[family])
     if not os.path.isdir(folder) or not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(folder)):
         raise FileNotFoundError(f"no weights in {folder}: the model folder is incomplete (download it fully, "
-                                f"or run `python pretrain_toy.py --stop-at 11000` to rebuild the toy model: about 4 h on 2 CPU cores)")
+                                f"or run `python pretrain_toy.py --stop-at 11000 --out assets/toy --overwrite` to rebuild the toy model: about 4 h on 2 CPU cores)")
     return path, family
 
 
@@ -686,7 +686,7 @@ def sample_train_timesteps(model, n, generator, distribution="uniform"):
 
 
 def noisy_and_target(model, x0, eps, timestep):
-    """x_t and the regression target for the family's prediction type (ALGORITHMS.md table).
+    """x_t and the regression target for the family's prediction type (docs/ALGORITHMS.md table).
     `x0`, `eps` in the latent layout; `timestep` [B]."""
     B = x0.shape[0]
     view = (B,) + (1,) * (x0.dim() - 1)
@@ -738,7 +738,7 @@ def implicit_accuracy(model, x0_w, x0_l, prompts, init, seed, draws=4, autocast=
 
 
 def per_sample_mse(pred, target):
-    """mean over all non-batch dims: the `mse` of ALGORITHMS.md."""
+    """mean over all non-batch dims: the `mse` of docs/ALGORITHMS.md."""
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
 

@@ -3,14 +3,16 @@
 Paper: "HALO: Human-Aligned End-to-end Image Generation ... / Harnessing Local reward feedback for
 video" (arXiv 2502.06812). HALO scores local spatio-temporal patches with the same reward model as
 the whole video and optimises a granular DPO objective. ITS EXACT LOSS WAS NOT AVAILABLE TO US: what
-follows is our reconstruction (ALGORITHMS.md), kept in one function (`patch_dpo_loss`) so it is easy
+follows is our reconstruction (docs/ALGORITHMS.md), kept in one function (`patch_dpo_loss`) so it is easy
 to change. Per patch p with latent mask M_p, the winner is whichever pair member has the higher
 PATCH reward there (s_p = +1 if it agrees with the video-level order, -1 if not):
     e_p       = mean over M_p of (f_theta - target)^2              (same for ref)
     inside_p  = -beta_p/2 * s_p * [(e_p_w - e_p_w_ref) - (e_p_l - e_p_l_ref)]
     L         = L_DPO_video + lambda * mean_p( -log sigmoid(inside_p) )
 Pairs come online, as in online_vpo.py (best vs worst of N candidates, curriculum reference).
-`--patch-weight 0` is exactly video-level online DPO.
+`--patch-weight 0` is exactly video-level online DPO. Levers beyond the paper, off by default, as in
+online_vpo.py (docs/dpo_levers.md): `--branch-at`, `--dpo-draws`, `--dpo-epochs`, `--timestep-sampling`;
+for measurement, `--eval-seeds` and the implicit accuracy on fresh held-out pairs (`--heldout-pairs`).
 
     python gran_dpo.py                                         # toy model, CPU, ~10 minutes
     torchrun --nproc_per_node 8 gran_dpo.py --model wan2.1-1.3b --reward videoscore --prompts p.txt
@@ -45,6 +47,10 @@ p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight dec
 p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
 p.add_argument("--ref-update-interval", type=int, default=None, help="curriculum: ref <- policy every I steps (0 = never); default 20 on the toy model, 200 otherwise (paper)")
 p.add_argument("--sample-batch-size", type=int, default=8, help="videos per sampler/decoder call (results do not depend on it; lower it if sampling runs out of memory)")
+p.add_argument("--branch-at", type=int, default=None, help="aligned candidates: one initial noise per prompt, own noise after this sampler step (SDEdit branch; flow models); default: independent samples (paper)")
+p.add_argument("--dpo-draws", type=int, default=1, help="K (t, eps) draws per pair per update, the loss averaged over them (paper: 1)")
+p.add_argument("--dpo-epochs", type=int, default=1, help="updates on each sampled batch of pairs, each with fresh draws (paper: 1)")
+p.add_argument("--timestep-sampling", default="uniform", choices=["uniform", "logit-normal"], help="training timestep density (before the flow shift)")
 p.add_argument("--patch-grid", default="2,4,4", help="patches per video: frame groups, rows, columns (on the latent grid)")
 p.add_argument("--patch-weight", type=float, default=1.0, help="lambda, the weight of the patch term (0 = video-level DPO only)")
 p.add_argument("--patch-beta", type=float, default=None, help="beta_p of the patch term (default: = --beta)")
@@ -66,7 +72,9 @@ p.add_argument("--offload-frozen", action="store_true", help="during the DPO upd
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, candidates, DPO noise")
 p.add_argument("--out", default=None, help="run folder (default runs/gran_dpo-<time>; with --resume, the resumed run's)")
 p.add_argument("--eval-every", type=int, default=30, help="held-out evaluation interval (also at step 0 and the end)")
-p.add_argument("--num-eval-prompts", type=int, default=52, help="how many held-out prompts to evaluate (one seed each)")
+p.add_argument("--num-eval-prompts", type=int, default=52, help="how many held-out prompts to evaluate")
+p.add_argument("--eval-seeds", type=int, default=1, help="seeds per held-out prompt (more: a lower noise floor)")
+p.add_argument("--heldout-pairs", type=int, default=16, help="fresh pairs on held-out prompts (sampled by the initial model) on which each evaluation logs the implicit accuracy against the initial model (0: off)")
 p.add_argument("--save-every", type=int, default=30, help="checkpoint interval (and at the end)")
 p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue: restores the weights, optimizer, RNG and reference, and the run's saved configuration (only --steps, --eval-every, --save-every, --sample-batch-size, --out (a fork), --device may differ; README)")
 p.add_argument("--track", action="store_true", help="mirror metrics to Weights & Biases (needs `pip install wandb`)")
@@ -125,13 +133,16 @@ def main(args):
     # ---- validate everything cheap before anything heavy loads ------------------------------
     checkpoint = common.resume_config(args, p, "gran_dpo")  # --resume: the run's own configuration, checked first
     common.check_positive(args, "steps", "batch_size", "sample_batch_size", "num_eval_prompts", "eval_every",
-                          "save_every", "sample_steps")
+                          "save_every", "eval_seeds", "dpo_draws", "dpo_epochs", "sample_steps")
     if args.num_candidates < 2:  # (every pair would be skipped: a run that trains nothing)
         raise ValueError(f"--num-candidates {args.num_candidates}: a pair needs two candidates of a prompt: pass 2 or more (paper: 4-6)")
     common.check_track(args.track)
     model_path, family = common.resolve_model(args.model)
     resolve_defaults(args, family)
     common.fill_video_args(args, model_path, family)
+    common.check_branch(args.branch_at, args.sample_steps, model_path)
+    if args.heldout_pairs < 0:
+        raise ValueError(f"--heldout-pairs {args.heldout_pairs}: pass 0 (off) or more")
     judges = [name for _, name, _, _ in rewards.parse_reward_spec(args.reward) if name in NO_PATCH_SCORES]
     if judges:  # (a weighted sum with a judge in it used to pass the check after loading, then fail mid-run)
         raise ValueError(f"--reward {args.reward}: {judges[0]} answers yes or no per video and offers no patch scores, "
@@ -179,7 +190,38 @@ def main(args):
     scaler = common.grad_scaler(args.mixed_precision, d.device)
     video_kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, steps=args.sample_steps,
                     guidance=args.guidance, guidance_2=args.guidance_2)
-    per_rank = args.batch_size // d.world
+    eval_kw = dict(video_kw)
+    video_kw["branch_at"] = args.branch_at
+    def make_pairs(step, batch=None, key=()):
+        """Sample N candidates per prompt with the CURRENT weights, score, pair best vs worst (steps 1-4)."""
+        if batch is None:
+            rng = random.Random(common.seed_for(args.seed, "prompts", step))
+            batch = [rng.choice(train_prompts) for _ in range(args.batch_size)]  # same on every rank
+        n_rank, N = len(batch) // d.world, args.num_candidates
+        gidx = list(range(d.rank * n_rank, (d.rank + 1) * n_rank))  # this rank's shard of the batch
+        prompts = [batch[i] for i in gidx for _ in range(N)]
+        seeds = [common.seed_for(args.seed, *key, step, i, j) for i in gidx for j in range(N)]
+        branch = None
+        if args.branch_at is not None:  # aligned: the prompt's N candidates share their first noise, then branch
+            seeds, branch = [common.seed_for(args.seed, *key, step, i) for i in gidx for j in range(N)], seeds
+        latents, scores = common.sample_and_score(  # patch scores [B*N, P]: the same model, locally
+            model, prompts, seeds, args.sample_batch_size,
+            lambda v, ps: {"r": reward_fn(v, ps)["reward"], "patch": reward_fn.patch_scores(v, ps, grid).flatten(1)},
+            video_kw, autocast, branch_seeds=branch)
+        r, patch_r = scores["r"].view(n_rank, N), scores["patch"]
+        best, worst = r.argmax(1), r.argmin(1)
+        lat = latents.view(n_rank, N, *latents.shape[1:])
+        patch_r = patch_r.view(n_rank, N, -1)
+        ar = torch.arange(n_rank, device=r.device)
+        return {"prompts": [batch[i] for i in gidx], "gidx": gidx, "x0_w": lat[ar, best], "x0_l": lat[ar, worst],
+                "margin": r[ar, best] - r[ar, worst], "reward": r,
+                "patch_w": patch_r[ar, best], "patch_l": patch_r[ar, worst]}
+
+    init = common.Reference(params, model.experts)  # the initial weights: held-out pairs' implicit accuracy
+    heldout = None
+    if args.heldout_pairs:  # fresh held-out pairs, sampled by the initial model (so before a resume loads)
+        n_h = -(-args.heldout_pairs // d.world) * d.world  # (a multiple of the ranks: each samples its share)
+        heldout = make_pairs(0, [eval_prompts[i % len(eval_prompts)] for i in range(n_h)], key=("heldout-pairs",))
     start_step = 0
     if checkpoint:  # (None on --resume of a run that failed before its first checkpoint: it starts afresh)
         start_step, extra = common.load_checkpoint(checkpoint, params, optimizer, scaler, model, {"ref": ref.weights})
@@ -201,32 +243,17 @@ def main(args):
                 figures["color_accuracy"] = rewards.ToyReward().color_accuracy(videos, prompts)
             return figures
 
-        means = common.evaluate(model, reward_fn, eval_prompts, args.seed, video_kw, d, autocast,
-                                os.path.join(out, "samples", f"step-{step:06d}.mp4"), extra, args.sample_batch_size)
+        means = common.evaluate(model, reward_fn, eval_prompts, args.seed, eval_kw, d, autocast,
+                                os.path.join(out, "samples", f"step-{step:06d}.mp4"), extra, args.sample_batch_size,
+                                args.eval_seeds)
+        if heldout is not None:  # does the preference generalise to pairs it never saw?
+            hits = common.implicit_accuracy(model, heldout["x0_w"], heldout["x0_l"], heldout["prompts"], init,
+                                            common.seed_for(args.seed, "heldout-pairs"), 4, autocast,
+                                            args.timestep_sampling)
+            means |= {"heldout_implicit_acc": common.all_mean({"a": sum(hits)}, d)["a"] / max(len(hits), 1)}
         row = {"step": step, "eval": True} | {f"eval/{k}": v for k, v in means.items()}
         log.log(row)
         return row
-
-    def make_pairs(step):
-        """Sample N candidates per prompt with the CURRENT weights, score, pair best vs worst (steps 1-4)."""
-        rng = random.Random(common.seed_for(args.seed, "prompts", step))
-        batch = [rng.choice(train_prompts) for _ in range(args.batch_size)]  # same on every rank
-        gidx = list(range(d.rank * per_rank, (d.rank + 1) * per_rank))  # this rank's shard of the batch
-        prompts = [batch[i] for i in gidx for _ in range(args.num_candidates)]
-        seeds = [common.seed_for(args.seed, step, i, j) for i in gidx for j in range(args.num_candidates)]
-        latents, scores = common.sample_and_score(  # patch scores [B*N, P]: the same model, locally
-            model, prompts, seeds, args.sample_batch_size,
-            lambda v, ps: {"r": reward_fn(v, ps)["reward"], "patch": reward_fn.patch_scores(v, ps, grid).flatten(1)},
-            video_kw, autocast)
-        r, patch_r = scores["r"].view(per_rank, args.num_candidates), scores["patch"]
-        best, worst = r.argmax(1), r.argmin(1)
-        lat = latents.view(per_rank, args.num_candidates, *latents.shape[1:])
-        patch_r = patch_r.view(per_rank, args.num_candidates, -1)
-        ar = torch.arange(per_rank)
-        return {"prompts": [batch[i] for i in gidx], "gidx": gidx, "x0_w": lat[ar, best], "x0_l": lat[ar, worst],
-                "margin": r[ar, best] - r[ar, worst], "reward": r,
-                "patch_w": patch_r[ar, best], "patch_l": patch_r[ar, worst]}
-
 
     if start_step == 0:
         evaluate(0)
@@ -246,45 +273,60 @@ def main(args):
             g = common.all_mean({"sum": gaps.sum().item(), "n": gaps.numel()}, d)
             gap_mean = max(g["sum"] / max(g["n"], 1e-9), 1e-8)
 
-        # 5. Diffusion-DPO: ONE t and ONE eps per pair, shared by its two members
-        loss_value, acc, inside_mean, video_loss, patch_loss, patch_acc, disagree = (0.0,) * 7
-        if n_global > 0:
+        # 5. Diffusion-DPO: each of K draws is ONE (t, eps) per pair, shared by its two members; E updates
+        loss_value, acc, inside_mean, video_loss, patch_loss, patch_acc, disagree, grad_norm = (0.0,) * 8
+        for epoch in range(args.dpo_epochs if n_global > 0 else 0):
             if n_local > 0 or args.fsdp:  # (a rank whose pairs were all filtered still joins the gradient average;
                 # under FSDP it must also run the forward, a collective: all its pairs, weighted 0 when filtered)
-                ki = list(range(per_rank)) if args.fsdp else keep.nonzero().flatten().tolist()
+                ki = list(range(len(keep))) if args.fsdp else keep.nonzero().flatten().tolist()
                 counts = keep[ki].float().to(d.device)  # 1: the pair counts; 0: run only to keep FSDP in step
                 on = counts > 0
                 x0 = torch.cat([pairs["x0_w"][ki], pairs["x0_l"][ki]]).to(d.device)
-                gens = [torch.Generator().manual_seed(common.seed_for(args.seed, "dpo", step, pairs["gidx"][i])) for i in ki]
-                t = torch.cat([common.sample_train_timesteps(model, 1, g) for g in gens]).to(d.device)
-                eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(d.device)
-                t, eps = torch.cat([t, t]), torch.cat([eps, eps])  # ONE (t, eps) per pair, shared by w and l
-                x_t, target = common.noisy_and_target(model, x0, eps, t)
                 emb, mask = common.encode_prompts(model, [pairs["prompts"][i] for i in ki] * 2)
-                frozen.away()  # (until the next sampling; no-op without --offload-frozen)
-                with autocast:  # reference first (it swaps weights), then the policy
-                    ref_pred = ref.forward(common.denoise, model, x_t, t, emb, mask)
-                    pred = common.denoise(model, x_t, t, emb, mask)
-                err, ref_err = common.per_sample_mse(pred, target), common.per_sample_mse(ref_pred, target)
-                e_w, e_l = err.chunk(2)  # e(theta) = mse(f_theta(x_t, t, c), target(x0, eps, t))
-                r_w, r_l = ref_err.chunk(2)
-                v_losses, inside = dpo_loss(e_w, e_l, r_w, r_l, args.beta)  # video term: -log sigmoid(-beta/2 [dw - dl])
-                # patch term: per-patch errors under the masks, winners from the patch rewards
-                pe_w, pe_l = patch_errors(pred, target, masks, channel_dim).chunk(2)
-                pr_w, pr_l = patch_errors(ref_pred, target, masks, channel_dim).chunk(2)
                 gap = pairs["patch_w"][ki] - pairs["patch_l"][ki]  # [pairs, P]
                 sign = torch.sign(gap).to(d.device)  # s_p: +1 where the video winner also wins the patch
                 weight = (gap.abs() / gap_mean).to(d.device) if args.gap_weighting else None
-                p_losses, inside_p = patch_dpo_loss(pe_w, pe_l, pr_w, pr_l, sign, args.patch_beta, weight)
-                losses = v_losses + args.patch_weight * p_losses  # L = L_video + lambda * mean_p L_p
-                # sum / global count * world: after averaging over ranks this is the mean over ALL pairs
-                scaler.scale((losses * counts).sum() / n_global * d.world).backward()
+                frozen.away()  # (until the next sampling; no-op without --offload-frozen)
+                sums = {}  # per-pair figures summed over the draws
+                for k in range(args.dpo_draws):  # (one backward per draw: memory does not grow with K)
+                    draw = (epoch, k) if epoch or k else ()
+                    gens = [torch.Generator().manual_seed(common.seed_for(args.seed, "dpo", step, pairs["gidx"][i], *draw))
+                            for i in ki]
+                    t = torch.cat([common.sample_train_timesteps(model, 1, g, args.timestep_sampling) for g in gens])
+                    eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(d.device)
+                    t, eps = torch.cat([t, t]).to(d.device), torch.cat([eps, eps])  # shared by w and l
+                    x_t, target = common.noisy_and_target(model, x0, eps, t)
+                    with autocast:  # reference first (it swaps weights), then the policy
+                        ref_pred = ref.forward(common.denoise, model, x_t, t, emb, mask)
+                        pred = common.denoise(model, x_t, t, emb, mask)
+                    err, ref_err = common.per_sample_mse(pred, target), common.per_sample_mse(ref_pred, target)
+                    e_w, e_l = err.chunk(2)  # e(theta) = mse(f_theta(x_t, t, c), target(x0, eps, t))
+                    r_w, r_l = ref_err.chunk(2)
+                    v_losses, inside = dpo_loss(e_w, e_l, r_w, r_l, args.beta)  # video term: -log sigmoid(-beta/2 [dw - dl])
+                    # patch term: per-patch errors under the masks, winners from the patch rewards
+                    pe_w, pe_l = patch_errors(pred, target, masks, channel_dim).chunk(2)
+                    pr_w, pr_l = patch_errors(ref_pred, target, masks, channel_dim).chunk(2)
+                    p_losses, inside_p = patch_dpo_loss(pe_w, pe_l, pr_w, pr_l, sign, args.patch_beta, weight)
+                    losses = v_losses + args.patch_weight * p_losses  # L = L_video + lambda * mean_p L_p
+                    # L = mean over pairs and draws: sum / global count * world / K (the mean over ALL pairs after
+                    # the average over ranks)
+                    scaler.scale((losses * counts).sum() / n_global * d.world / args.dpo_draws).backward()
+                    for name, v in (("loss", losses), ("inside", inside), ("video", v_losses), ("patch", p_losses),
+                                    ("inside_p", inside_p)):
+                        sums[name] = sums.get(name, 0.0) + v.detach() / args.dpo_draws
                 if n_local:
-                    loss_value, acc, inside_mean = losses[on].mean().item(), (inside[on] > 0).float().mean().item(), inside[on].mean().item()
-                    video_loss, patch_loss = v_losses[on].mean().item(), p_losses[on].mean().item()
-                    sign_on, inside_p_on = sign[on], inside_p[on]
-                    patch_acc = ((inside_p_on > 0) & (sign_on != 0)).float().sum().item() / max((sign_on != 0).sum().item(), 1)
-                    disagree = (sign_on < 0).float().mean().item()
+                    sign_on, inside_p_on = sign[on], sums["inside_p"][on]
+                    for name, value in (("loss", sums["loss"][on].mean()), ("acc", (sums["inside"][on] > 0).float().mean()),
+                                        ("inside", sums["inside"][on].mean()), ("video", sums["video"][on].mean()),
+                                        ("patch", sums["patch"][on].mean()),
+                                        ("patch_acc", ((inside_p_on > 0) & (sign_on != 0)).float().sum()
+                                         / max((sign_on != 0).sum().item(), 1)),
+                                        ("disagree", (sign_on < 0).float().mean())):
+                        sums["epoch_" + name] = value.item() / args.dpo_epochs
+                    loss_value, acc = loss_value + sums["epoch_loss"], acc + sums["epoch_acc"]
+                    inside_mean, video_loss = inside_mean + sums["epoch_inside"], video_loss + sums["epoch_video"]
+                    patch_loss, patch_acc = patch_loss + sums["epoch_patch"], patch_acc + sums["epoch_patch_acc"]
+                    disagree += sums["epoch_disagree"]
             common.average_gradients(params, d)
             scaler.unscale_(optimizer)  # fp16: clip the true gradients (a no-op otherwise)
             grad_norm = common.clip_grad_norm(params, args.max_grad_norm)
@@ -292,8 +334,6 @@ def main(args):
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             frozen.back()
-        else:
-            grad_norm = 0.0
 
         # 6. curriculum: the reference catches up with the policy every I steps
         if args.ref_update_interval and (step + 1) % args.ref_update_interval == 0:
@@ -312,7 +352,7 @@ def main(args):
                "inside_mean": stats["inside"] * d.world / pairs_total, "reward_mean": stats["reward_mean"],
                **{k: stats[k] * d.world / pairs_total for k in ("video_loss", "patch_loss", "patch_acc", "patch_disagree")},
                "reward_min": stats["reward_min"], "reward_max": stats["reward_max"], "margin": stats["margin"],
-               "pairs_used": n_global, "pairs_skipped": args.batch_size - n_global, "grad_norm": grad_norm,
+               "pairs_used": n_global, "pairs_skipped": len(keep) * d.world - n_global, "grad_norm": grad_norm,
                "sec_per_step": dt, "sec_sampling": t_sample,
                "samples_per_s": args.batch_size * args.num_candidates / max(dt, 1e-9)}
         log.log(row)

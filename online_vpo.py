@@ -8,6 +8,12 @@ to the policy (the paper's curriculum). Reconstructed details (the paper's equat
 available to us): best-vs-worst pairing (as Flow-GRPO's online DPO), the margin filter, one shared
 (t, eps) per pair, mean-reduced errors. `--offline` is the paper's offline ablation: every pair is
 generated and ranked once by the initial model before training, and never resampled.
+Levers beyond the paper (flags, off by default; docs/dpo_levers.md has what each did on the toy model):
+aligned candidates that share their first noise and branch at a sampler step (`--branch-at`, SPO/DenseDPO
+style), every candidate pair (`--pairing all`), K (t, eps) draws per pair and several updates per sampled
+batch (`--dpo-draws`, `--dpo-epochs`), logit-normal training timesteps, DPO-Positive (`--dpop`), a
+flow-matching anchor on true renders (`--data-anchor`, toy only); and, for measurement only, several
+evaluation seeds per prompt and the implicit accuracy on fresh held-out pairs.
 
     python online_vpo.py                                       # toy model, CPU, ~10 minutes
     torchrun --nproc_per_node 8 online_vpo.py --model wan2.1-1.3b --reward videoscore --prompts p.txt
@@ -25,6 +31,7 @@ from tqdm import tqdm
 import common
 import rewards
 import sharding
+import toy_world
 
 p = argparse.ArgumentParser(description="OnlineVPO: online Diffusion-DPO with a video reward",
                             formatter_class=common.HelpFormatter)
@@ -42,6 +49,7 @@ p.add_argument("--dpo-draws", type=int, default=1, help="K (t, eps) draws per pa
 p.add_argument("--dpo-epochs", type=int, default=1, help="updates on each sampled batch of pairs, each with fresh draws (paper: 1)")
 p.add_argument("--timestep-sampling", default="uniform", choices=["uniform", "logit-normal"], help="training timestep density (before the flow shift)")
 p.add_argument("--beta", type=float, default=None, help="DPO beta on mean-reduced errors; default 100 for flow models (Flow-GRPO), 5000 for eps/v (Diffusion-DPO)")
+p.add_argument("--data-anchor", type=float, default=0.0, help="lambda of a flow-matching term (x beta/2) on true renders of the pairs' prompts (toy model only: data the papers' setting lacks; 0: off, paper)")
 p.add_argument("--dpop", type=float, default=0.0, help="DPO-Positive lambda: penalise a rise of the winner's error over the reference's (0: plain Diffusion-DPO, paper)")
 p.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 1e-4 on the toy model (3e-4 lowers the held-out reward, README); otherwise 1e-4 with LoRA (adapters need ~10x a full fine-tune's rate), 1e-5 for a full fine-tune (paper)")
 p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -109,6 +117,8 @@ def main(args):
     resolve_defaults(args, family)
     common.fill_video_args(args, model_path, family)
     common.check_branch(args.branch_at, args.sample_steps, model_path)
+    if args.data_anchor and family != "toy":
+        raise ValueError("--data-anchor trains on true renders, which only the toy world has: drop it for this model")
     if args.heldout_pairs < 0:
         raise ValueError(f"--heldout-pairs {args.heldout_pairs}: pass 0 (off) or more")
     rewards.parse_reward_spec(args.reward)
@@ -257,6 +267,18 @@ def main(args):
                     # the average over ranks)
                     scaler.scale((losses * counts).sum() / n_global * d.world / args.dpo_draws).backward()
                     inside_sum, draw_losses = inside_sum + inside.detach(), draw_losses + losses.detach()
+                if args.data_anchor:  # + lambda * beta/2 * e(theta) on TRUE renders of the pairs' prompts: a pull back to
+                    # the data (InstructGPT's PPO-ptx idea; toy world only: the papers' setting has no such data)
+                    g = torch.Generator().manual_seed(common.seed_for(args.seed, "anchor", step, epoch, d.rank))
+                    renders = toy_world.render([pairs["prompts"][i] for i in ki], args.num_frames, args.height,
+                                               args.width, seed=common.seed_for(args.seed, "anchor", step, epoch, d.rank))
+                    x0_data = (renders.permute(0, 2, 1, 3, 4) * 2 - 1).to(d.device)  # the toy latent: [-1, 1] pixels
+                    t = common.sample_train_timesteps(model, len(ki), g, args.timestep_sampling).to(d.device)
+                    x_t, target = common.noisy_and_target(model, x0_data, torch.randn(x0_data.shape, generator=g).to(d.device), t)
+                    with autocast:
+                        e_data = common.per_sample_mse(common.denoise(model, x_t, t, emb[: len(ki)],
+                                                                      None if mask is None else mask[: len(ki)]), target)
+                    scaler.scale(args.data_anchor * args.beta / 2 * (e_data * counts).sum() / n_global * d.world).backward()
                 if n_local:
                     inside_k, loss_k = inside_sum / args.dpo_draws, draw_losses / args.dpo_draws
                     loss_value += loss_k[on].mean().item() / args.dpo_epochs

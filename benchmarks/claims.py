@@ -1,4 +1,4 @@
-"""Rerun the papers' checkable claims (../shared/ALGORITHMS.md) in the toy world, 3 seeds each.
+"""Rerun the papers' checkable claims (docs/ALGORITHMS.md) in the toy world, 3 seeds each.
 
     python benchmarks/claims.py                          # all 8 experiments (~3 h on 2 CPU cores, 3 seeds)
     python benchmarks/claims.py --only online_vs_offline num_candidates

@@ -64,6 +64,10 @@ CONFIGS = {
     "independent_beta2000_lr1e-3": PAPER | RECIPE | {"--branch-at": None, "--beta": 2000, "--lr": 1e-3},
     "recipe_beta2000_lr3e-4": PAPER | RECIPE | {"--beta": 2000, "--lr": 3e-4},
     "recipe_dpop2_beta2000_lr3e-4": PAPER | RECIPE | {"--dpop": 2, "--beta": 2000, "--lr": 3e-4},
+    "recipe_anchor1_beta2000_lr3e-4": PAPER | RECIPE | {"--data-anchor": 1, "--beta": 2000, "--lr": 3e-4},
+    "recipe_anchor1_beta2000_lr1e-3": PAPER | RECIPE | {"--data-anchor": 1, "--beta": 2000, "--lr": 1e-3},
+    "recipe_anchor1_dpop2_beta2000_lr1e-3": PAPER | RECIPE | {"--data-anchor": 1, "--dpop": 2, "--beta": 2000,
+                                                              "--lr": 1e-3},
 }
 
 

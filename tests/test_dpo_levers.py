@@ -189,3 +189,58 @@ def test_dpo_positive_penalises_a_rising_winner_error_by_hand():
     assert torch.allclose(inside0, torch.tensor([0.25, -0.1])) and torch.allclose(inside, torch.tensor([-0.25, -0.1]))
     assert torch.allclose(loss, torch.tensor([math.log(1 + math.exp(0.25)), math.log(1 + math.exp(0.1))]), atol=1e-6)
     assert torch.equal(loss[1], plain[1])
+
+
+def test_levers_sweep_smoke_runs_pairs_and_tabulates(tmp_path):
+    """benchmarks/dpo_levers.py end to end (2 steps): a run per configuration, its paired gain, the table; a
+    finished run is kept, not rerun."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import dpo_levers
+    args = dpo_levers.p.parse_args(["--smoke", "--only", "paper", "--out", str(tmp_path)])
+    table = dpo_levers.main(args)
+    row = table["paper"]
+    evals = [json.loads(line) for line in open(tmp_path / "paper_s0" / "metrics.jsonl") if '"eval"' in line]
+    assert row["seeds"] == [0] and row["eval/reward"][0] == evals[-1]["eval/reward"] - evals[0]["eval/reward"]
+    assert "| `paper` | 1 |" in open(tmp_path / "levers.md").read()
+    assert dpo_levers.run_one("paper", 0, args, 0.0)[2] == "kept"
+
+
+def test_gradient_signal_smoke(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "signal.json"
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "dpo_gradient_signal.py"), "--smoke",
+                    "--threads", "1", "--out", str(out)], check=True, capture_output=True, timeout=600)
+    rows = json.load(open(out))["results"]
+    assert [r["pairs"] for r in rows] == ["independent", "branch at 1"]
+    for r in rows:
+        assert -1 <= r["cross_pair_cosine"] <= 1 and -1 <= r["within_pair_cosine"] <= 1 and r["margin"] >= 0
+    assert rows[1]["pixel_mse_w_l"] < rows[0]["pixel_mse_w_l"]  # aligned pairs share their layout
+
+
+def test_data_anchor_trains_on_true_renders_of_the_pairs_prompts(tmp_path, monkeypatch, toy_model):
+    import toy_world
+    seen = []
+    real = common.noisy_and_target
+
+    def spy(model, x0, eps, t):
+        seen.append(x0.detach().clone())
+        return real(model, x0, eps, t)
+    monkeypatch.setattr(common, "noisy_and_target", spy)
+    renders = []
+    real_render = toy_world.render
+    monkeypatch.setattr(toy_world, "render", lambda *a, **k: renders.append(real_render(*a, **k)) or renders[-1])
+    run_main(online_vpo, FAST + ["--steps", "1", "--data-anchor", "0.5", "--out", str(tmp_path / "a")])
+    assert len(seen) == 2 and len(renders) == 1  # the pairs' DPO draw, then the anchor on the renders
+    assert torch.equal(seen[1], renders[0].permute(0, 2, 1, 3, 4) * 2 - 1)
+    assert seen[1].shape == seen[0][:2].shape  # one render per pair (2 prompts)
+
+
+def test_data_anchor_is_refused_off_the_toy_model(tmp_path, tiny_folders, monkeypatch):
+    import pytest
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(ValueError, match="--data-anchor"):
+        run_main(online_vpo, FAST + ["--steps", "1", "--model", tiny_folders["wan"], "--reward", "toy:text",
+                                     "--data-anchor", "1", "--out", str(tmp_path / "w")])
