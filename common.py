@@ -639,12 +639,16 @@ def sample(model, prompts, seeds, num_frames, height, width, steps, guidance, ne
             else:
                 kw = {"generator": gens} if "generator" in sch.step.__code__.co_varnames else {}
                 x_prev, latents = latents, sch.step(pred, t, latents, return_dict=False, **kw)[0]
-                if i == branch_at:  # x_t = (1 - s) x0 + s eps: the Euler step kept eps_hat = x_t + (1 - s) v;
-                    s, s_next = sch.sigmas[i].item(), sch.sigmas[i + 1].item()  # swap it for the branch's own eps
-                    eps_hat = x_prev.float() + (1 - s) * pred
+                if i == branch_at:  # x_t = (1 - s) x0 + s eps: swap the eps_hat the step carried for the branch's own
+                    s, s_next = sch.sigmas[i].item(), sch.sigmas[i + 1].item()
+                    x_b = getattr(sch, "last_sample", None)  # UniPC: its corrected x_b; Euler: the step's input
+                    eps_hat = x_prev.float() + (1 - s) * pred if x_b is None else \
+                        (x_b.float() - (1 - s) * sch.model_outputs[-1].float()) / s  # (its x0 estimate)
                     eps = torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(b)))
-                                     for b in branch_seeds]).to(latents)
-                    latents = latents + s_next * (eps - eps_hat).to(latents)
+                                     for b in branch_seeds]).to(eps_hat)
+                    latents = latents + (s_next * (eps - eps_hat)).to(latents)
+                    if x_b is not None:  # UniPC's corrector rebuilds x_{b+1} from x_b: branch x_b there too
+                        sch.last_sample = x_b + (s * (eps - eps_hat)).to(x_b)
     with torch.set_grad_enabled(grad_from < len(timesteps) and torch.is_grad_enabled()):
         videos = decode(model, latents, decode_frames, decoder_prefix_grad)
     return latents, videos
@@ -710,31 +714,35 @@ def predicted_x0(model, x_t, pred, timestep):
 
 
 @torch.no_grad()
-def implicit_accuracy(model, x0_w, x0_l, prompts, init, seed, draws=4, autocast=None, distribution="uniform"):
-    """DPO's implicit accuracy against the INITIAL model: the fraction of pairs on which the policy has moved
-    toward the winner relative to the loser, -[(e_w - e_w_init) - (e_l - e_l_init)] > 0, each pair's errors
-    averaged over `draws` (t, eps) draws shared by its two members. On pairs never trained on it measures a
-    preference that generalises, where the training rows' accuracy (against the curriculum reference) can
-    also reflect memorised pairs. `init`: a Reference holding the initial weights."""
-    n, dev = x0_w.shape[0], model.device
-    if n == 0:
-        return []
-    x0 = torch.cat([x0_w, x0_l]).to(dev)
-    emb, mask = encode_prompts(model, list(prompts) * 2)
-    inside = torch.zeros(n, device=dev)
-    for k in range(draws):
-        gens = [torch.Generator().manual_seed(seed_for(seed, "implicit-accuracy", i, k)) for i in range(n)]
-        t = torch.cat([sample_train_timesteps(model, 1, g, distribution) for g in gens])
-        eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
-        t, eps = torch.cat([t, t]).to(dev), torch.cat([eps, eps]).to(dev)  # shared by w and l
-        x_t, target = noisy_and_target(model, x0, eps, t)
-        with (autocast or contextlib.nullcontext()):
-            init_pred = init.forward(denoise, model, x_t, t, emb, mask)
-            pred = denoise(model, x_t, t, emb, mask)
-        e_w, e_l = per_sample_mse(pred, target).chunk(2)
-        i_w, i_l = per_sample_mse(init_pred, target).chunk(2)
-        inside -= (e_w - i_w) - (e_l - i_l)
-    return (inside > 0).float().tolist()
+def implicit_accuracy(model, x0_w, x0_l, prompts, init, seed, ids, draws=4, autocast=None, distribution="uniform",
+                      batch_size=8):
+    """DPO's implicit accuracy against the INITIAL model, per pair: 1 where the policy has moved toward the winner
+    relative to the loser, -[(e_w - e_w_init) - (e_l - e_l_init)] > 0, 0 where away, 0.5 on a tie (at step 0 the
+    policy IS the initial model: chance); each pair's errors averaged over `draws` (t, eps) draws shared by its
+    two members, seeded by the pair's global id (`ids`), so ranks and resumes do not change it. On pairs never
+    trained on it measures a preference that generalises, where the training rows' accuracy (against the
+    curriculum reference) can also reflect memorised pairs. `init`: a Reference holding the initial weights;
+    `batch_size` pairs per forward."""
+    out = []
+    for c in range(0, x0_w.shape[0], batch_size):
+        n, dev = len(x0_w[c: c + batch_size]), model.device
+        x0 = torch.cat([x0_w[c: c + batch_size], x0_l[c: c + batch_size]]).to(dev)
+        emb, mask = encode_prompts(model, list(prompts[c: c + batch_size]) * 2)
+        inside = torch.zeros(n, device=dev)
+        for k in range(draws):
+            gens = [torch.Generator().manual_seed(seed_for(seed, "implicit-accuracy", *ids[c + i], k)) for i in range(n)]
+            t = torch.cat([sample_train_timesteps(model, 1, g, distribution) for g in gens])
+            eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
+            t, eps = torch.cat([t, t]).to(dev), torch.cat([eps, eps]).to(dev)  # shared by w and l
+            x_t, target = noisy_and_target(model, x0, eps, t)
+            with (autocast or contextlib.nullcontext()):
+                init_pred = init.forward(denoise, model, x_t, t, emb, mask)
+                pred = denoise(model, x_t, t, emb, mask)
+            e_w, e_l = per_sample_mse(pred, target).chunk(2)
+            i_w, i_l = per_sample_mse(init_pred, target).chunk(2)
+            inside -= (e_w - i_w) - (e_l - i_l)
+        out += ((inside > 0).float() + 0.5 * (inside == 0).float()).tolist()
+    return out
 
 
 def per_sample_mse(pred, target):
@@ -1097,7 +1105,12 @@ def resume_config(args, parser, script):
         given = [k for k in defaults if getattr(args, k, defaults[k]) != defaults[k]]
     changed = []
     for k in defaults:
-        if k in RESUME_OWN or k not in saved:  # (a flag newer than the run keeps this command's value)
+        if k in RESUME_OWN:
+            continue
+        if k not in saved:  # a flag newer than the run: the run ran with its default, so only that continues it
+            if k in given and k not in RESUME_SAFE and getattr(args, k) != defaults[k]:
+                changed.append(f"--{k.replace('_', '-')} {getattr(args, k)} (the run predates the flag: it ran "
+                               f"without it)")
             continue
         if k not in given:
             setattr(args, k, saved[k])
@@ -1108,6 +1121,11 @@ def resume_config(args, parser, script):
                          f"would change it: drop {'them' if len(changed) > 1 else 'it'}, or start a new run "
                          f"(no --resume, a new --out)")
     reached = int(os.path.basename(checkpoint).split("-")[-1]) if checkpoint else 0
+    in_place = args.out is None or os.path.realpath(args.out) == os.path.realpath(run_folder_of(args.resume))
+    if checkpoint and in_place and checkpoint != latest_checkpoint(run_folder_of(args.resume)):
+        raise ValueError(f"--resume {args.resume}: the run has a later checkpoint "
+                         f"({latest_checkpoint(run_folder_of(args.resume))}); continuing from an earlier one in the "
+                         f"same folder would mix two histories: fork it into a new folder with --out")
     if getattr(args, length) < reached:
         raise ValueError(f"--{length} {getattr(args, length)}: the run's checkpoint {checkpoint} is already at "
                          f"{length[:-1]} {reached}: pass --{length} {reached} or more (or none: the run's own)")
@@ -1245,7 +1263,11 @@ def prepare_run_dir(out, script, resume, need_checkpoint=True, main=True):
         resume_checkpoint(resume)
     if out is None and resume:
         out = run_folder_of(resume)
-    out = out or os.path.join("runs", f"{script}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    if out is None:  # (one name for every rank: each rank's clock may be a second apart)
+        out = [os.path.join("runs", f"{script}-{datetime.datetime.now():%Y%m%d-%H%M%S}")]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(out, src=0)
+        out = out[0]
     fork = bool(resume) and os.path.abspath(run_folder_of(resume)) != os.path.abspath(out)  # see fork_run
     if fork and not os.path.isdir(run_folder_of(resume)):
         raise FileNotFoundError(f"--resume {resume!r}: no such run folder")

@@ -74,7 +74,7 @@ p.add_argument("--out", default=None, help="run folder (default runs/gran_dpo-<t
 p.add_argument("--eval-every", type=int, default=30, help="held-out evaluation interval (also at step 0 and the end)")
 p.add_argument("--num-eval-prompts", type=int, default=52, help="how many held-out prompts to evaluate")
 p.add_argument("--eval-seeds", type=int, default=1, help="seeds per held-out prompt (more: a lower noise floor)")
-p.add_argument("--heldout-pairs", type=int, default=16, help="fresh pairs on held-out prompts (sampled by the initial model) on which each evaluation logs the implicit accuracy against the initial model (0: off)")
+p.add_argument("--heldout-pairs", type=int, default=None, help="held-out prompts whose fresh pairs (sampled by the initial model) each evaluation scores by the implicit accuracy against the initial model; default 16 on the toy model, 0 (off) otherwise")
 p.add_argument("--save-every", type=int, default=30, help="checkpoint interval (and at the end)")
 p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue: restores the weights, optimizer, RNG and reference, and the run's saved configuration (only --steps, --eval-every, --save-every, --sample-batch-size, --out (a fork), --device may differ; README)")
 p.add_argument("--track", action="store_true", help="mirror metrics to Weights & Biases (needs `pip install wandb`)")
@@ -126,6 +126,7 @@ def resolve_defaults(args, family):
     args.lr = args.lr or (1e-4 if toy or args.lora_rank else 1e-5)
     args.ref_update_interval = args.ref_update_interval if args.ref_update_interval is not None else (20 if toy else 200)
     args.sample_steps = args.sample_steps or (10 if toy else 30)
+    args.heldout_pairs = args.heldout_pairs if args.heldout_pairs is not None else (16 if toy else 0)
     return args
 
 
@@ -217,9 +218,9 @@ def main(args):
                 "margin": r[ar, best] - r[ar, worst], "reward": r,
                 "patch_w": patch_r[ar, best], "patch_l": patch_r[ar, worst]}
 
-    init = common.Reference(params, model.experts)  # the initial weights: held-out pairs' implicit accuracy
-    heldout = None
-    if args.heldout_pairs:  # fresh held-out pairs, sampled by the initial model (so before a resume loads)
+    init, heldout = None, None
+    if args.heldout_pairs:  # (init: the initial weights, held only for the held-out pairs' implicit accuracy)
+        init = common.Reference(params, model.experts)  # fresh held-out pairs, sampled by the initial model (so before a resume loads)
         n_h = -(-args.heldout_pairs // d.world) * d.world  # (a multiple of the ranks: each samples its share)
         heldout = make_pairs(0, [eval_prompts[i % len(eval_prompts)] for i in range(n_h)], key=("heldout-pairs",))
     start_step = 0
@@ -235,7 +236,7 @@ def main(args):
                                resume_step=start_step if args.resume else None, final_step=args.steps)  # rows to redo)
 
     def evaluate(step):
-        """Every reward dimension on held-out prompts (one fixed seed each), and defective patches per video."""
+        """Every reward dimension on held-out prompts (--eval-seeds fixed seeds each), and defective patches per video."""
         def extra(videos, prompts):
             patch = reward_fn.patch_scores(videos, prompts, grid)
             figures = {"defective_patches": (patch < args.defect_threshold).flatten(1).float().sum(1)}
@@ -248,8 +249,8 @@ def main(args):
                                 args.eval_seeds)
         if heldout is not None:  # does the preference generalise to pairs it never saw?
             hits = common.implicit_accuracy(model, heldout["x0_w"], heldout["x0_l"], heldout["prompts"], init,
-                                            common.seed_for(args.seed, "heldout-pairs"), 4, autocast,
-                                            args.timestep_sampling)
+                                            common.seed_for(args.seed, "heldout-pairs"), [(g,) for g in heldout["gidx"]], 4, autocast,
+                                            args.timestep_sampling, args.sample_batch_size)
             means |= {"heldout_implicit_acc": common.all_mean({"a": sum(hits)}, d)["a"] / max(len(hits), 1)}
         row = {"step": step, "eval": True} | {f"eval/{k}": v for k, v in means.items()}
         log.log(row)

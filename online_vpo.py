@@ -75,7 +75,7 @@ p.add_argument("--out", default=None, help="run folder (default runs/online_vpo-
 p.add_argument("--eval-every", type=int, default=30, help="held-out evaluation interval (also at step 0 and the end)")
 p.add_argument("--num-eval-prompts", type=int, default=52, help="how many held-out prompts to evaluate")
 p.add_argument("--eval-seeds", type=int, default=1, help="seeds per held-out prompt (more: a lower noise floor)")
-p.add_argument("--heldout-pairs", type=int, default=16, help="fresh pairs on held-out prompts (sampled by the initial model) on which each evaluation logs the implicit accuracy against the initial model (0: off)")
+p.add_argument("--heldout-pairs", type=int, default=None, help="held-out prompts whose fresh pairs (sampled by the initial model) each evaluation scores by the implicit accuracy against the initial model; default 16 on the toy model, 0 (off) otherwise")
 p.add_argument("--save-every", type=int, default=30, help="checkpoint interval (and at the end)")
 p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue: restores the weights, optimizer, RNG and reference, and the run's saved configuration (only --steps, --eval-every, --save-every, --sample-batch-size, --out (a fork), --device may differ; README)")
 p.add_argument("--track", action="store_true", help="mirror metrics to Weights & Biases (needs `pip install wandb`)")
@@ -102,6 +102,7 @@ def resolve_defaults(args, family):
     args.lr = args.lr or (1e-4 if toy or args.lora_rank else 1e-5)
     args.ref_update_interval = args.ref_update_interval if args.ref_update_interval is not None else (20 if toy else 200)
     args.sample_steps = args.sample_steps or (10 if toy else 30)
+    args.heldout_pairs = args.heldout_pairs if args.heldout_pairs is not None else (16 if toy else 0)
     return args
 
 
@@ -187,9 +188,9 @@ def main(args):
         return {"prompts": [batch[gidx[i]] for i in rows.tolist()], "ids": ids, "x0_w": lat[rows, w],
                 "x0_l": lat[rows, l], "margin": r[rows, w] - r[rows, l], "reward": r}
 
-    init = common.Reference(params, model.experts)  # the initial weights: held-out pairs' implicit accuracy
-    heldout = None
-    if args.heldout_pairs:  # fresh held-out pairs, sampled by the initial model (so before a resume loads)
+    init, heldout = None, None
+    if args.heldout_pairs:  # (init: the initial weights, held only for the held-out pairs' implicit accuracy)
+        init = common.Reference(params, model.experts)  # fresh held-out pairs, sampled by the initial model (so before a resume loads)
         n_h = -(-args.heldout_pairs // d.world) * d.world  # (a multiple of the ranks: each samples its share)
         heldout = make_pairs(0, [eval_prompts[i % len(eval_prompts)] for i in range(n_h)], key=("heldout-pairs",))
     offline_pairs = None
@@ -209,15 +210,15 @@ def main(args):
                                resume_step=start_step if args.resume else None, final_step=args.steps)  # rows to redo)
 
     def evaluate(step):
-        """Every reward dimension on held-out prompts, one fixed seed each (sharded over ranks)."""
+        """Every reward dimension on held-out prompts, --eval-seeds fixed seeds each (sharded over ranks)."""
         extra = (lambda v, ps: {"color_accuracy": rewards.ToyReward().color_accuracy(v, ps)}) if family == "toy" else None
         means = common.evaluate(model, reward_fn, eval_prompts, args.seed, eval_kw, d, autocast,
                                 os.path.join(out, "samples", f"step-{step:06d}.mp4"), extra, args.sample_batch_size,
                                 args.eval_seeds)
         if heldout is not None:  # does the preference generalise to pairs it never saw?
             hits = common.implicit_accuracy(model, heldout["x0_w"], heldout["x0_l"], heldout["prompts"], init,
-                                            common.seed_for(args.seed, "heldout-pairs"), 4, autocast,
-                                            args.timestep_sampling)
+                                            common.seed_for(args.seed, "heldout-pairs"), heldout["ids"], 4, autocast,
+                                            args.timestep_sampling, args.sample_batch_size)
             means |= {"heldout_implicit_acc": common.all_mean({"a": sum(hits)}, d)["a"] / max(len(hits), 1)}
         row = {"step": step, "eval": True} | {f"eval/{k}": v for k, v in means.items()}
         log.log(row)
@@ -269,12 +270,15 @@ def main(args):
                     inside_sum, draw_losses = inside_sum + inside.detach(), draw_losses + losses.detach()
                 if args.data_anchor:  # + lambda * beta/2 * e(theta) on TRUE renders of the pairs' prompts: a pull back to
                     # the data (InstructGPT's PPO-ptx idea; toy world only: the papers' setting has no such data)
-                    g = torch.Generator().manual_seed(common.seed_for(args.seed, "anchor", step, epoch, d.rank))
-                    renders = toy_world.render([pairs["prompts"][i] for i in ki], args.num_frames, args.height,
-                                               args.width, seed=common.seed_for(args.seed, "anchor", step, epoch, d.rank))
+                    gens = [torch.Generator().manual_seed(common.seed_for(args.seed, "anchor", step, epoch, *pairs["ids"][i]))
+                            for i in ki]  # (keyed by the pair, not the rank: sharding never changes the run)
+                    renders = torch.cat([toy_world.render([pairs["prompts"][i]], args.num_frames, args.height, args.width,
+                                                          seed=g.initial_seed()) for i, g in zip(ki, gens)])
                     x0_data = (renders.permute(0, 2, 1, 3, 4) * 2 - 1).to(d.device)  # the toy latent: [-1, 1] pixels
-                    t = common.sample_train_timesteps(model, len(ki), g, args.timestep_sampling).to(d.device)
-                    x_t, target = common.noisy_and_target(model, x0_data, torch.randn(x0_data.shape, generator=g).to(d.device), t)
+                    t = torch.cat([common.sample_train_timesteps(model, 1, g, args.timestep_sampling) for g in gens])
+                    eps = torch.stack([torch.randn(x0_data.shape[1:], generator=g) for g in gens]).to(d.device)
+                    x_t, target = common.noisy_and_target(model, x0_data, eps, t.to(d.device))
+                    t = t.to(d.device)
                     with autocast:
                         e_data = common.per_sample_mse(common.denoise(model, x_t, t, emb[: len(ki)],
                                                                       None if mask is None else mask[: len(ki)]), target)

@@ -63,8 +63,8 @@ def test_online_vpo_branch_flag_gives_candidates_one_noise_per_prompt(tmp_path, 
         seen.append((list(prompts), list(seeds), k.get("branch_seeds"), k.get("branch_at")))
         return real(model, prompts, seeds, *a, **k)
     monkeypatch.setattr(common, "sample", spy)
-    run_main(online_vpo, FAST + ["--steps", "1", "--branch-at", "1", "--out", str(tmp_path / "r")])
-    train = [s for s in seen if s[3] == 1]  # (the evaluation never branches)
+    run_main(online_vpo, FAST + ["--steps", "1", "--branch-at", "0", "--out", str(tmp_path / "r")])
+    train = [s for s in seen if s[3] == 0]  # (the evaluation never branches)
     assert train and all(s[3] is None for s in seen if s not in train)
     prompts, seeds, branch, _ = train[0]
     assert seeds[0] == seeds[1] and seeds[2] == seeds[3] and seeds[0] != seeds[2]  # N = 2 per prompt share one
@@ -125,7 +125,8 @@ def test_implicit_accuracy_sees_a_policy_fitted_to_the_winner(toy_model):
     g = torch.Generator().manual_seed(1)
     x0_w, x0_l = torch.randn(2, 3, 4, 16, 16, generator=g), torch.randn(2, 3, 4, 16, 16, generator=g)
     prompts = [PROMPT, "a blue circle falling"]
-    assert common.implicit_accuracy(model, x0_w, x0_l, prompts, init, 0) == [0.0, 0.0]  # policy == init
+    ids = [(0,), (1,)]
+    assert common.implicit_accuracy(model, x0_w, x0_l, prompts, init, 0, ids) == [0.5, 0.5]  # policy == init: a tie
     opt = torch.optim.Adam(params, lr=3e-3)
     emb, mask = common.encode_prompts(model, prompts)
     for i in range(30):  # fit the winners (supervised fine-tuning on x0_w only)
@@ -134,8 +135,10 @@ def test_implicit_accuracy_sees_a_policy_fitted_to_the_winner(toy_model):
         common.per_sample_mse(common.denoise(model, x_t, t, emb, mask), target).mean().backward()
         opt.step()
         opt.zero_grad()
-    assert common.implicit_accuracy(model, x0_w, x0_l, prompts, init, 0, draws=8) == [1.0, 1.0]
-    assert common.implicit_accuracy(model, x0_l, x0_w, prompts, init, 0, draws=8) == [0.0, 0.0]  # swapped
+    assert common.implicit_accuracy(model, x0_w, x0_l, prompts, init, 0, ids, draws=8) == [1.0, 1.0]
+    assert common.implicit_accuracy(model, x0_l, x0_w, prompts, init, 0, ids, draws=8) == [0.0, 0.0]  # swapped
+    # one pair per forward gives the same answers: each pair's draws are keyed by its id, not its position
+    assert common.implicit_accuracy(model, x0_w, x0_l, prompts, init, 0, ids, draws=8, batch_size=1) == [1.0, 1.0]
 
 
 def test_evaluation_seeds_add_videos_and_keep_seed_zero(tmp_path, monkeypatch, toy_model):
@@ -233,8 +236,8 @@ def test_data_anchor_trains_on_true_renders_of_the_pairs_prompts(tmp_path, monke
     real_render = toy_world.render
     monkeypatch.setattr(toy_world, "render", lambda *a, **k: renders.append(real_render(*a, **k)) or renders[-1])
     run_main(online_vpo, FAST + ["--steps", "1", "--data-anchor", "0.5", "--out", str(tmp_path / "a")])
-    assert len(seen) == 2 and len(renders) == 1  # the pairs' DPO draw, then the anchor on the renders
-    assert torch.equal(seen[1], renders[0].permute(0, 2, 1, 3, 4) * 2 - 1)
+    assert len(seen) == 2 and len(renders) == 2  # the pairs' DPO draw, then the anchor on one render per pair
+    assert torch.equal(seen[1], torch.cat(renders).permute(0, 2, 1, 3, 4) * 2 - 1)
     assert seen[1].shape == seen[0][:2].shape  # one render per pair (2 prompts)
 
 
@@ -244,3 +247,16 @@ def test_data_anchor_is_refused_off_the_toy_model(tmp_path, tiny_folders, monkey
     with pytest.raises(ValueError, match="--data-anchor"):
         run_main(online_vpo, FAST + ["--steps", "1", "--model", tiny_folders["wan"], "--reward", "toy:text",
                                      "--data-anchor", "1", "--out", str(tmp_path / "w")])
+
+
+def test_branch_on_wans_unipc_sampler_gives_candidates_their_own_noise(tiny_folders):
+    """UniPC's corrector rebuilds the next sample from the previous one: the branch must reach it too (without,
+    same-seed candidates stayed near-duplicates on Wan: spread 0.07 against 1.05 for independent seeds)."""
+    model = common.load_model(tiny_folders["wan"])
+    assert type(model.scheduler).__name__ == "UniPCMultistepScheduler"
+    kw = dict(num_frames=5, height=16, width=16, steps=6, guidance=3.0)
+    indep, _ = common.sample(model, [PROMPT] * 4, [1, 2, 3, 4], **kw)
+    aligned, _ = common.sample(model, [PROMPT] * 4, [9] * 4, **kw, branch_at=1, branch_seeds=[1, 2, 3, 4])
+    shared, _ = common.sample(model, [PROMPT] * 4, [9] * 4, **kw)
+    assert shared.std(0).max() < 1e-5  # one seed, no branch: four copies of one video
+    assert aligned.std(0).mean() > 0.5 * indep.std(0).mean()

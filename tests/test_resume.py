@@ -226,3 +226,26 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_be_resumed(tmp_path, 
     assert steps_of(out) == ([1, 2], [0, 2])
     assert common.latest_checkpoint(out).endswith("step-000002")
     assert json.load(open(os.path.join(out, "config.json")))["batch_size"] == 2
+
+
+def test_a_flag_newer_than_the_run_is_refused_unless_at_its_default(tmp_path, finished_run, monkeypatch):
+    """A run made before --dpo-draws existed ran with one draw: --dpo-draws 4 would change it mid-way."""
+    run = copy_run(finished_run, tmp_path)
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    del cfg["dpo_draws"]
+    json.dump(cfg, open(os.path.join(run, "config.json"), "w"))
+    monkeypatch.setattr(common, "load_model", refuse_to_load)
+    with pytest.raises(ValueError, match="--dpo-draws 4 .*predates"):
+        cli(online_vpo, ["--resume", run, "--dpo-draws", "4"])
+    with pytest.raises(Loaded):  # its default is what the run ran with
+        cli(online_vpo, ["--resume", run, "--dpo-draws", "1"])
+
+
+def test_an_earlier_checkpoint_resumes_only_as_a_fork(tmp_path, finished_run, monkeypatch):
+    """Resuming step 1 in place while step 2 exists would leave step 2 behind for the next --resume."""
+    run = copy_run(finished_run, tmp_path)
+    monkeypatch.setattr(common, "load_model", refuse_to_load)
+    with pytest.raises(ValueError, match="later checkpoint.*--out"):
+        cli(online_vpo, ["--resume", os.path.join(run, "checkpoints", "step-000001")])
+    with pytest.raises(Loaded):  # into a new folder it is a fork
+        cli(online_vpo, ["--resume", os.path.join(run, "checkpoints", "step-000001"), "--out", str(tmp_path / "fork")])
