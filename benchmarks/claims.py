@@ -111,6 +111,8 @@ def argv_of(cfg, seed, out, smoke):
             if k in cfg:
                 cfg[k] = v
         cfg["--num-train-eval-prompts" if "--rounds" in cfg else "--num-eval-prompts"] = 4
+        if cfg["script"] in ("online_vpo.py", "gran_dpo.py"):
+            cfg["--heldout-pairs"] = 0  # (64 extra videos per run would double the smoke's time)
     argv = [sys.executable, os.path.join(ROOT, cfg.pop("script"))]
     for k, v in cfg.items():
         argv += [k] if v is True else [k, str(v)]

@@ -91,7 +91,18 @@ def finished(out, argv):
     except (OSError, ValueError):
         return False
     evals = [r for r in rows if r.get("eval")]
-    return len(evals) >= 2 and evals[-1]["step"] == config["steps"] and config.get("levers_argv") == argv[2:]
+    return len(evals) >= 2 and evals[-1]["step"] == config["steps"] and same_flags(config.get("levers_argv"), argv[2:])
+
+
+def same_flags(a, b):
+    """Two runs' flags agree, wherever their folders are (--out left out): a kept run may move."""
+    def strip(argv):
+        argv = list(argv or [])
+        if "--out" in argv:
+            i = argv.index("--out")
+            del argv[i: i + 2]
+        return argv
+    return a is not None and strip(a) == strip(b)
 
 
 def run_one(name, seed, args, t_start=None):
