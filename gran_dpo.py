@@ -28,8 +28,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import distributed
+import models
 import rewards
-import sharding
+import toy_world
 
 p = argparse.ArgumentParser(description="Gran-DPO (HALO): video- and patch-level Diffusion-DPO",
                             formatter_class=common.HelpFormatter)
@@ -138,9 +140,9 @@ def main(args):
     if args.num_candidates < 2:  # (every pair would be skipped: a run that trains nothing)
         raise ValueError(f"--num-candidates {args.num_candidates}: a pair needs two candidates of a prompt: pass 2 or more (paper: 4-6)")
     common.check_track(args.track)
-    model_path, family = common.resolve_model(args.model)
+    model_path, family = models.resolve_model(args.model)
     resolve_defaults(args, family)
-    common.fill_video_args(args, model_path, family)
+    models.fill_video_args(args, model_path, family)
     common.check_branch(args.branch_at, args.sample_steps, model_path)
     if args.heldout_pairs < 0:
         raise ValueError(f"--heldout-pairs {args.heldout_pairs}: pass 0 (off) or more")
@@ -151,7 +153,7 @@ def main(args):
     train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts, "--eval-prompts")
     eval_prompts = eval_prompts[: args.num_eval_prompts]
     common.check_toy_prompts(args.reward, family, train_prompts, eval_prompts)
-    d = common.setup_distributed(args.device)
+    d = distributed.setup_distributed(args.device)
     if args.fsdp and args.mixed_precision == "fp16":
         raise ValueError("--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to FSDP2)")
     if args.batch_size % d.world:
@@ -163,7 +165,7 @@ def main(args):
 
     # ---- model, reward, trainable weights, reference ---------------------------------------
     dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype
-    model = common.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
+    model = models.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
     args.beta = args.beta or (100.0 if model.prediction == "flow" else 5000.0)
     reward_fn = rewards.load_reward(args.reward, d.device, dtype, fps=args.fps, judge_timeout=args.judge_timeout,
                                        judge_retries=args.judge_retries)
@@ -171,7 +173,7 @@ def main(args):
         raise ValueError(f"reward {reward_fn.name} offers no patch scores: Gran-DPO needs one that does (e.g. toy:quality)")
     args.patch_beta = args.patch_beta or args.beta
     channel_dim = 2 if family == "cogvideox" else 1
-    shape = common.latent_shape(model, args.num_frames, args.height, args.width)
+    shape = model.latent_shape(args.num_frames, args.height, args.width)
     grid_of = shape[:1] + shape[2:] if channel_dim == 2 else shape[1:]  # latent (frames, rows, columns)
     if any(g > n for g, n in zip(grid, grid_of)):  # an empty patch would make its error 0/0 and the weights NaN
         raise ValueError(f"--patch-grid {args.patch_grid} has more cells than the latent has positions "
@@ -179,13 +181,13 @@ def main(args):
     masks = patch_masks(grid_of, grid).to(d.device)
     torch.manual_seed(args.seed)  # LoRA's random init
     params = common.setup_trainable(model, args.lora_rank, args.lora_alpha, args.grad_checkpointing)
-    common.broadcast_params(params, d)
+    distributed.broadcast_params(params, d)
     if args.fsdp:  # FSDP2: each block, then the root; trainable weights, gradients and AdamW state sharded
-        params = sharding.shard(model, args.mixed_precision)
+        params = distributed.shard(model, args.mixed_precision)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     ref = common.Reference(params, model.experts)  # f_ref: starts as the initial policy
     # --offload-frozen: the frozen models the update never calls wait in host memory while it runs
-    frozen = common.Offload(common.modules_of([model.text_encoder, model.text_encoder_2, model.vae, reward_fn]),
+    frozen = distributed.Offload(distributed.modules_of([model.text_encoder, model.text_encoder_2, model.vae, reward_fn]),
                             enabled=args.offload_frozen)
     autocast = common.autocast_context(args.mixed_precision, d.device)
     scaler = common.grad_scaler(args.mixed_precision, d.device)
@@ -241,7 +243,7 @@ def main(args):
             patch = reward_fn.patch_scores(videos, prompts, grid)
             figures = {"defective_patches": (patch < args.defect_threshold).flatten(1).float().sum(1)}
             if family == "toy":
-                figures["color_accuracy"] = rewards.ToyReward().color_accuracy(videos, prompts)
+                figures["color_accuracy"] = toy_world.ToyReward().color_accuracy(videos, prompts)
             return figures
 
         means = common.evaluate(model, reward_fn, eval_prompts, args.seed, eval_kw, d, autocast,
@@ -251,7 +253,7 @@ def main(args):
             hits = common.implicit_accuracy(model, heldout["x0_w"], heldout["x0_l"], heldout["prompts"], init,
                                             common.seed_for(args.seed, "heldout-pairs"), [(g,) for g in heldout["gidx"]], 4, autocast,
                                             args.timestep_sampling, args.sample_batch_size)
-            means |= {"heldout_implicit_acc": common.all_mean({"a": sum(hits)}, d)["a"] / max(len(hits), 1)}
+            means |= {"heldout_implicit_acc": distributed.all_mean({"a": sum(hits)}, d)["a"] / max(len(hits), 1)}
         row = {"step": step, "eval": True} | {f"eval/{k}": v for k, v in means.items()}
         log.log(row)
         return row
@@ -267,11 +269,11 @@ def main(args):
         t_sample = time.time() - t0
         keep = pairs["margin"] >= args.min_margin
         n_local = int(keep.sum())
-        n_global = int(common.all_mean({"n": n_local}, d)["n"] * d.world + 0.5)
+        n_global = int(distributed.all_mean({"n": n_local}, d)["n"] * d.world + 0.5)
         gap_mean = 1.0
         if args.gap_weighting:  # the mean patch-reward gap over ALL ranks' kept pairs, as one process has it
             gaps = (pairs["patch_w"] - pairs["patch_l"])[keep].abs()
-            g = common.all_mean({"sum": gaps.sum().item(), "n": gaps.numel()}, d)
+            g = distributed.all_mean({"sum": gaps.sum().item(), "n": gaps.numel()}, d)
             gap_mean = max(g["sum"] / max(g["n"], 1e-9), 1e-8)
 
         # 5. Diffusion-DPO: each of K draws is ONE (t, eps) per pair, shared by its two members; E updates
@@ -283,7 +285,7 @@ def main(args):
                 counts = keep[ki].float().to(d.device)  # 1: the pair counts; 0: run only to keep FSDP in step
                 on = counts > 0
                 x0 = torch.cat([pairs["x0_w"][ki], pairs["x0_l"][ki]]).to(d.device)
-                emb, mask = common.encode_prompts(model, [pairs["prompts"][i] for i in ki] * 2)
+                emb, mask = model.encode_prompts([pairs["prompts"][i] for i in ki] * 2)
                 gap = pairs["patch_w"][ki] - pairs["patch_l"][ki]  # [pairs, P]
                 sign = torch.sign(gap).to(d.device)  # s_p: +1 where the video winner also wins the patch
                 weight = (gap.abs() / gap_mean).to(d.device) if args.gap_weighting else None
@@ -298,8 +300,8 @@ def main(args):
                     t, eps = torch.cat([t, t]).to(d.device), torch.cat([eps, eps])  # shared by w and l
                     x_t, target = common.noisy_and_target(model, x0, eps, t)
                     with autocast:  # reference first (it swaps weights), then the policy
-                        ref_pred = ref.forward(common.denoise, model, x_t, t, emb, mask)
-                        pred = common.denoise(model, x_t, t, emb, mask)
+                        ref_pred = ref.forward(model.denoise, x_t, t, emb, mask)
+                        pred = model.denoise(x_t, t, emb, mask)
                     err, ref_err = common.per_sample_mse(pred, target), common.per_sample_mse(ref_pred, target)
                     e_w, e_l = err.chunk(2)  # e(theta) = mse(f_theta(x_t, t, c), target(x0, eps, t))
                     r_w, r_l = ref_err.chunk(2)
@@ -328,9 +330,9 @@ def main(args):
                     inside_mean, video_loss = inside_mean + sums["epoch_inside"], video_loss + sums["epoch_video"]
                     patch_loss, patch_acc = patch_loss + sums["epoch_patch"], patch_acc + sums["epoch_patch_acc"]
                     disagree += sums["epoch_disagree"]
-            common.average_gradients(params, d)
+            distributed.average_gradients(params, d)
             scaler.unscale_(optimizer)  # fp16: clip the true gradients (a no-op otherwise)
-            grad_norm = common.clip_grad_norm(params, args.max_grad_norm)
+            grad_norm = distributed.clip_grad_norm(params, args.max_grad_norm)
             scaler.step(optimizer)  # skipped when fp16 gradients overflowed
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -341,7 +343,7 @@ def main(args):
             ref.update()
 
         dt = time.time() - t0
-        stats = common.all_mean({"loss": loss_value * n_local, "implicit_acc": acc * n_local, "inside": inside_mean * n_local,
+        stats = distributed.all_mean({"loss": loss_value * n_local, "implicit_acc": acc * n_local, "inside": inside_mean * n_local,
                                  "video_loss": video_loss * n_local, "patch_loss": patch_loss * n_local,
                                  "patch_acc": patch_acc * n_local, "patch_disagree": disagree * n_local,
                                  "reward_mean": pairs["reward"].mean().item(), "reward_min": pairs["reward"].min().item(),
@@ -371,7 +373,7 @@ def main(args):
         print(f"eval/reward: {first['eval/reward']:.4f} -> {final['eval/reward']:.4f}  ({reward_fn.name}, "
               f"{len(eval_prompts)} held-out prompts; run folder {out})")
     if d.main and args.lora_rank:  # a model card beside the final LoRA, from the run's files
-        common.write_model_card(out, "gran_dpo", "Gran-DPO (HALO)", "arXiv 2502.06812", args.steps * args.batch_size * args.num_candidates)
+        models.write_model_card(out, "gran_dpo", "Gran-DPO (HALO)", "arXiv 2502.06812", args.steps * args.batch_size * args.num_candidates)
     if d.world > 1:
         torch.distributed.destroy_process_group()
     return out

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import distributed
+import models
 import rewards
-import sharding
 import toy_world
 
 p = argparse.ArgumentParser(description="OnlineVPO: online Diffusion-DPO with a video reward",
@@ -114,9 +115,9 @@ def main(args):
     if args.num_candidates < 2:  # (every pair would be skipped: a run that trains nothing)
         raise ValueError(f"--num-candidates {args.num_candidates}: a pair needs two candidates of a prompt: pass 2 or more (paper: 4-6)")
     common.check_track(args.track)
-    model_path, family = common.resolve_model(args.model)
+    model_path, family = models.resolve_model(args.model)
     resolve_defaults(args, family)
-    common.fill_video_args(args, model_path, family)
+    models.fill_video_args(args, model_path, family)
     common.check_branch(args.branch_at, args.sample_steps, model_path)
     if args.data_anchor and family != "toy":
         raise ValueError("--data-anchor trains on true renders, which only the toy world has: drop it for this model")
@@ -126,7 +127,7 @@ def main(args):
     train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts, "--eval-prompts")
     eval_prompts = eval_prompts[: args.num_eval_prompts]
     common.check_toy_prompts(args.reward, family, train_prompts, eval_prompts)
-    d = common.setup_distributed(args.device)
+    d = distributed.setup_distributed(args.device)
     if args.fsdp and args.mixed_precision == "fp16":
         raise ValueError("--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to FSDP2)")
     if args.batch_size % d.world:
@@ -135,19 +136,19 @@ def main(args):
 
     # ---- model, reward, trainable weights, reference ---------------------------------------
     dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype
-    model = common.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
+    model = models.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
     args.beta = args.beta or (100.0 if model.prediction == "flow" else 5000.0)
     reward_fn = rewards.load_reward(args.reward, d.device, dtype, fps=args.fps, judge_timeout=args.judge_timeout,
                                        judge_retries=args.judge_retries)
     torch.manual_seed(args.seed)  # LoRA's random init
     params = common.setup_trainable(model, args.lora_rank, args.lora_alpha, args.grad_checkpointing)
-    common.broadcast_params(params, d)
+    distributed.broadcast_params(params, d)
     if args.fsdp:  # FSDP2: each block, then the root; trainable weights, gradients and AdamW state sharded
-        params = sharding.shard(model, args.mixed_precision)
+        params = distributed.shard(model, args.mixed_precision)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     ref = common.Reference(params, model.experts)  # f_ref: starts as the initial policy
     # --offload-frozen: the frozen models the update never calls wait in host memory while it runs
-    frozen = common.Offload(common.modules_of([model.text_encoder, model.text_encoder_2, model.vae, reward_fn]),
+    frozen = distributed.Offload(distributed.modules_of([model.text_encoder, model.text_encoder_2, model.vae, reward_fn]),
                             enabled=args.offload_frozen)
     autocast = common.autocast_context(args.mixed_precision, d.device)
     scaler = common.grad_scaler(args.mixed_precision, d.device)
@@ -211,7 +212,7 @@ def main(args):
 
     def evaluate(step):
         """Every reward dimension on held-out prompts, --eval-seeds fixed seeds each (sharded over ranks)."""
-        extra = (lambda v, ps: {"color_accuracy": rewards.ToyReward().color_accuracy(v, ps)}) if family == "toy" else None
+        extra = (lambda v, ps: {"color_accuracy": toy_world.ToyReward().color_accuracy(v, ps)}) if family == "toy" else None
         means = common.evaluate(model, reward_fn, eval_prompts, args.seed, eval_kw, d, autocast,
                                 os.path.join(out, "samples", f"step-{step:06d}.mp4"), extra, args.sample_batch_size,
                                 args.eval_seeds)
@@ -219,7 +220,7 @@ def main(args):
             hits = common.implicit_accuracy(model, heldout["x0_w"], heldout["x0_l"], heldout["prompts"], init,
                                             common.seed_for(args.seed, "heldout-pairs"), heldout["ids"], 4, autocast,
                                             args.timestep_sampling, args.sample_batch_size)
-            means |= {"heldout_implicit_acc": common.all_mean({"a": sum(hits)}, d)["a"] / max(len(hits), 1)}
+            means |= {"heldout_implicit_acc": distributed.all_mean({"a": sum(hits)}, d)["a"] / max(len(hits), 1)}
         row = {"step": step, "eval": True} | {f"eval/{k}": v for k, v in means.items()}
         log.log(row)
         return row
@@ -235,7 +236,7 @@ def main(args):
         t_sample = time.time() - t0
         keep = pairs["margin"] >= args.min_margin
         n_local = int(keep.sum())
-        n_global = int(common.all_mean({"n": n_local}, d)["n"] * d.world + 0.5)
+        n_global = int(distributed.all_mean({"n": n_local}, d)["n"] * d.world + 0.5)
 
         # 5. Diffusion-DPO: each of K draws is ONE (t, eps) per pair, shared by its two members; E updates
         loss_value, acc, inside_mean, grad_norm = 0.0, 0.0, 0.0, 0.0
@@ -246,7 +247,7 @@ def main(args):
                 counts = keep[ki].float().to(d.device)  # 1: the pair counts; 0: run only to keep FSDP in step
                 on = counts > 0
                 x0 = torch.cat([pairs["x0_w"][ki], pairs["x0_l"][ki]]).to(d.device)
-                emb, mask = common.encode_prompts(model, [pairs["prompts"][i] for i in ki] * 2)
+                emb, mask = model.encode_prompts([pairs["prompts"][i] for i in ki] * 2)
                 frozen.away()  # (until the next sampling; no-op without --offload-frozen)
                 inside_sum, draw_losses = 0.0, 0.0
                 for k in range(args.dpo_draws):  # (one backward per draw: memory does not grow with K)
@@ -258,8 +259,8 @@ def main(args):
                     t, eps = torch.cat([t, t]).to(d.device), torch.cat([eps, eps])  # shared by w and l
                     x_t, target = common.noisy_and_target(model, x0, eps, t)
                     with autocast:  # reference first (it swaps weights), then the policy
-                        ref_pred = ref.forward(common.denoise, model, x_t, t, emb, mask)
-                        pred = common.denoise(model, x_t, t, emb, mask)
+                        ref_pred = ref.forward(model.denoise, x_t, t, emb, mask)
+                        pred = model.denoise(x_t, t, emb, mask)
                     err, ref_err = common.per_sample_mse(pred, target), common.per_sample_mse(ref_pred, target)
                     e_w, e_l = err.chunk(2)  # e(theta) = mse(f_theta(x_t, t, c), target(x0, eps, t))
                     r_w, r_l = ref_err.chunk(2)
@@ -280,7 +281,7 @@ def main(args):
                     x_t, target = common.noisy_and_target(model, x0_data, eps, t.to(d.device))
                     t = t.to(d.device)
                     with autocast:
-                        e_data = common.per_sample_mse(common.denoise(model, x_t, t, emb[: len(ki)],
+                        e_data = common.per_sample_mse(model.denoise(x_t, t, emb[: len(ki)],
                                                                       None if mask is None else mask[: len(ki)]), target)
                     scaler.scale(args.data_anchor * args.beta / 2 * (e_data * counts).sum() / n_global * d.world).backward()
                 if n_local:
@@ -288,9 +289,9 @@ def main(args):
                     loss_value += loss_k[on].mean().item() / args.dpo_epochs
                     acc += (inside_k[on] > 0).float().mean().item() / args.dpo_epochs
                     inside_mean += inside_k[on].mean().item() / args.dpo_epochs
-            common.average_gradients(params, d)
+            distributed.average_gradients(params, d)
             scaler.unscale_(optimizer)  # fp16: clip the true gradients (a no-op otherwise)
-            grad_norm = common.clip_grad_norm(params, args.max_grad_norm)
+            grad_norm = distributed.clip_grad_norm(params, args.max_grad_norm)
             scaler.step(optimizer)  # skipped when fp16 gradients overflowed
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -301,7 +302,7 @@ def main(args):
             ref.update()
 
         dt = time.time() - t0
-        stats = common.all_mean({"loss": loss_value * n_local, "implicit_acc": acc * n_local, "inside": inside_mean * n_local,
+        stats = distributed.all_mean({"loss": loss_value * n_local, "implicit_acc": acc * n_local, "inside": inside_mean * n_local,
                                  "reward_mean": pairs["reward"].mean().item(), "reward_min": pairs["reward"].min().item(),
                                  "reward_max": pairs["reward"].max().item(), "margin": pairs["margin"].mean().item(),
                                  "pairs": n_local}, d)
@@ -328,7 +329,7 @@ def main(args):
         print(f"eval/reward: {first['eval/reward']:.4f} -> {final['eval/reward']:.4f}  ({reward_fn.name}, "
               f"{len(eval_prompts)} held-out prompts; run folder {out})")
     if d.main and args.lora_rank:  # a model card beside the final LoRA, from the run's files
-        common.write_model_card(out, "online_vpo", "OnlineVPO", "arXiv 2412.15159", args.steps * args.batch_size * args.num_candidates)
+        models.write_model_card(out, "online_vpo", "OnlineVPO", "arXiv 2412.15159", args.steps * args.batch_size * args.num_candidates)
     if d.world > 1:
         torch.distributed.destroy_process_group()
     return out

@@ -1,7 +1,7 @@
 """Pre-train the toy world's base model: a tiny pixel-space WanTransformer3DModel with flow matching.
 
 Reproduces the weights shipped under assets/toy (diffusers folder layout, loaded by
-`common.load_model("toy")` through the ordinary `from_pretrained`). Videos are rendered on the fly
+`models.load_model("toy")` through the ordinary `from_pretrained`). Videos are rendered on the fly
 by toy_world.render from the TRAIN prompts only; 10% of captions are dropped for classifier-free
 guidance. The text encoder (a tiny UMT5 over a word-level tokenizer) is trained jointly here and
 frozen afterwards, like a real T5.

@@ -21,12 +21,14 @@ its public hub id when the machine is online):
   vjepa2                      temporal feature consistency under V-JEPA 2
 Every real reward but the API judge prepares frames in torch and is differentiable; every one offers
 crop-based patch scores (`crop_patch_scores`) for Gran-DPO. Each reward model gets the inputs its reference
-inference code builds (frames, size, prompt; REWARDS_REFERENCE.md). `reward.fps` (or load_reward(...,
+inference code builds (frames, size, prompt; docs/rewards_reference.md). `reward.fps` (or load_reward(...,
 fps=)) is the frame rate of the clips scored: videoscore2 and videoreward sample 2 frames per second of
 video and refuse to run without it.
-The toy world's rewards are analytic and mirror the real reward models' dimensions (VideoScore's
-visual quality / temporal consistency / dynamic degree / text alignment, plus physics) so that
-the algorithms can be run and checked on a laptop CPU.
+The toy world's rewards (`toy[:dimension]`, `judge[:dimension]`) live with the world in toy_world.py and
+are registered here: analytic, they mirror the real reward models' dimensions (VideoScore's visual quality /
+temporal consistency / dynamic degree / text alignment, plus physics) so that the algorithms can be run and
+checked on a laptop CPU. VideoAlign's release layout is converted on load (convert_videoreward; also
+`python tools/convert_videoalign.py <release> <out>`).
 """
 import json
 import math
@@ -36,242 +38,6 @@ import re
 import torch
 
 import toy_world
-
-# ----------------------------------------------------------------------------------------------
-# The toy world's analytic rewards
-# ----------------------------------------------------------------------------------------------
-PALETTE = torch.tensor([(0.0, 0.0, 0.0)] + list(toy_world.COLORS.values()))  # black background first
-COLOR_NAMES = list(toy_world.COLORS)
-TOY_DIMENSIONS = {  # dimension -> short aliases accepted in specs
-    "visual_quality": ["quality", "vq"],
-    "temporal_consistency": ["temporal", "tc", "consistency"],
-    "dynamic_degree": ["dynamic", "dd", "dynamics"],
-    "text_alignment": ["text", "ta", "alignment"],
-    "physics": ["phys"],
-    "mean": ["global", "all"],
-    "frame": ["framewise", "image"],
-}
-
-
-def _soft_centroid(mask):
-    """mask [B, F, H, W] -> centroid [B, F, 2] (x, y in pixels) and mass [B, F]."""
-    B, F, H, W = mask.shape
-    ys = torch.arange(H, dtype=mask.dtype, device=mask.device).view(1, 1, H, 1)
-    xs = torch.arange(W, dtype=mask.dtype, device=mask.device).view(1, 1, 1, W)
-    mass = mask.sum((2, 3))
-    # one pixel of prior mass at the frame centre: an (almost) empty mask gets a well-defined centroid
-    # instead of a ratio of two round-off-sized numbers (which made scores depend on batch composition)
-    cx = ((mask * xs).sum((2, 3)) + (W - 1) / 2) / (mass + 1)
-    cy = ((mask * ys).sum((2, 3)) + (H - 1) / 2) / (mass + 1)
-    return torch.stack([cx, cy], -1), mass
-
-
-def _template(shape, c, r, H, W):
-    """Soft shape templates [B, F, H, W] at centroids c [B, F, 2] with half-size r [B, F]."""
-    ys = torch.arange(H, dtype=c.dtype, device=c.device).view(1, 1, H, 1)
-    xs = torch.arange(W, dtype=c.dtype, device=c.device).view(1, 1, 1, W)
-    dx, dy, r = xs - c[..., 0, None, None], ys - c[..., 1, None, None], r[..., None, None]
-    step = lambda z: torch.sigmoid(z / 0.25)  # noqa: E731 (a soft edge a quarter pixel wide)
-    if shape == "square":
-        return step(r + 0.5 - dx.abs()) * step(r + 0.5 - dy.abs())
-    if shape == "circle":
-        return step(1.13 * r + 0.5 - (dx * dx + dy * dy).sqrt())
-    dy = dy + r / 3  # the mass centroid of an apex-up triangle sits r/3 below its box centre
-    return step(r + 0.5 - dy.abs()) * step(r * 1.3 * (dy + r) / (2 * r) + 0.5 - dx.abs())
-
-
-class ToyReward:
-    """Analytic toy-world scores, each in [0, 1], all differentiable w.r.t. the pixels:
-    visual_quality (pixels close to the flat palette: noise, speckle and blur lower it; times the
-    object's presence),
-    temporal_consistency (stable object area and colour, little frame-to-frame change, times the
-    object's presence: flicker and vanishing objects lower it, and so, mildly, does fast motion, as
-    with real consistency metrics), dynamic_degree (how far
-    the objects move), text_alignment (colour, shape and motion as the prompt says), physics (falls
-    accelerate, constant speed otherwise, a pushed object keeps still until its pusher touches it and
-    stays ahead of it after); frame, the
-    image-style reward (per-frame quality and colour/shape alignment, blind to frame order)."""
-    differentiable = True
-    num_frames = None  # takes the video as it comes
-    resolution = None
-    fps = None  # frame-count based: the clip's rate does not matter
-
-    def __init__(self, dimension="temporal_consistency"):
-        self.dimension = canonical_toy_dimension(dimension)
-        self.dimensions = list(TOY_DIMENSIONS) + ["color", "shape", "motion"]
-        self.name = f"toy:{self.dimension}"
-
-    def pixel_quality(self, videos):
-        """Per-pixel closeness to the palette [B, F, H, W] in [0, 1]."""
-        pal = PALETTE.to(videos)
-        d = (videos.unsqueeze(2) - pal.view(1, 1, -1, 3, 1, 1)).pow(2).sum(3)  # [B, F, K, H, W]
-        dmin = -0.01 * torch.logsumexp(-d / 0.01, dim=2)  # soft minimum over palette colours
-        return torch.exp(-dmin.clamp(min=0) / 0.05)
-
-    def patch_scores(self, videos, prompts, grid=(2, 4, 4)):
-        """Visual quality per patch [B, Fp, Hp, Wp] (Fp groups of frames x Hp x Wp cells)."""
-        q = self.pixel_quality(videos)  # [B, F, H, W]; cells need not divide the video evenly
-        return torch.nn.functional.adaptive_avg_pool3d(q[:, None], tuple(grid))[:, 0]
-
-    def color_masks(self, videos):
-        """Soft membership of every pixel in each palette colour [B, F, K, H, W] (K without black)."""
-        pal = PALETTE[1:].to(videos)
-        d = (videos.unsqueeze(2) - pal.view(1, 1, -1, 3, 1, 1)).pow(2).sum(3)
-        return torch.exp(-d / 0.06)
-
-    def __call__(self, videos, prompts):
-        specs = [toy_world.parse_prompt(p) for p in prompts]
-        v = videos.float()
-        B, F, C, H, W = v.shape
-        bright = v.amax(2)
-        fg = torch.sigmoid((bright - 0.35) / 0.05)  # [B, F, H, W] soft foreground
-        cent, mass = _soft_centroid(fg)
-        shape_area = (2 * toy_world.HALF_SIZE * W / 32) ** 2
-
-        # an object must be THERE for any video-level score: an empty clip is neither "consistent" nor
-        # "high quality" (else blank videos hack both, as the first OnlineVPO and Gran-DPO runs found)
-        area = mass / shape_area
-        presence = (area / 0.5).clamp(max=1).mean(1)
-        quality = self.pixel_quality(v).mean((1, 2, 3)) * presence
-
-        # temporal consistency: area and colour stability + small raw frame-to-frame change
-        area_stab = torch.exp(-(area[:, 1:] - area[:, :-1]).abs().mean(1) / 0.15)
-        mean_col = (v * fg.unsqueeze(2)).sum((3, 4)) / (mass.unsqueeze(2) + 1e-4)  # [B, F, 3]
-        col_stab = torch.exp(-(mean_col[:, 1:] - mean_col[:, :-1]).norm(dim=2).mean(1) / 0.1)
-        pix_stab = torch.exp(-(v[:, 1:] - v[:, :-1]).abs().mean((1, 2, 3, 4)) / 0.05)
-        temporal = (0.4 * area_stab + 0.3 * col_stab + 0.3 * pix_stab) * presence
-
-        speed = (cent[:, 1:] - cent[:, :-1]).norm(dim=2)  # px / frame
-        dynamic = 1 - torch.exp(-speed.mean(1) / 1.5)
-
-        cmask = self.color_masks(v)  # [B, F, K, H, W]
-        carea = cmask.sum((1, 3, 4))  # [B, K]
-        color, shape, motion, physics = [], [], [], []
-        for b, s in enumerate(specs):
-            k1 = COLOR_NAMES.index(s["color"])
-            targets = [k1] + ([COLOR_NAMES.index(s["color2"])] if "color2" in s else [])
-            color.append(carea[b, targets].sum() / (carea[b].sum() + shape_area * 0.25))
-            # shape: template IoU of the (first) object's colour mask against each shape
-            m1 = cmask[b:b + 1, :, k1]
-            c1, a1 = _soft_centroid(m1)
-            ious = []
-            for sh, fill in (("square", 4.0), ("circle", 4.0), ("triangle", 2.6)):
-                t = _template(sh, c1.detach(), (a1.detach() / fill).clamp(min=1).sqrt() - 0.5, H, W)
-                ious.append((torch.minimum(m1, t).sum((2, 3)) / (torch.maximum(m1, t).sum((2, 3)) + 1e-4)).mean())
-            shape.append(torch.softmax(torch.stack(ious) * 30, 0)[toy_world.SHAPES.index(s["shape"])])
-            mo, ph = self._motion_physics(s, cent[b], cmask[b], F)
-            motion.append(mo)
-            physics.append(ph)
-        color, shape, motion, physics = (torch.stack(x) for x in (color, shape, motion, physics))
-        text = (color + shape + motion) / 3
-        out = {"visual_quality": quality, "temporal_consistency": temporal, "dynamic_degree": dynamic,
-               "text_alignment": text, "physics": physics, "color": color, "shape": shape, "motion": motion}
-        out["mean"] = (quality + temporal + dynamic + text + physics) / 5
-        # what an image reward model (PickScore, HPSv2, aesthetic) scored frame by frame would see: quality
-        # and image-text alignment of each frame, averaged; blind to frame order, hence to motion
-        out["frame"] = (quality + color + shape) / 3
-        out["reward"] = out[self.dimension]
-        return out
-
-    @staticmethod
-    def _motion_physics(s, c, cmask, F):
-        """Motion score and physics score of one video; c [F, 2] foreground centroids."""
-        sig = torch.sigmoid
-        m = s["motion"]
-        T = max(F - 1, 1)
-        if m == "pushing":  # track each object by its colour
-            c1, _ = _soft_centroid(cmask[None, :, COLOR_NAMES.index(s["color"])])
-            c2, _ = _soft_centroid(cmask[None, :, COLOR_NAMES.index(s["color2"])])
-            c1, c2 = c1[0], c2[0]
-            half = F // 2
-            pusher = sig(((c1[-1, 0] - c1[0, 0]) / T - 0.6) / 0.2)
-            pushed_late = sig(((c2[-1, 0] - c2[half, 0]) / max(F - 1 - half, 1) - 0.6) / 0.2)
-            pushed_still_early = torch.exp(-(c2[min(2, F - 1), 0] - c2[0, 0]).abs() / 2)
-            order = sig((c2[:, 0] - c1[:, 0] - 2) / 1).mean()  # the pushed one stays ahead: no passing through
-            # no motion without a cause: in a frame step where the pusher does not come within 2 half-sizes
-            # (+1 px) of where the pushed one stood, the pushed one must keep still (cut: 0.4 px/frame)
-            touch = 2 * toy_world.HALF_SIZE * cmask.shape[-1] / 32 + 1
-            apart = sig((c2[:-1, 0] - c1[1:, 0] - touch) / 0.5)
-            moves = apart * (c2[1:, 0] - c2[:-1, 0]).abs()
-            drift = moves.amax() if moves.numel() else moves.new_zeros(())  # (one frame, as VADER may decode: no drift)
-            return pusher * pushed_late * pushed_still_early, order * sig((0.4 - drift) / 0.08)
-        vel = (c[1:] - c[:-1])  # [F-1, 2]
-        acc = vel[1:] - vel[:-1]
-        disp = (c[-1] - c[0]) / T
-        if m in toy_world.DIRECTIONS:
-            d = torch.tensor(toy_world.DIRECTIONS[m], dtype=c.dtype, device=c.device)
-            return sig(((disp * d).sum() - 0.6) / 0.2), torch.exp(-acc.norm(dim=1).mean() / 1.5)
-        if m == "falling":
-            return sig((disp[1] - 0.6) / 0.2) * torch.exp(-disp[0].abs() / 0.5), sig((acc[:, 1].mean() - 0.15) / 0.1)
-        if m == "bouncing":
-            y = c[:, 1]
-            y_max = 0.3 * torch.logsumexp(y / 0.3, 0)
-            down_up = sig((y_max - y[0] - 3) / 1.0) * sig((y_max - y[-1] - 1.5) / 0.7)
-            return down_up, sig((acc[:3, 1].mean() - 0.3) / 0.2)
-        still = torch.exp(-(c[-1] - c[0]).norm() / 1.5) * torch.exp(-vel.norm(dim=1).mean() / 1.0)
-        return still, torch.exp(-vel.norm(dim=1).mean() / 1.0)
-
-    def color_accuracy(self, videos, prompts):
-        """1 where the video's dominant palette colours are the prompt's colours (the top one for a
-        single object, the top two for a push), else 0: [B]."""
-        carea = self.color_masks(videos.float()).sum((1, 3, 4)).cpu()
-        acc = []
-        for b, p in enumerate(prompts):
-            s = toy_world.parse_prompt(p)
-            want = {COLOR_NAMES.index(s["color"])} | ({COLOR_NAMES.index(s["color2"])} if "color2" in s else set())
-            acc.append(float(set(carea[b].topk(len(want)).indices.tolist()) == want))
-        return torch.tensor(acc)
-
-
-class ToyJudge:
-    """The toy world's binary judge, standing in for a VLM asked a yes/no question about the object
-    dynamics ("Does the red square fall downwards with increasing speed?"): yes when the motion, the
-    physics and the colour are all right (each score > 0.5). Answers {0, 1}; not differentiable."""
-    differentiable = False
-    num_frames = None
-    resolution = None
-    fps = None
-    dimensions = ["yes", "p_yes", "motion", "physics", "color"]
-    name = "toy:judge"
-
-    def __init__(self, dimension="yes"):
-        self.scorer = ToyReward()
-        self.dimension = dimension
-
-    def question(self, prompt):
-        return default_question(prompt)
-
-    @torch.no_grad()
-    def __call__(self, videos, prompts):
-        s = self.scorer(videos, prompts)
-        p_yes = torch.minimum(torch.minimum(s["motion"], s["physics"]), s["color"])
-        out = {"yes": (p_yes > 0.5).float(), "p_yes": p_yes, "motion": s["motion"], "physics": s["physics"],
-               "color": s["color"]}
-        out["reward"] = out[self.dimension] if self.dimension in out else out["yes"]
-        return out
-
-
-def default_question(prompt):
-    """The yes/no question asked about a dynamics prompt (the toy judge and a VLM get the same one)."""
-    try:
-        s = toy_world.parse_prompt(prompt)
-    except ValueError:
-        return f"Does this video faithfully show: {prompt}? Answer yes or no."
-    obj = f"the {s['color']} {s['shape']}"
-    q = {"falling": f"Does {obj} fall downwards with increasing speed?",
-         "bouncing": f"Does {obj} fall, hit the ground and bounce back up?",
-         "pushing": f"Does {obj} move right, touch the {s.get('color2')} {s.get('shape2')} and push it along?",
-         "staying still": f"Does {obj} stay still?"}.get(s["motion"], f"Does {obj} keep {s['motion']} at a steady speed?")
-    return q + " Answer yes or no."
-
-
-def canonical_toy_dimension(dim):
-    for name, aliases in TOY_DIMENSIONS.items():
-        if dim == name or dim in aliases:
-            return name
-    valid = ", ".join(f"{k} ({'/'.join(v)})" for k, v in TOY_DIMENSIONS.items())
-    raise ValueError(f"unknown toy reward dimension {dim!r}: valid are {valid}")
-
 
 # ----------------------------------------------------------------------------------------------
 # Real reward models
@@ -709,7 +475,7 @@ class VLMJudge(QwenVLVideo):
         self.load(path, device, dtype, fps)
         self.yes_ids = self.first_token_ids(["yes", "Yes", " yes", " Yes"])
         self.no_ids = self.first_token_ids(["no", "No", " no", " No"])
-        self.question_fn = default_question
+        self.question_fn = toy_world.default_question
 
     def __call__(self, videos, prompts):
         logits = self.forward(videos, [self.question_fn(p) for p in prompts])
@@ -941,7 +707,7 @@ class VideoReward(QwenVLVideo):
     wrong rate gives wrong scores), at most 200704 pixels per frame (at least 128 x 28^2, bicubic). Loads a
     plain Qwen2-VL folder whose safetensors hold `rm_head.weight` [1 or 3, D], or VideoAlign's release layout
     (model_config.json + checkpoint-*/), converted once into <folder>/hf-checkpoint-<step>
-    (`python rewards.py convert-videoreward <release> <out>` does the same)."""
+    (`python tools/convert_videoalign.py <release> <out>` does the same)."""
     dimensions = list(VIDEOREWARD_DIMENSIONS) + ["overall"]
 
     def __init__(self, path, dimension="overall", device="cpu", dtype=torch.float32, fps=None):
@@ -1121,7 +887,7 @@ class APIJudge:
         self.model, self.dimension, self.name = model, dimension, f"api:{model}"
         self.num_frames, self.timeout, self.retries, self.backoff, self.workers = num_frames, timeout, int(retries), backoff, workers
         self.api_key_env = api_key_env
-        self.question_fn = default_question
+        self.question_fn = toy_world.default_question
 
     def frame_urls(self, video):
         import base64
@@ -1254,8 +1020,9 @@ class APIJudge:
 REWARD_ALIASES.update({"videoscore2": "TIGER-Lab/VideoScore2", "videoreward": "KwaiVGI/VideoReward",
                        "videomae": "MCG-NJU/videomae-base-finetuned-kinetics", "vjepa2": "facebook/vjepa2-vitl-fpc64-256"})
 REWARDS = {  # name -> constructor(dimension or None, weights path or None, device, dtype)
-    "toy": lambda dim, path, device, dtype: ToyReward(dim or "temporal_consistency"),
-    "judge": lambda dim, path, device, dtype: ToyJudge(dim or "yes"),
+    # the toy world's analytic reward and binary judge (toy_world.py)
+    "toy": lambda dim, path, device, dtype: toy_world.ToyReward(dim or "temporal_consistency"),
+    "judge": lambda dim, path, device, dtype: toy_world.ToyJudge(dim or "yes"),
     "videoscore": lambda dim, path, device, dtype: VideoScore(resolve_weights(path or "videoscore"),
                                                               dim or "temporal_consistency", device, dtype),
     **{kind: (lambda kind: lambda frames, path, device, dtype: CLIPFrameReward(
@@ -1273,7 +1040,7 @@ REWARDS = {  # name -> constructor(dimension or None, weights path or None, devi
     # the served name may hold colons (Ollama's llava:13b); keywords: APIJudge's timeout and retries
     "api": lambda model, url, device, dtype, **kw: APIJudge(url or "http://localhost:8000/v1", model or "default", **kw),
 }
-DIMENSIONS = {"judge": ToyJudge.dimensions, "videoscore": VIDEOSCORE_DIMENSIONS, "vlm": sorted(VLM_ALIASES),
+DIMENSIONS = {"judge": toy_world.ToyJudge.dimensions, "videoscore": VIDEOSCORE_DIMENSIONS, "vlm": sorted(VLM_ALIASES),
               **{kind: ["mean", "random"] for kind in CLIP_ALIASES},  # frame-wise rewards: how frames are aggregated
               "videoscore2": VideoScore2.dimensions, "videoreward": VideoReward.dimensions,
               "vjepa2": VJEPA2Consistency.dimensions}  # videomae: any class label of the checkpoint; api: any model name
@@ -1330,7 +1097,7 @@ def parse_reward_spec(spec):
             raise ValueError(f"cannot parse reward spec {part!r}: one ':dimension' at most (only api:<model> "
                              f"names may hold colons)")
         if name == "toy" and dim:
-            dim = canonical_toy_dimension(dim)
+            dim = toy_world.canonical_toy_dimension(dim)
         if name in DIMENSIONS and dim and dim not in DIMENSIONS[name]:
             raise ValueError(f"unknown {name} dimension {dim!r}: valid are {DIMENSIONS[name]}")
         terms.append((w, name, dim, path))
@@ -1349,16 +1116,3 @@ def load_reward(spec, device="cpu", dtype=torch.float32, fps=None, judge_timeout
     if fps is not None:
         reward.fps = fps
     return reward
-
-
-if __name__ == "__main__":  # python rewards.py convert-videoreward <VideoAlign release folder> <out folder>
-    import argparse
-    p = argparse.ArgumentParser(description="Convert VideoAlign's VideoReward release (model_config.json + "
-                                            "checkpoint-*/) into a plain Qwen2-VL folder for --reward videoreward@<out>")
-    p.add_argument("command", choices=["convert-videoreward"])
-    p.add_argument("release")
-    p.add_argument("out")
-    p.add_argument("--base", help="the base Qwen2-VL folder (default: model_config.json's model_name_or_path)")
-    p.add_argument("--step", type=int, help="the checkpoint-<step> to convert (default: the latest)")
-    a = p.parse_args()
-    print(convert_videoreward(a.release, a.out, a.base, a.step))

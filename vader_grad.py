@@ -22,8 +22,10 @@ import torch
 from tqdm import tqdm
 
 import common
+import distributed
+import models
 import rewards
-import sharding
+import toy_world
 
 p = argparse.ArgumentParser(description="VADER: reward-gradient alignment through the sampler",
                             formatter_class=common.HelpFormatter)
@@ -81,8 +83,8 @@ def main(args):
     common.check_positive(args, "steps", "batch_size", "sample_batch_size", "num_eval_prompts", "eval_every",
                           "save_every", "sample_steps", "diversity_prompts", "diversity_seeds")
     common.check_track(args.track)
-    model_path, family = common.resolve_model(args.model)
-    common.fill_video_args(args, model_path, family)
+    model_path, family = models.resolve_model(args.model)
+    models.fill_video_args(args, model_path, family)
     toy = family == "toy"
     args.lr = args.lr or (3e-4 if toy else 2e-4)
     args.sample_steps = args.sample_steps or (10 if toy else 25)
@@ -100,7 +102,7 @@ def main(args):
     train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts, "--eval-prompts")
     eval_prompts = eval_prompts[: args.num_eval_prompts]
     common.check_toy_prompts(args.reward, family, train_prompts, eval_prompts)
-    d = common.setup_distributed(args.device)
+    d = distributed.setup_distributed(args.device)
     if args.fsdp and args.mixed_precision == "fp16":
         raise ValueError("--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to FSDP2)")
     if args.batch_size % d.world:
@@ -110,16 +112,16 @@ def main(args):
 
     # ---- model, reward, trainable weights -------------------------------------------------
     dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype
-    model = common.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
+    model = models.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
     reward_fn = rewards.load_reward(args.reward, d.device, dtype, fps=args.fps)
     if not reward_fn.differentiable:
         raise ValueError(f"reward {reward_fn.name} is not differentiable: VADER needs gradients to the pixels "
                          f"(use e.g. toy:quality, toy:text, aesthetic, hpsv2, pickscore)")
     torch.manual_seed(args.seed)  # LoRA's random init
     params = common.setup_trainable(model, args.lora_rank, args.lora_alpha)  # checkpointing: per sampler call below
-    common.broadcast_params(params, d)
+    distributed.broadcast_params(params, d)
     if args.fsdp:  # FSDP2: each block, then the root; trainable weights, gradients and AdamW state sharded
-        params = sharding.shard(model, args.mixed_precision)
+        params = distributed.shard(model, args.mixed_precision)
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     autocast = common.autocast_context(args.mixed_precision, d.device)
     scaler = common.grad_scaler(args.mixed_precision, d.device)
@@ -136,7 +138,7 @@ def main(args):
     def evaluate(step):
         """Every reward dimension on held-out prompts, plus diversity: the per-pixel variance across
         seeds of the same prompt (VADER reports diversity falling as the reward is optimised)."""
-        extra = (lambda v, ps: {"color_accuracy": rewards.ToyReward().color_accuracy(v, ps)}) if family == "toy" else None
+        extra = (lambda v, ps: {"color_accuracy": toy_world.ToyReward().color_accuracy(v, ps)}) if family == "toy" else None
         means = common.evaluate(model, reward_fn, eval_prompts, args.seed, video_kw, d, autocast,
                                 os.path.join(out, "samples", f"step-{step:06d}.mp4"), extra, args.sample_batch_size)
         div_prompts = eval_prompts[: args.diversity_prompts]
@@ -180,9 +182,9 @@ def main(args):
                         t = t.long()
                     eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(d.device)
                     x_t, _ = common.noisy_and_target(model, x0, eps, t)
-                    emb, mask = common.encode_prompts(model, prompts)
-                    x0_hat = common.predicted_x0(model, x_t, common.denoise(model, x_t, t, emb, mask).float(), t)
-                    videos = common.decode(model, x0_hat, frames, args.decoder_grad == "prefix")
+                    emb, mask = model.encode_prompts(prompts)
+                    x0_hat = common.predicted_x0(model, x_t, model.denoise(x_t, t, emb, mask).float(), t)
+                    videos = model.decode(x0_hat, frames, args.decoder_grad == "prefix")
                 else:  # VADER: the sampler itself carries gradient through its last steps and the decoder
                     _, videos = common.sample(model, prompts, seeds, grad_from=grad_from,
                                               grad_checkpointing=args.grad_checkpointing, decode_frames=frames,
@@ -193,15 +195,15 @@ def main(args):
             scaler.scale(per_video.sum() / args.batch_size * d.world).backward()
             reward_sum += r.sum().item()
             loss_sum += per_video.sum().item()
-        common.average_gradients(params, d)
+        distributed.average_gradients(params, d)
         scaler.unscale_(optimizer)  # fp16: clip the true gradients (a no-op otherwise)
-        grad_norm = common.clip_grad_norm(params, args.max_grad_norm)
+        grad_norm = distributed.clip_grad_norm(params, args.max_grad_norm)
         scaler.step(optimizer)  # skipped when fp16 gradients overflowed
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
         dt = time.time() - t0
-        stats = common.all_mean({"reward": reward_sum, "loss": loss_sum}, d)
+        stats = distributed.all_mean({"reward": reward_sum, "loss": loss_sum}, d)
         row = {"step": step + 1, "reward_mean": stats["reward"] * d.world / args.batch_size,
                "loss": stats["loss"] * d.world / args.batch_size, "grad_norm": grad_norm, "grad_from": grad_from,
                "sec_per_step": dt, "samples_per_s": args.batch_size / max(dt, 1e-9),
@@ -220,7 +222,7 @@ def main(args):
               f"{len(eval_prompts)} held-out prompts; diversity {first['eval/diversity']:.4f} -> "
               f"{final['eval/diversity']:.4f}; run folder {out})")
     if d.main and args.lora_rank:  # a model card beside the final LoRA, from the run's files
-        common.write_model_card(out, "vader_grad", "VADER" + (" (ReFL baseline)" if args.refl else ""), "arXiv 2407.08737", args.steps * args.batch_size)
+        models.write_model_card(out, "vader_grad", "VADER" + (" (ReFL baseline)" if args.refl else ""), "arXiv 2407.08737", args.steps * args.batch_size)
     if d.world > 1:
         torch.distributed.destroy_process_group()
     return out

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import distributed
+import models
 import rewards
-import sharding
 import toy_world
 
 p = argparse.ArgumentParser(description="Iterative RWR on binary VLM feedback",
@@ -97,8 +98,8 @@ def main(args):
         raise ValueError(f"--loss dpo pairs a yes and a no video of the same prompt: --videos-per-prompt "
                          f"{args.videos_per_prompt} gives none; pass 2 or more")
     common.check_track(args.track)
-    model_path, family = common.resolve_model(args.model)
-    common.fill_video_args(args, model_path, family)
+    model_path, family = models.resolve_model(args.model)
+    models.fill_video_args(args, model_path, family)
     toy = family == "toy"
     args.lr = args.lr or (1e-4 if args.lora_rank else 1e-5)
     args.epochs = args.epochs or (1 if toy else 2)
@@ -114,7 +115,7 @@ def main(args):
                          f"{e}); write a literal brace twice, {{{{ or }}}}") from None
     train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts, "--eval-prompts")
     common.check_toy_prompts(args.judge, family, train_prompts, eval_prompts)
-    d = common.setup_distributed(args.device)
+    d = distributed.setup_distributed(args.device)
     if args.fsdp and args.mixed_precision == "fp16":
         raise ValueError("--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to FSDP2)")
     n_items = args.prompts_per_round * args.videos_per_prompt
@@ -129,18 +130,18 @@ def main(args):
 
     # ---- model, judge, trainable weights ---------------------------------------------------
     dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype
-    model = common.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
+    model = models.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
     args.dpo_beta = args.dpo_beta or (100.0 if model.prediction == "flow" else 5000.0)
     judge = rewards.load_reward(args.judge, d.device, dtype, fps=args.fps, judge_timeout=args.judge_timeout,
                                        judge_retries=args.judge_retries)
-    question = (lambda pr: args.question.format(prompt=pr)) if args.question else rewards.default_question
+    question = (lambda pr: args.question.format(prompt=pr)) if args.question else toy_world.default_question
     if hasattr(judge, "question_fn"):  # a VLM judge is asked exactly this question
         judge.question_fn = question
     torch.manual_seed(args.seed)  # LoRA's random init
     params = common.setup_trainable(model, args.lora_rank, args.lora_alpha, args.grad_checkpointing)
-    common.broadcast_params(params, d)
+    distributed.broadcast_params(params, d)
     if args.fsdp:  # FSDP2: each block, then the root; trainable weights, gradients and AdamW state sharded
-        params = sharding.shard(model, args.mixed_precision)
+        params = distributed.shard(model, args.mixed_precision)
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     ref = common.Reference(params, model.experts) if args.loss == "dpo" else None
     autocast = common.autocast_context(args.mixed_precision, d.device)
@@ -150,7 +151,8 @@ def main(args):
         start_round, extra = common.load_checkpoint(checkpoint, params, optimizer, scaler, model)
         opt_steps = extra["opt_steps"]
     elif args.resume:  # crashed inside round 1: no checkpoint yet, but its judge answers are cached
-        common.print0(d, f"no checkpoint in {args.resume}: restarting round 1, reusing the judge cache")
+        if d.main:
+            print(f"no checkpoint in {args.resume}: restarting round 1, reusing the judge cache", flush=True)
     video_kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, steps=args.sample_steps,
                     guidance=args.guidance, guidance_2=args.guidance_2)
     if d.main:
@@ -182,7 +184,7 @@ def main(args):
                     f.write(json.dumps({"key": keys[i], "yes": a, "question": question(prompts[i])}) + "\n")
         return torch.tensor([cache[k] for k in keys])
 
-    toy_reward = rewards.ToyReward() if toy else None
+    toy_reward = toy_world.ToyReward(with_color_accuracy=True) if toy else None  # its scores hold color_accuracy
 
     def evaluate(rnd):
         """Judged pass rate on held-out and on (a slice of) training prompts, per category."""
@@ -206,21 +208,21 @@ def main(args):
                         n, k = passed.get(cat, (0, 0))
                         passed[cat] = (n + 1, k + y)
                 if toy and split == "eval":  # every toy dimension too: what the judge's feedback costs elsewhere
-                    dims = toy_reward(videos, prompts) | {"color_accuracy": toy_reward.color_accuracy(videos, prompts)}
+                    dims = toy_reward(videos, prompts)
                     for name, v in dims.items():
                         if name != "reward":
                             dim_sums[name] = dim_sums.get(name, 0.0) + v[:keep].float().sum().item() * d.world
                 if c == 0 and split == "eval" and d.main:
                     common.save_video_grid(os.path.join(out, "samples", f"round-{rnd}.mp4"), videos[:8], prompts[:8])
             cats = ("all", "falling", "moving", "interaction")
-            sums = common.all_mean({f"{cat}/{x}": passed.get(cat, (0, 0))[j] * d.world for cat in cats
+            sums = distributed.all_mean({f"{cat}/{x}": passed.get(cat, (0, 0))[j] * d.world for cat in cats
                                     for j, x in enumerate(("n", "k"))}, d)
             for cat in cats:
                 if sums[f"{cat}/n"] > 0:
                     row[f"{split}/pass_rate" + ("" if cat == "all" else f"/{cat}")] = sums[f"{cat}/k"] / sums[f"{cat}/n"]
             if toy and split == "eval":
-                row |= {f"{split}/{k}": v / len(items) for k, v in common.all_mean(dim_sums, d).items()}
-        log.log(row | common.all_mean(dict(stats), d))
+                row |= {f"{split}/{k}": v / len(items) for k, v in distributed.all_mean(dim_sums, d).items()}
+        log.log(row | distributed.all_mean(dict(stats), d))
         return row
 
     data, final = [], None  # the training set: (latent, prompt, answer, prompt-group id); the last evaluation
@@ -229,7 +231,7 @@ def main(args):
     else:  # a crash between a round's checkpoint and its evaluation: evaluate that round now (rank 0 reads the log)
         logged = d.main and any(r.get("eval") and r.get("round") == start_round
                                 for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))))
-        if common.all_mean({"missing": float(d.main and not logged)}, d)["missing"] > 0:
+        if distributed.all_mean({"missing": float(d.main and not logged)}, d)["missing"] > 0:
             final = evaluate(start_round)
     data_folder = os.path.join(out, "data")  # --keep-rounds: every round's data, so a resume keeps it too
     if args.keep_rounds:
@@ -253,8 +255,8 @@ def main(args):
             yes_chunks.append(ask_judge(videos, prompts, [f"data-r{rnd}-{i}-{j}-{plist[i]}" for i, j in chunk]))
             lat_chunks.append(latents)
         # every rank gets the whole round's data, so each global batch is the same on every rank
-        latents = common.all_gather_tensor(torch.cat(lat_chunks), d)
-        yes = common.all_gather_tensor(torch.cat(yes_chunks).to(d.device), d).cpu()
+        latents = distributed.all_gather_tensor(torch.cat(lat_chunks), d)
+        yes = distributed.all_gather_tensor(torch.cat(yes_chunks).to(d.device), d).cpu()
         new = [(latents[n].cpu(), plist[i], yes[n].item(), (rnd, i)) for n, (i, j) in enumerate(items)]
         if args.keep_rounds and d.main:
             os.makedirs(data_folder, exist_ok=True)
@@ -291,7 +293,7 @@ def main(args):
                 if args.loss == "dpo":  # one (t, eps) per pair, shared by its two members
                     t[1::2], eps[1::2] = t[0::2], eps[0::2]
                 x_t, target = common.noisy_and_target(model, x0, eps, t)
-                emb, mask = common.encode_prompts(model, [data[i][1] for i in ids])
+                emb, mask = model.encode_prompts([data[i][1] for i in ids])
                 if args.loss == "rwr":
                     r = torch.tensor([data[i][2] for i in batch])
                     w = rwr_weights(r, args.beta)  # w = exp(r / beta) / normaliser, over the GLOBAL batch
@@ -300,18 +302,18 @@ def main(args):
                         continue
                     w_mine = w[d.rank * per_rank: (d.rank + 1) * per_rank].to(d.device)
                     with autocast:
-                        err = common.per_sample_mse(common.denoise(model, x_t, t, emb, mask), target)
+                        err = common.per_sample_mse(model.denoise(x_t, t, emb, mask), target)
                     loss = (w_mine * err).sum() / len(batch) * d.world  # L_RWR = E[w * mse]
                 else:
                     with autocast:
-                        ref_err = common.per_sample_mse(ref.forward(common.denoise, model, x_t, t, emb, mask), target)
-                        err = common.per_sample_mse(common.denoise(model, x_t, t, emb, mask), target)
+                        ref_err = common.per_sample_mse(ref.forward(model.denoise, x_t, t, emb, mask), target)
+                        err = common.per_sample_mse(model.denoise(x_t, t, emb, mask), target)
                     inside = -args.dpo_beta / 2 * ((err[0::2] - ref_err[0::2]) - (err[1::2] - ref_err[1::2]))
                     loss = -F.logsigmoid(inside).sum() / len(batch) * d.world  # (mean over the batch's pairs)
                 scaler.scale(loss).backward()
-                common.average_gradients(params, d)
+                distributed.average_gradients(params, d)
                 scaler.unscale_(optimizer)  # fp16: clip the true gradients (a no-op otherwise)
-                common.clip_grad_norm(params, args.max_grad_norm)
+                distributed.clip_grad_norm(params, args.max_grad_norm)
                 scaler.step(optimizer)  # skipped when fp16 gradients overflowed
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -319,7 +321,7 @@ def main(args):
                 ep_loss += loss.item()  # (the loss is already x world: all_mean below gives the global mean)
                 ep_n += 1
             log.log({"step": opt_steps, "round": rnd + 1, "epoch": epoch + 1,
-                     "loss": common.all_mean({"l": ep_loss / max(ep_n, 1)}, d)["l"], "batches": ep_n,
+                     "loss": distributed.all_mean({"l": ep_loss / max(ep_n, 1)}, d)["l"], "batches": ep_n,
                      "batches_skipped_no_yes": skipped, "round_pass_rate": yes.mean().item(),
                      **({"pairs": len(pairs)} if args.loss == "dpo" else {}),
                      "sec_sample_and_judge": t_sample, "data_size": len(data)})
@@ -332,7 +334,7 @@ def main(args):
         print(f"eval/pass_rate: {first['eval/pass_rate']:.3f} -> {final['eval/pass_rate']:.3f}  ({judge.name}, "
               f"{len(eval_prompts)} held-out prompts x {args.eval_seeds}; run folder {out})")
     if d.main and args.lora_rank and final is not None:  # a model card beside the final LoRA, from the run's files
-        common.write_model_card(out, "vlm_feedback_rwr", "iterative RWR on binary VLM feedback" if args.loss == "rwr" else "DPO on binary VLM feedback", "arXiv 2412.02617", args.rounds * args.prompts_per_round * args.videos_per_prompt)
+        models.write_model_card(out, "vlm_feedback_rwr", "iterative RWR on binary VLM feedback" if args.loss == "rwr" else "DPO on binary VLM feedback", "arXiv 2412.02617", args.rounds * args.prompts_per_round * args.videos_per_prompt)
     if d.world > 1:
         torch.distributed.destroy_process_group()
     return out

@@ -5,7 +5,8 @@
 
 Each run is a script's default run cut to its first 3 steps (RWR: its first round), plus two on a tiny random
 Wan 2.1 pipeline (tests/tiny_models.py, built from config classes; torchrun equality is the tests' job). What is compared: every row of metrics.jsonl with the timing fields
-dropped (floats as logged), and the SHA-256 of every file of the saved LoRA (the weights and the adapter config).
+dropped (floats as logged; peak memory is the machine's too), and the SHA-256 of every file of the saved LoRA
+(its tensors and metadata for the weights).
 Runs use one CPU thread, so the arithmetic order is fixed.
 """
 import argparse
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
@@ -25,7 +28,7 @@ p.add_argument("--only", nargs="*", default=None, help="run names to run (defaul
 p.add_argument("--file", default=os.path.join(ROOT, "benchmarks", "results", "bit_identical.json"),
                help="the recorded fingerprints")
 p.add_argument("--work", default=None, help="where the runs go (default: a temporary folder)")
-TIMING = ("sec", "samples_per_s", "time", "elapsed")  # fields that measure the machine, not the algorithm
+TIMING = ("sec", "samples_per_s", "time", "elapsed", "peak_mem")  # fields that measure the machine, not the algorithm
 
 TINY = ["--num-frames", "5", "--height", "16", "--width", "16", "--sample-steps", "2", "--num-eval-prompts", "2",
         "--prompts", "{prompts}", "--eval-prompts", "{prompts}", "--reward", "toy:temporal"]
@@ -41,6 +44,22 @@ RUNS = {  # name -> argv after `python`
 }
 
 
+def digest(path):
+    """SHA-256 of a file's content; for safetensors, of its tensors (name, dtype, shape, bytes, in name order) and
+    metadata, since the header's key order is not fixed from one process to the next."""
+    if not path.endswith(".safetensors"):
+        return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    from safetensors import safe_open
+    h = hashlib.sha256()
+    with safe_open(path, "pt") as f:
+        h.update(json.dumps(f.metadata(), sort_keys=True).encode())
+        for k in sorted(f.keys()):
+            t = f.get_tensor(k)
+            h.update(f"{k} {t.dtype} {tuple(t.shape)}".encode())
+            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def fingerprint(out):
     rows = []
     for line in open(os.path.join(out, "metrics.jsonl")):
@@ -53,7 +72,7 @@ def fingerprint(out):
                 path = os.path.join(folder, f)
                 if f.endswith(".md"):
                     continue  # the model card names the run folder
-                loras[os.path.relpath(path, out)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+                loras[os.path.relpath(path, out)] = digest(path)
     return {"metrics": rows, "lora": loras}
 
 

@@ -39,12 +39,12 @@ p.add_argument("--aggregate-only", action="store_true", help="write JSON/PNG fro
 p.add_argument("--extend-to", type=int, default=5,
                help="seeds to run for an experiment whose 95%% interval spans zero after --seeds (0: never)")
 p.add_argument("--rejudge", action="store_true", help="new verdicts and tables from the saved JSONs' per-seed figures")
-p.add_argument("--readme", action="store_true", help="rewrite README's claims section from the saved JSONs, intro.md and "
-               "<name>.notes.md (the hand-written commentary) in --out")
+p.add_argument("--readme", action="store_true", help="rewrite docs/claims.md's claims section (between its markers) from the "
+               "saved JSONs, intro.md and <name>.notes.md (the hand-written commentary) in --out")
 
 # ---- configurations: a script and its flags; experiments below name them --------------------
 # (rewards and learning rates pinned, so re-tuning a script's toy default does not move the claims. DPO's lr:
-# on the step-11000 base, 1e-3 (the previous sweeps') lost the held-out reward on the pilot seed, 3e-4 gained: README)
+# on the step-11000 base, 1e-3 (the previous sweeps') lost the held-out reward on the pilot seed, 3e-4 gained: docs/claims.md)
 DPO = {"script": "online_vpo.py", "--reward": "toy:temporal", "--lr": 3e-4, "--steps": 30, "--batch-size": 4,
        "--num-candidates": 4, "--ref-update-interval": 10, "--eval-every": 10, "--save-every": 1000}
 GRAN = DPO | {"script": "gran_dpo.py"}
@@ -235,8 +235,9 @@ def diversity(out, seed, n_prompts=4, n_seeds=4):
     torch.set_num_threads(1)  # (beside the sweep's other run)
     sys.path.insert(0, ROOT)
     import common
+    import models
     cfg = json.load(open(os.path.join(out, "config.json")))
-    model = common.load_model(cfg["model"], "cpu")
+    model = models.load_model(cfg["model"], "cpu")
     params = common.setup_trainable(model, cfg["lora_rank"], cfg["lora_alpha"])
     state = torch.load(os.path.join(common.latest_checkpoint(out), "state.pt"), weights_only=False)
     with torch.no_grad():
@@ -365,7 +366,7 @@ def plot(name, figs, stats, path):
 
 
 def markdown(name, save):
-    """The experiment as a README section: claim, command, a mean ± std table per configuration, verdicts."""
+    """The experiment as a docs/claims.md section: claim, command, a mean ± std table per configuration, verdicts."""
     stats, n = save["mean_std"], len(save["seeds"])
     keys = [k for k in next(iter(stats.values())) if k.startswith(("delta/", "eval/pass_rate", "diversity"))
             and "@" not in k and k != "delta/reward"]
@@ -421,10 +422,12 @@ def write_experiment(n, claim, figs, stats, held, seeds, args):
         print(f"  -> {k}: {v}")
 
 
-def readme(args, path=os.path.join(ROOT, "README.md")):
-    """README's claims section, between its markers: intro.md, the table of every verdict, then per experiment its
-    table (<name>.md, written by the sweep), the commentary (<name>.notes.md, by hand) and its plot."""
+def readme(args, path=os.path.join(ROOT, "docs", "claims.md")):
+    """docs/claims.md's claims section, between its markers: intro.md, the table of every verdict, then per experiment
+    its table (<name>.md, written by the sweep), the commentary (<name>.notes.md, by hand) and its plot, linked
+    relative to the page (`path`)."""
     read = lambda f: open(os.path.join(args.out, f)).read().strip() + "\n"  # noqa: E731
+    plots = os.path.relpath(os.path.abspath(args.out), os.path.dirname(os.path.abspath(path))).replace(os.sep, "/")
     parts = ["## The papers' claims in the toy world (`python benchmarks/claims.py`)\n", read("intro.md"),
              "| experiment | claim | verdict (paired difference, 95% CI over seeds) |", "|---|---|---|"]
     for i, n in enumerate(EXPERIMENTS, 1):
@@ -434,7 +437,7 @@ def readme(args, path=os.path.join(ROOT, "README.md")):
     for i, n in enumerate(EXPERIMENTS, 1):
         notes = os.path.join(args.out, f"{n}.notes.md")
         parts += [f"### {i}. {TITLES[n]}\n", read(f"{n}.md")] + ([read(f"{n}.notes.md")] if os.path.exists(notes) else []) \
-            + [f"![{n}](benchmarks/results/claims/{n}.png)\n"]
+            + [f"![{n}]({plots}/{n}.png)\n"]
     text = open(path).read()
     start, end = text.index("<!-- claims:start -->\n") + len("<!-- claims:start -->\n"), text.index("<!-- claims:end -->")
     with open(path, "w") as f:

@@ -28,6 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import rewards  # noqa: E402
+import toy_world  # noqa: E402
+import models
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--prompts", type=int, default=24, help="training prompts (one pair each)")
@@ -52,9 +54,9 @@ def main(args):
     torch.set_num_threads(args.threads)
     if args.smoke:
         args.prompts, args.draws, args.branch, args.timesteps = 4, 2, "none,1", "uniform"
-    model = common.load_model("toy")
+    model = models.load_model("toy")
     reward = rewards.load_reward(args.reward, "cpu", torch.float32)
-    parts = rewards.ToyReward()
+    parts = toy_world.ToyReward()
     params = common.setup_trainable(model, args.lora_rank)
     train = common.load_prompts("toy_train")
     g = torch.Generator().manual_seed(args.seed)
@@ -87,7 +89,7 @@ def main(args):
         gap = {k: (dims[k].view(-1, N)[rows, w] - dims[k].view(-1, N)[rows, l]).mean().item()
                for k in ("color", "shape", "motion")}
         pix = (x0_w - x0_l).pow(2).mean().item()
-        emb, mask = common.encode_prompts(model, prompts)
+        emb, mask = model.encode_prompts(prompts)
         for dist in args.timesteps.split(","):
             grads, within = [], []
             for i in range(len(prompts)):  # one pair at a time: its K-draw gradient of (e_w - e_l)
@@ -97,7 +99,7 @@ def main(args):
                     t = common.sample_train_timesteps(model, 1, gk, dist).repeat(2)
                     eps = torch.randn(x0_w.shape[1:], generator=gk).expand(2, *x0_w.shape[1:])
                     x_t, target = common.noisy_and_target(model, torch.stack([x0_w[i], x0_l[i]]), eps, t)
-                    err = common.per_sample_mse(common.denoise(model, x_t, t, emb[i:i + 1].expand(2, *emb.shape[1:]),
+                    err = common.per_sample_mse(model.denoise(x_t, t, emb[i:i + 1].expand(2, *emb.shape[1:]),
                                                                None if mask is None else mask[i:i + 1].expand(2, -1)),
                                                 target)
                     ((err[0] - err[1]) / args.draws).backward()

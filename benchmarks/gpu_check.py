@@ -39,6 +39,8 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE, os.path.join(ROOT, "tests")]
 import common  # noqa: E402
 import memory_plan  # noqa: E402
+import models
+import distributed
 
 p = argparse.ArgumentParser(description="validate the real regime on one GPU in minutes")
 p.add_argument("--smoke", action="store_true", help="same code on CPU with tiny configs, in seconds (CI)")
@@ -135,7 +137,7 @@ def materialize(make, device, dtype, seed=0):
 
 
 def build_model(spec, device, dtype, tokenizer=None, scheduler=None):
-    """A common.VideoModel of memory_plan.MODELS[spec] (the plan's own architecture entry, so the prediction is
+    """A models.VideoModel of memory_plan.MODELS[spec] (the plan's own architecture entry, so the prediction is
     for the same model); tokenizer: the plan's FakeTokenizer (full-length prompts) unless given."""
     import diffusers
     import transformers
@@ -146,7 +148,7 @@ def build_model(spec, device, dtype, tokenizer=None, scheduler=None):
     text = materialize(lambda: transformers.UMT5EncoderModel(transformers.UMT5Config(**text_cfg, dropout_rate=0.0)),
                        device, dtype, 3).eval().requires_grad_(False)
     scheduler = scheduler or getattr(diffusers, sch_cls)(**sch_cfg)
-    return common.VideoModel(spec, family, "flow", tokenizer or memory_plan.FakeTokenizer(max_len), text, den, vae,
+    return models.VideoModel(spec, family, "flow", tokenizer or memory_plan.FakeTokenizer(max_len), text, den, vae,
                              scheduler, max_len)
 
 
@@ -212,7 +214,7 @@ def step_scripts(rec, ctx):
             torch.cuda.set_device(ctx.dev)
         # setup_distributed joins a group only when WORLD_SIZE > 1: join the one a multi-GPU torchrun run gets here,
         # so both halves (gloo for CPU tensors, nccl for CUDA ones) are exercised and the mains run inside it
-        backend = common.process_group_backend(cuda)
+        backend = distributed.process_group_backend(cuda)
         if created:
             dist.init_process_group(backend)
         tensors = [torch.ones(1)] + ([torch.ones(1, device=ctx.dev)] if cuda else [])
@@ -227,7 +229,7 @@ def step_scripts(rec, ctx):
                 "bf16", "--lora-rank", "4", "--sample-steps", "2", "--device", str(ctx.dev)]
         # instrumentation: the model each main trains and the gradients of each update, before averaging
         common.setup_trainable = lambda model, *a, **k: seen.__setitem__("model", model) or saved["setup_trainable"](model, *a, **k)
-        common.average_gradients = lambda params, d: seen["grads"].append(
+        distributed.average_gradients = lambda params, d: seen["grads"].append(
             [q.grad.float().norm().item() if q.grad is not None else 0.0 for q in params]) or saved["average_gradients"](params, d)
         for name in scripts():
             r = rec["scripts"][name] = {}
@@ -272,7 +274,7 @@ def step_scripts(rec, ctx):
             f"; process group {backend}"
         check(not failed, f"scripts failed: {failed}")
     finally:
-        common.setup_trainable, common.average_gradients = saved["setup_trainable"], saved["average_gradients"]
+        common.setup_trainable, distributed.average_gradients = saved["setup_trainable"], saved["average_gradients"]
         if created and dist.is_initialized():
             dist.destroy_process_group()
         for k, v in saved_env.items():
@@ -366,7 +368,7 @@ def run_update(forward, params, optimizer, parts, ref_tensors, ctx):
         # same, so the cross-attention keys get none, and lora_A gets none while B is at its zero init)
         out["lora_B_grad_norm"] = torch.stack([q.grad.float().norm() for n, q in parts[0].named_parameters()
                                                if "lora_B" in n and q.grad is not None]).norm().item()
-        out["grad_norm"] = common.clip_grad_norm(params, 1.0)
+        out["grad_norm"] = distributed.clip_grad_norm(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     out["flops"] = counter.get_total_flops()
@@ -375,7 +377,7 @@ def run_update(forward, params, optimizer, parts, ref_tensors, ctx):
     t0 = time.time()
     if ctx.dev.type == "cuda":
         forward(out).backward()
-        common.clip_grad_norm(params, 1.0)
+        distributed.clip_grad_norm(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(ctx.dev)
@@ -399,7 +401,7 @@ def step_updates(rec, ctx, size):
     # the DPO scripts' --grad-checkpointing (per block); VADER checkpoints inside common.sample (per call + per block)
     params = common.setup_trainable(model, LORA_RANK, grad_checkpointing=True)
     autocast = common.autocast_context("bf16", ctx.dev)
-    shape = common.latent_shape(model, F, H, W)
+    shape = model.latent_shape(F, H, W)
     g = torch.Generator().manual_seed(0)
     rec |= {"size": f"{H}x{W}x{F}", "note": (
         "peak: the whole update, weights included, of the SECOND update (AdamW state resident, as at every step after "
@@ -417,10 +419,10 @@ def step_updates(rec, ctx, size):
             t = common.sample_train_timesteps(model, 1, g).repeat(2).to(ctx.dev)
             eps = torch.randn(1, *shape, generator=g).repeat(2, 1, 1, 1, 1).to(ctx.dev)
             x_t, target = common.noisy_and_target(model, x0, eps, t)
-            emb, mask = common.encode_prompts(model, ["a prompt"] * 2)
+            emb, mask = model.encode_prompts(["a prompt"] * 2)
             with autocast:
-                ref_pred = ref.forward(common.denoise, model, x_t, t, emb, mask)
-                pred = common.denoise(model, x_t, t, emb, mask)
+                ref_pred = ref.forward(model.denoise, x_t, t, emb, mask)
+                pred = model.denoise(x_t, t, emb, mask)
             e_w, e_l = common.per_sample_mse(pred, target).chunk(2)
             r_w, r_l = common.per_sample_mse(ref_pred, target).chunk(2)
             losses, inside = online_vpo.dpo_loss(e_w, e_l, r_w, r_l, 100.0)
@@ -466,15 +468,15 @@ def step_speed(rec, ctx):
     params = common.setup_trainable(model, LORA_RANK, grad_checkpointing=True)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     autocast = common.autocast_context("bf16", ctx.dev)
-    shape = common.latent_shape(model, F, H, W)
+    shape = model.latent_shape(F, H, W)
     x0 = torch.randn(2, *shape).to(ctx.dev)
     t = torch.full((2,), 500.0, device=ctx.dev)
     x_t, target = common.noisy_and_target(model, x0, torch.randn_like(x0), t)
-    emb, mask = common.encode_prompts(model, ["a prompt"] * 2)
+    emb, mask = model.encode_prompts(["a prompt"] * 2)
 
     def update():  # the policy half of the DPO update (the reference forward runs no backward)
         with autocast:
-            pred = common.denoise(model, x_t, t, emb, mask)
+            pred = model.denoise(x_t, t, emb, mask)
         e_w, e_l = common.per_sample_mse(pred, target).chunk(2)
         online_vpo.dpo_loss(e_w, e_l, e_w.detach(), e_l.detach(), 100.0)[0].mean().backward()
         optimizer.step()

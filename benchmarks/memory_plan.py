@@ -2,9 +2,9 @@
 sizes and full video length, planned on a CPU without allocating a single weight.
 
 Every model is built from its real config under `torch._subclasses.fake_tensor.FakeTensorMode` (tensors
-with shapes and dtypes but no storage), wrapped in our own `common.VideoModel`, and run through the SAME
-code the scripts run (`common.setup_trainable`, `common.sample`, `common.Reference`, `common.denoise`,
-`sharding.shard`), with bf16 autocast and bf16 frozen weights as `--mixed-precision bf16` does. Memory is
+with shapes and dtypes but no storage), wrapped in our own `models.VideoModel`, and run through the SAME
+code the scripts run (`common.setup_trainable`, `common.sample`, `common.Reference`, `models.VideoModel.denoise`,
+`distributed.shard`), with bf16 autocast and bf16 frozen weights as `--mixed-precision bf16` does. Memory is
 measured with torch's own trackers (`torch.distributed._tools`): `MemTracker` for one rank, and
 `FSDPMemTracker` for FSDP2 over 8 ranks simulated in one process by torch's fake process group. On a CPU
 the fake attention dispatches to the flash kernel (output + logsumexp saved), as SDPA does on a GPU.
@@ -41,6 +41,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+import models
 
 GiB = 2 ** 30
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -133,7 +134,7 @@ def default_dtype(dtype):
 
 
 def build_model(name, dtype=torch.bfloat16):
-    """A common.VideoModel of the real architecture: frozen parts created directly in `dtype` (a fake
+    """A models.VideoModel of the real architecture: frozen parts created directly in `dtype` (a fake
     tensor cannot be cast in place, and a real run gets them in bf16 from from_pretrained too)."""
     import diffusers
     import transformers
@@ -153,7 +154,7 @@ def build_model(name, dtype=torch.bfloat16):
     step = scheduler.step
     scheduler.step = lambda *a, **k: on_host(step)(*a, **k)  # (indexes its tables by the timestep)
     prediction = "flow" if "FlowMatch" in sch_cls else ("v" if sch_cfg.get("prediction_type") == "v_prediction" else "eps")
-    return common.VideoModel(name, family, prediction, FakeTokenizer(max_len), text, den, vae, scheduler, max_len,
+    return models.VideoModel(name, family, prediction, FakeTokenizer(max_len), text, den, vae, scheduler, max_len,
                              expand_timesteps=name == "wan2.2-5b")
 
 
@@ -385,28 +386,28 @@ def phase_fns(model, reward_fn, F, H, W, autocast, kind, k=1, decode="all", step
             return -reward_fn(video).mean()
 
     def dpo(ref, n=1):  # online_vpo.py step 5: reference then policy on [winners; losers], one (t, eps) per pair
-        shape = common.latent_shape(model, F, H, W)
+        shape = model.latent_shape(F, H, W)
         x0, eps = torch.randn(2 * n, *shape), torch.randn(2 * n, *shape)
         t = common.sample_train_timesteps(model, n, torch.Generator().manual_seed(0)).repeat(2)
         x_t, target = common.noisy_and_target(model, x0, eps, t)
-        emb, mask = common.encode_prompts(model, ["a prompt"] * 2 * n)
+        emb, mask = model.encode_prompts(["a prompt"] * 2 * n)
         if frozen is not None:  # --offload-frozen: text encoder, VAE and reward freed for the update
             frozen.away()
         with autocast:
-            ref_pred = ref.forward(common.denoise, model, x_t, t, emb, mask)
-            pred = common.denoise(model, x_t, t, emb, mask)
+            ref_pred = ref.forward(model.denoise, x_t, t, emb, mask)
+            pred = model.denoise(x_t, t, emb, mask)
         e_w, e_l = common.per_sample_mse(pred, target).chunk(2)
         r_w, r_l = common.per_sample_mse(ref_pred, target).chunk(2)
         return torch.nn.functional.logsigmoid(-2500 * ((e_w - r_w) - (e_l - r_l))).mean().neg()
 
     def rwr(n=1):  # vlm_feedback_rwr.py: the weighted flow-matching loss on stored latents
-        shape = common.latent_shape(model, F, H, W)
+        shape = model.latent_shape(F, H, W)
         x0, eps = torch.randn(n, *shape), torch.randn(n, *shape)
         t = common.sample_train_timesteps(model, n, torch.Generator().manual_seed(0))
         x_t, target = common.noisy_and_target(model, x0, eps, t)
-        emb, mask = common.encode_prompts(model, ["a prompt"] * n)
+        emb, mask = model.encode_prompts(["a prompt"] * n)
         with autocast:
-            pred = common.denoise(model, x_t, t, emb, mask)
+            pred = model.denoise(x_t, t, emb, mask)
         return common.per_sample_mse(pred, target).mean()
 
     return {"sample": sample, "vader": vader, "dpo": dpo, "rwr": rwr}[kind]
@@ -415,7 +416,7 @@ def phase_fns(model, reward_fn, F, H, W, autocast, kind, k=1, decode="all", step
 def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=False, k=1, decode="all", steps=2,
              checkpointing=True, dtype=torch.bfloat16, cache=None, reward=None, offload=False, decoder_grad="prefix"):
     """Build (fake or real, per the ambient mode), run one phase, return the row."""
-    import sharding
+    import distributed
     cache = {} if cache is None else cache
     if reward is None:
         reward = REWARD_OF[script]
@@ -432,12 +433,12 @@ def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=Fal
         import torch.distributed.fsdp._fully_shard._fully_shard as fs
         mesh = fs._init_default_mesh
         with mock_attr(fs, "_init_default_mesh", lambda *a: on_host(mesh)(*a)):
-            params = sharding.shard(model, "bf16" if dtype == torch.bfloat16 else "fp16")
+            params = distributed.shard(model, "bf16" if dtype == torch.bfloat16 else "fp16")
     autocast = torch.autocast("cpu", dtype=dtype)
     kind = {"sample": "sample"}.get(phase) or {"vader_grad": "vader", "vlm_feedback_rwr": "rwr"}.get(script, "dpo")
     offloaded = None
-    if offload:  # the scripts' common.Offload; its host copies are host memory, which the plan does not count
-        offloaded = common.Offload(common.modules_of([model.text_encoder, model.vae, rnet]))
+    if offload:  # the scripts' distributed.Offload; its host copies are host memory, which the plan does not count
+        offloaded = distributed.Offload(distributed.modules_of([model.text_encoder, model.vae, rnet]))
         offloaded.host, sizes = [None] * len(offloaded.storages), [s.nbytes() for s in offloaded.storages]
     fn = phase_fns(model, rfn, F, H, W, autocast, kind, k, decode, steps, checkpointing, frozen=offloaded,
                    decoder_grad=decoder_grad)
@@ -454,7 +455,7 @@ def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=Fal
         run = fn
     parts = [model.denoiser, model.text_encoder, model.vae, rnet]
     t0 = time.time()
-    with mock_attr(common, "set_timesteps", timestep_list(common.set_timesteps)):
+    with mock_attr(type(model), "set_timesteps", timestep_list(type(model).set_timesteps)):
         peak, cats, after = measure(run, parts, opt, ref_tensors, fsdp_root=model.denoiser if fsdp else None)
     for s, n in zip(offloaded.storages if offload else [], sizes if offload else []):  # (the reward is reused by
         s.resize_(n)  # the next rows: its weights back, as Offload.back() does in the scripts)

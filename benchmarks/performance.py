@@ -4,7 +4,7 @@
     python benchmarks/performance.py --model wan-real --device cuda --mixed-precision bf16   # a GPU: Wan 2.1 1.3B
                                                           # architecture, random weights, 480p, 33 frames
 For every (algorithm, model) one subprocess runs the script's real `main` for a few steps with timers
-wrapped around common.sample / common.denoise / common.decode, the reward calls and every backward;
+wrapped around common.sample / models.VideoModel.denoise / models.VideoModel.decode, the reward calls and every backward;
 evaluation, model loading and checkpoint writing are excluded. Printed per run: seconds per step split
 into sampling / reward / update, videos sampled per second, peak memory (CUDA: max allocated; CPU:
 the process's peak RSS), and the fraction of loop time spent inside the denoiser, the decoder and
@@ -82,6 +82,7 @@ def run_one(algorithm, folder, json_out, args):
     """Runs inside the subprocess: the script's main with timers around the compute."""
     import torch
     import common
+    import models
     import rewards
     torch.set_num_threads(args.threads)
     T = {k: 0.0 for k in ("sample", "denoise", "decode", "reward", "backward", "excluded")}
@@ -123,11 +124,14 @@ def run_one(algorithm, folder, json_out, args):
             torch.cuda.synchronize()
 
     common.sample = timed("sample", common.sample, count=lambda a: len(a[1]))
-    common.denoise = timed("denoise", common.denoise)
-    common.decode = timed("decode", common.decode)
+    models.VideoModel.denoise = timed("denoise", models.VideoModel.denoise)
+    for cls in models.FAMILIES.values():  # (each family decodes its own way)
+        if "decode" in vars(cls):
+            cls.decode = timed("decode", cls.decode)
     torch.Tensor.backward = timed("backward", torch.Tensor.backward)
-    for name in ("evaluate", "load_model", "save_checkpoint", "save_video_grid"):
+    for name in ("evaluate", "save_checkpoint", "save_video_grid"):
         setattr(common, name, excluded(getattr(common, name)))
+    models.load_model = excluded(models.load_model)
     load_reward = rewards.load_reward
 
     def timed_reward(*a, **kw):
@@ -177,8 +181,9 @@ def sampler_vs_stock(folder, args, n=4, steps=4):
     import diffusers
     import torch
     import common
+    import models
     torch.set_num_threads(args.threads)
-    model = common.load_model(folder, args.device)
+    model = models.load_model(folder, args.device)
     pipe = diffusers.WanPipeline.from_pretrained(folder).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     prompts = ["a red square falling"] * n

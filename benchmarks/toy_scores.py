@@ -18,8 +18,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
-import rewards  # noqa: E402
 import toy_world  # noqa: E402
+import models
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--model", default="toy", help="model to score")
@@ -31,7 +31,7 @@ p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "toy
 
 
 def score(videos, prompts):
-    r, judge = rewards.ToyReward(), rewards.ToyJudge()
+    r, judge = toy_world.ToyReward(), toy_world.ToyJudge()
     dims = r(videos, prompts)
     s = {k: v.mean().item() for k, v in dims.items() if k != "reward"}
     s["color_accuracy"] = r.color_accuracy(videos, prompts).mean().item()
@@ -49,7 +49,7 @@ def score(videos, prompts):
 
 
 def main(args):
-    model = common.load_model(args.model)
+    model = models.load_model(args.model)
     splits = {"train": random.Random(0).sample(toy_world.TRAIN_PROMPTS, args.num_train),
               "held-out": toy_world.HELDOUT_PROMPTS}
     results, sample_seconds = {}, []

@@ -66,10 +66,11 @@ class LivePeak(TorchDispatchMode):
 
 def child(args):
     import common
+    import models
     mode, k = args.child.split(":")
     k = int(k)
     torch.set_num_threads(1)
-    model = common.load_model(args.folder)
+    model = models.load_model(args.folder)
     params = common.setup_trainable(model, lora_rank=8)
     den = model.denoiser
     if mode == "call":  # common.sample turns the denoiser's own checkpointing on: keep it off here

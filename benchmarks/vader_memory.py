@@ -68,9 +68,10 @@ def rss_gb():
 
 def child(args):
     import common
+    import models
     name, mode, ckpt, frames = LADDER[args.child]
     torch.set_num_threads(max(1, (os.cpu_count() or 2)))
-    model = common.load_model(args.folder, args.device)
+    model = models.load_model(args.folder, args.device)
     params = common.setup_trainable(model, lora_rank=8)
     grad_from = 0 if mode == "all" else args.steps - 1
     decode = [args.frames // 2] if frames == "one" else None

@@ -9,6 +9,8 @@ pytest.register_assert_rewrite("helpers")  # its asserts (torchrun comparisons) 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 torch.set_num_threads(1)  # tiny models on 2 shared cores: one thread is many times faster
+
+import models  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -30,10 +32,9 @@ def tiny_folders(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_model():
-    import common
-    if not os.path.exists(os.path.join(common.MODEL_ALIASES["toy"], "transformer")):
+    if not os.path.exists(os.path.join(models.MODEL_ALIASES["toy"], "transformer")):
         pytest.fail("assets/toy is missing: run `python pretrain_toy.py --stop-at 11000 --out assets/toy --overwrite` (it ships with the repository)")
-    return common.load_model("toy")
+    return models.load_model("toy")
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 <out>/rank<r>.pt and the gradients of every update, AFTER the cross-rank average, to
 <out>/grads<r>.pt, so a test can compare ranks with each other and with a single process.
     torchrun --nproc_per_node 2 tests/dist_run.py <script> [--no-grad-average] [--tie WORD] <script args...>
---no-grad-average replaces common.average_gradients by a no-op: the negative control proving the
+--no-grad-average replaces distributed.average_gradients by a no-op: the negative control proving the
 test detects a loop that forgets to average gradients across ranks.
 --tie WORD gives every video of a prompt containing WORD the same reward (0): its DPO pairs have no
 margin and are skipped, so ranks hold uneven pair counts (or none) depending on their prompts.
@@ -17,11 +17,12 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 torch.set_num_threads(1)
 import common  # noqa: E402
 import rewards  # noqa: E402
-import sharding  # noqa: E402
+import toy_world  # noqa: E402
+import distributed  # noqa: E402
 
 script, argv = sys.argv[1], sys.argv[2:]
 captured = {"grads": []}
-average = common.average_gradients
+average = distributed.average_gradients
 if "--no-grad-average" in argv:
     argv.remove("--no-grad-average")
     average = lambda params, d: None  # noqa: E731
@@ -29,11 +30,11 @@ if "--no-grad-average" in argv:
 
 def recording_average(params, d):
     average(params, d)  # (under FSDP: the gradient shards, gathered whole; every rank calls this)
-    captured["grads"] += [sharding.full(p.grad).detach().cpu().clone() if p.grad is not None else torch.zeros(p.shape)
+    captured["grads"] += [distributed.full(p.grad).detach().cpu().clone() if p.grad is not None else torch.zeros(p.shape)
                           for p in params]
 
 
-common.average_gradients = recording_average
+distributed.average_gradients = recording_average
 if "--tie" in argv:
     i = argv.index("--tie")
     word = argv.pop(i + 1)
@@ -56,7 +57,7 @@ if "--tie" in argv:
     rewards.load_reward = lambda *a, **k: Tied(load(*a, **k))
 if "--judge-alternates" in argv:  # the toy judge answers yes, no, yes, no ... in each call: (yes, no) pairs for DPO
     argv.remove("--judge-alternates")
-    rewards.ToyJudge.__call__ = lambda self, v, p: {"reward": (torch.arange(len(p)) % 2 == 0).float(),
+    toy_world.ToyJudge.__call__ = lambda self, v, p: {"reward": (torch.arange(len(p)) % 2 == 0).float(),
                                                     "yes": (torch.arange(len(p)) % 2 == 0).float()}
 _setup = common.setup_trainable
 
@@ -67,7 +68,7 @@ def capture(model, *a, **k):
 
 
 def trainable():  # read from the model: under FSDP the parameters are replaced by sharded ones
-    return [sharding.full(p).detach().cpu() for den in captured["model"].experts for p in den.parameters() if p.requires_grad]
+    return [distributed.full(p).detach().cpu() for den in captured["model"].experts for p in den.parameters() if p.requires_grad]
 
 
 _destroy = torch.distributed.destroy_process_group

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import common
+import models
 import gran_dpo
 import online_vpo
 import vader_grad
@@ -27,7 +28,7 @@ class Loaded(Exception):
 def no_load(monkeypatch):
     def refuse(*a, **k):
         raise Loaded("the model started loading: the bad input was not caught before it")
-    monkeypatch.setattr(common, "load_model", refuse)
+    monkeypatch.setattr(models, "load_model", refuse)
 
 
 def refused(script, argv, match, tmp_path, error=ValueError):
@@ -104,7 +105,7 @@ def test_a_truncated_checkpoint_is_named_before_loading(tmp_path, toy_model, mon
     state = os.path.join(common.latest_checkpoint(out), "state.pt")
     with open(state, "r+b") as f:
         f.truncate(os.path.getsize(state) // 2)
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: (_ for _ in ()).throw(Loaded()))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (_ for _ in ()).throw(Loaded()))
     with pytest.raises(ValueError, match="state.pt") as e:
         run_main(online_vpo, ["--resume", out, "--steps", "3"])
     assert state in str(e.value) and "step-000001" in str(e.value)  # names the file, and the earlier checkpoint

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import models
 import tiny_models
 
 PROMPTS = ["a red square falling", "a blue circle moving left"]
@@ -37,7 +38,7 @@ def test_sampler_equals_stock_pipeline(tiny_folders, tmp_path, family):
         folder = str(tmp_path)
         tiny_models.build(family, folder, scheduler=diffusers.DDIMScheduler.from_pretrained(
             tiny_folders[family], subfolder="scheduler", steps_offset=1))
-    model = common.load_model(folder)
+    model = models.load_model(folder)
     assert model.family == family and model.prediction == {"wan": "flow", "cogvideox": "v", "ltx": "flow",
                                                            "modelscope": "eps"}[family]
     F, H, W = tiny_models.SIZES[family]
@@ -52,13 +53,13 @@ def test_sampler_equals_stock_pipeline(tiny_folders, tmp_path, family):
 def test_sampler_with_flow_euler_scheduler_equals_stock(tmp_path):
     import diffusers
     tiny_models.build("wan", str(tmp_path), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
-    model = common.load_model(str(tmp_path))
+    model = models.load_model(str(tmp_path))
     _, ours = common.sample(model, PROMPTS, [5, 6], 9, 16, 16, steps=3, guidance=4.0)
     assert (ours - stock_video("wan", str(tmp_path), PROMPTS, [5, 6])).abs().max() < 1e-4
 
 
 def test_a_candidate_is_reproducible_from_its_seed(tiny_folders):
-    model = common.load_model(tiny_folders["wan"])
+    model = models.load_model(tiny_folders["wan"])
     _, both = common.sample(model, PROMPTS, [11, 22], 9, 16, 16, steps=2, guidance=3.0)
     _, alone = common.sample(model, PROMPTS[1:], [22], 9, 16, 16, steps=2, guidance=3.0)
     _, other = common.sample(model, PROMPTS[1:], [23], 9, 16, 16, steps=2, guidance=3.0)
@@ -68,7 +69,7 @@ def test_a_candidate_is_reproducible_from_its_seed(tiny_folders):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_gradients_flow_through_the_last_k_steps_only(tiny_folders, checkpointing):
-    model = common.load_model(tiny_folders["wan"])
+    model = models.load_model(tiny_folders["wan"])
     params = common.setup_trainable(model, lora_rank=4)
     for n, p in model.denoiser.named_parameters():
         if "lora_B" in n:
@@ -87,7 +88,7 @@ def test_gradients_flow_through_the_last_k_steps_only(tiny_folders, checkpointin
 def test_checkpointing_gives_the_same_gradient(tiny_folders):
     grads = []
     for ckpt in (False, True):
-        model = common.load_model(tiny_folders["wan"])
+        model = models.load_model(tiny_folders["wan"])
         torch.manual_seed(0)
         params = common.setup_trainable(model, lora_rank=4)
         for n, p in model.denoiser.named_parameters():
@@ -102,20 +103,20 @@ def test_checkpointing_gives_the_same_gradient(tiny_folders):
 
 def test_decode_frames_decodes_only_those(toy_model):
     lat = torch.randn(2, 3, 8, 32, 32)
-    full = common.decode(toy_model, lat)
-    part = common.decode(toy_model, lat, frames=[1, 5])
+    full = toy_model.decode(lat)
+    part = toy_model.decode(lat, frames=[1, 5])
     assert part.shape == (2, 2, 3, 32, 32) and torch.equal(part, full[:, [1, 5]])
 
 
 def test_lora_saved_loads_in_the_stock_pipeline(tiny_folders, tmp_path):
-    model = common.load_model(tiny_folders["wan"])
+    model = models.load_model(tiny_folders["wan"])
     common.setup_trainable(model, lora_rank=4)
     with torch.no_grad():
         for n, p in model.denoiser.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
     _, ours = common.sample(model, PROMPTS, [11, 22], 9, 16, 16, steps=3, guidance=4.0)
-    common.save_lora(model, str(tmp_path / "lora"))
+    model.save_lora(str(tmp_path / "lora"))
     assert os.path.exists(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
     base = stock_video("wan", tiny_folders["wan"], PROMPTS, [11, 22])
     with_lora = stock_video("wan", tiny_folders["wan"], PROMPTS, [11, 22], lora=str(tmp_path / "lora"))
@@ -125,7 +126,7 @@ def test_lora_saved_loads_in_the_stock_pipeline(tiny_folders, tmp_path):
 
 @pytest.mark.parametrize("family", ["wan", "cogvideox", "ltx", "modelscope"])
 def test_training_targets(tiny_folders, family):
-    model = common.load_model(tiny_folders[family])
+    model = models.load_model(tiny_folders[family])
     g = torch.Generator().manual_seed(0)
     t = common.sample_train_timesteps(model, 3, g)
     x0, eps = torch.randn(3, 4, 2, 2, 2), torch.randn(3, 4, 2, 2, 2)
@@ -142,28 +143,28 @@ def test_training_targets(tiny_folders, family):
 
 def test_clear_errors(tiny_folders, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist: pass a local diffusers folder"):
-        common.resolve_model("./no/such/folder")
+        models.resolve_model("./no/such/folder")
     with pytest.raises(FileNotFoundError, match="cannot download weights: pass a local folder"):
-        common.resolve_model("nobody/not-a-model")
+        models.resolve_model("nobody/not-a-model")
     broken = tmp_path / "broken"
     shutil.copytree(tiny_folders["wan"], broken)
     for f in os.listdir(broken / "transformer"):
         if f.endswith(".safetensors"):
             os.remove(broken / "transformer" / f)
     with pytest.raises(FileNotFoundError, match="no weights in"):
-        common.resolve_model(str(broken))
+        models.resolve_model(str(broken))
     other = tmp_path / "sd"
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(ValueError, match="unsupported model family.*supported are"):
-        common.resolve_model(str(other))
+        models.resolve_model(str(other))
     with pytest.raises(ValueError, match="must be 4k\\+1"):
-        common.check_video_size("wan", 8, 480, 832)
+        models.check_video_size("wan", 8, 480, 832)
     with pytest.raises(ValueError, match="must be 8k\\+1"):
-        common.check_video_size("ltx", 17 + 4, 480, 704)
+        models.check_video_size("ltx", 17 + 4, 480, 704)
     with pytest.raises(ValueError, match="multiples of 16"):
-        common.check_video_size("cogvideox", 49, 480, 721)
-    common.check_video_size("wan", 33, 480, 832)
+        models.check_video_size("cogvideox", 49, 480, 721)
+    models.check_video_size("wan", 33, 480, 832)
     with pytest.raises(FileNotFoundError, match="cannot read prompt file"):
         common.load_prompts(str(tmp_path / "missing.txt"))
     (tmp_path / "p.txt").write_text("a cat\n\n a dog \n")
@@ -171,7 +172,7 @@ def test_clear_errors(tiny_folders, tmp_path):
 
 
 def test_checkpoint_round_trip_and_atomicity(tiny_folders, tmp_path):
-    model = common.load_model(tiny_folders["wan"])
+    model = models.load_model(tiny_folders["wan"])
     params = common.setup_trainable(model, lora_rank=4)
     opt = torch.optim.AdamW(params, lr=1e-2)
     sum(p.sum() for p in params).backward()

@@ -6,6 +6,8 @@ import os
 import torch
 
 import common
+import distributed
+import models
 import online_vpo
 from helpers import run_main
 
@@ -17,13 +19,13 @@ PROMPT = "a red square moving right"
 def spy_denoiser(monkeypatch):
     """Record every sampler call's input latents and guided velocity."""
     calls = []
-    real = common.denoise
+    real = models.VideoModel.denoise
 
     def spy(model, x, t, emb, mask=None):
         out = real(model, x, t, emb, mask)
         calls.append((x.detach().clone(), t.detach().clone(), out.detach().clone()))
         return out
-    monkeypatch.setattr(common, "denoise", spy)
+    monkeypatch.setattr(models.VideoModel, "denoise", spy)
     return calls
 
 
@@ -95,7 +97,7 @@ def test_k_draws_average_the_per_draw_losses(tmp_path, monkeypatch, toy_model):
 
 def test_epochs_update_twice_per_sampled_batch(tmp_path, monkeypatch, toy_model):
     steps = []
-    monkeypatch.setattr(common, "clip_grad_norm", lambda params, m: steps.append(1) or 0.0)
+    monkeypatch.setattr(distributed, "clip_grad_norm", lambda params, m: steps.append(1) or 0.0)
     run_main(online_vpo, FAST + ["--steps", "2", "--dpo-epochs", "3", "--out", str(tmp_path / "e")])
     assert len(steps) == 6
 
@@ -119,7 +121,7 @@ def test_logit_normal_timesteps_avoid_the_ends(toy_model):
 
 
 def test_implicit_accuracy_sees_a_policy_fitted_to_the_winner(toy_model):
-    model = common.load_model("toy")  # (its own copy: the session's toy_model stays without an adapter)
+    model = models.load_model("toy")  # (its own copy: the session's toy_model stays without an adapter)
     params = common.setup_trainable(model, 4)
     init = common.Reference(params, model.experts)
     g = torch.Generator().manual_seed(1)
@@ -128,11 +130,11 @@ def test_implicit_accuracy_sees_a_policy_fitted_to_the_winner(toy_model):
     ids = [(0,), (1,)]
     assert common.implicit_accuracy(model, x0_w, x0_l, prompts, init, 0, ids) == [0.5, 0.5]  # policy == init: a tie
     opt = torch.optim.Adam(params, lr=3e-3)
-    emb, mask = common.encode_prompts(model, prompts)
+    emb, mask = model.encode_prompts(prompts)
     for i in range(30):  # fit the winners (supervised fine-tuning on x0_w only)
         t = common.sample_train_timesteps(model, 2, g)
         x_t, target = common.noisy_and_target(model, x0_w, torch.randn(x0_w.shape, generator=g), t)
-        common.per_sample_mse(common.denoise(model, x_t, t, emb, mask), target).mean().backward()
+        common.per_sample_mse(model.denoise(x_t, t, emb, mask), target).mean().backward()
         opt.step()
         opt.zero_grad()
     assert common.implicit_accuracy(model, x0_w, x0_l, prompts, init, 0, ids, draws=8) == [1.0, 1.0]
@@ -149,7 +151,7 @@ def test_evaluation_seeds_add_videos_and_keep_seed_zero(tmp_path, monkeypatch, t
         seen.append(list(seeds))
         return real(model, prompts, seeds, *a, **k)
     monkeypatch.setattr(common, "sample_and_score", spy)
-    d = common.Dist(0, 1, "cpu")
+    d = distributed.Dist(0, 1, "cpu")
     reward = lambda v, p: {"reward": v.mean((1, 2, 3, 4))}  # noqa: E731
     kw = dict(num_frames=4, height=16, width=16, steps=2, guidance=3.0)
     one = common.evaluate(toy_model, reward, [PROMPT, "a blue circle falling"], 0, kw, d)
@@ -160,7 +162,7 @@ def test_evaluation_seeds_add_videos_and_keep_seed_zero(tmp_path, monkeypatch, t
 
 def test_branch_outside_the_sampler_is_refused_before_loading(tmp_path, monkeypatch):
     import pytest
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     for b in ("1", "-1"):  # --sample-steps 2: only step 0 has a later step to branch into
         with pytest.raises(ValueError, match="--branch-at"):
             run_main(online_vpo, FAST + ["--steps", "1", "--branch-at", b, "--out", str(tmp_path / b)])
@@ -243,7 +245,7 @@ def test_data_anchor_trains_on_true_renders_of_the_pairs_prompts(tmp_path, monke
 
 def test_data_anchor_is_refused_off_the_toy_model(tmp_path, tiny_folders, monkeypatch):
     import pytest
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(ValueError, match="--data-anchor"):
         run_main(online_vpo, FAST + ["--steps", "1", "--model", tiny_folders["wan"], "--reward", "toy:text",
                                      "--data-anchor", "1", "--out", str(tmp_path / "w")])
@@ -252,7 +254,7 @@ def test_data_anchor_is_refused_off_the_toy_model(tmp_path, tiny_folders, monkey
 def test_branch_on_wans_unipc_sampler_gives_candidates_their_own_noise(tiny_folders):
     """UniPC's corrector rebuilds the next sample from the previous one: the branch must reach it too (without,
     same-seed candidates stayed near-duplicates on Wan: spread 0.07 against 1.05 for independent seeds)."""
-    model = common.load_model(tiny_folders["wan"])
+    model = models.load_model(tiny_folders["wan"])
     assert type(model.scheduler).__name__ == "UniPCMultistepScheduler"
     kw = dict(num_frames=5, height=16, width=16, steps=6, guidance=3.0)
     indep, _ = common.sample(model, [PROMPT] * 4, [1, 2, 3, 4], **kw)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import models
 import tiny_models
 from helpers import assert_model_card_matches, run_main
 
@@ -35,9 +36,9 @@ def stock_video(folder, prompts, seeds, steps=3, guidance=4.0, lora=None, output
 
 def test_prompt_encoding_equals_the_pipeline(tiny_folders):
     import diffusers
-    model = common.load_model(tiny_folders["hunyuan15"])
+    model = models.load_model(tiny_folders["hunyuan15"])
     assert model.family == "hunyuan15" and model.prediction == "flow" and model.text_encoder_2 is not None
-    emb, mask = common.encode_prompts(model, PROMPTS + [""])
+    emb, mask = model.encode_prompts(PROMPTS + [""])
     pipe = diffusers.HunyuanVideo15Pipeline.from_pretrained(tiny_folders["hunyuan15"])
     e1, m1, e2, m2 = pipe.encode_prompt(PROMPTS + [""], device="cpu", batch_size=3)
     L = model.max_sequence_length
@@ -46,14 +47,14 @@ def test_prompt_encoding_equals_the_pipeline(tiny_folders):
     assert (emb[:, :L, : e1.shape[2]] - e1).abs().max() < 1e-6 and (emb[:, L:, : e2.shape[2]] - e2).abs().max() < 1e-6
     assert emb[:, L:, e2.shape[2]:].abs().max() == 0  # the narrower ByT5 stream is zero-padded
     assert m2[0].sum() == 0 and m2[1].sum() > 0  # no glyph text / quoted glyph text
-    again, _ = common.encode_prompts(model, PROMPTS[1:])  # cached, and independent of the batch
+    again, _ = model.encode_prompts(PROMPTS[1:])  # cached, and independent of the batch
     assert torch.equal(again[0], emb[1])
 
 
 def test_sampler_equals_stock_pipeline(tiny_folders):
     folder = tiny_folders["hunyuan15"]
-    model = common.load_model(folder)
-    assert common.latent_shape(model, F, H, W) == (4, 3, 2, 2)
+    model = models.load_model(folder)
+    assert model.latent_shape(F, H, W) == (4, 3, 2, 2)
     latents, ours = common.sample(model, PROMPTS, [11, 22], F, H, W, steps=3, guidance=4.0)
     stock = stock_video(folder, PROMPTS, [11, 22])
     assert ours.shape == stock.shape == (2, F, 3, H, W)
@@ -70,7 +71,7 @@ def test_lora_round_trip_with_the_stock_pipeline(tiny_folders, tmp_path):
     import diffusers
     from safetensors import safe_open
     folder = tiny_folders["hunyuan15"]
-    model = common.load_model(folder)
+    model = models.load_model(folder)
     params = common.setup_trainable(model, lora_rank=4, lora_alpha=8)
     names = [n for n, p in model.denoiser.named_parameters() if p.requires_grad]
     assert any(".transformer_blocks." in n or n.startswith("transformer_blocks.") for n in names)
@@ -80,7 +81,7 @@ def test_lora_round_trip_with_the_stock_pipeline(tiny_folders, tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
     _, ours = common.sample(model, PROMPTS, [11, 22], F, H, W, steps=3, guidance=4.0)
-    common.save_lora(model, str(tmp_path / "lora"))
+    model.save_lora(str(tmp_path / "lora"))
     with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert all(k.startswith("transformer.") for k in f.keys())
     assert not hasattr(diffusers.HunyuanVideo15Pipeline, "load_lora_weights")  # README: load_lora_adapter instead
@@ -92,22 +93,22 @@ def test_lora_round_trip_with_the_stock_pipeline(tiny_folders, tmp_path):
 
 def test_alias_size_check_and_defaults_before_anything_loads(tiny_folders, tmp_path, monkeypatch):
     import online_vpo
-    assert common.MODEL_ALIASES["hunyuanvideo1.5"] == "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v"
+    assert models.MODEL_ALIASES["hunyuanvideo1.5"] == "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v"
     with pytest.raises(FileNotFoundError, match="cannot download weights"):  # offline: a clear error, not a crash
-        common.resolve_model("hunyuanvideo1.5")
+        models.resolve_model("hunyuanvideo1.5")
     folder = tiny_folders["hunyuan15"]
-    assert common.resolve_model(folder) == (folder, "hunyuan15")
+    assert models.resolve_model(folder) == (folder, "hunyuan15")
     with pytest.raises(ValueError, match="must be 4k\\+1"):
-        common.check_video_size("hunyuan15", 120, 480, 848)
+        models.check_video_size("hunyuan15", 120, 480, 848)
     with pytest.raises(ValueError, match="multiples of 16"):
-        common.check_video_size("hunyuan15", 121, 480, 840)
-    common.check_video_size("hunyuan15", 121, 480, 848)
-    assert common.FAMILY_DEFAULTS["hunyuan15"] == dict(num_frames=121, height=480, width=848, sample_steps=50,
+        models.check_video_size("hunyuan15", 121, 480, 840)
+    models.check_video_size("hunyuan15", 121, 480, 848)
+    assert models.FAMILIES["hunyuan15"].defaults == dict(num_frames=121, height=480, width=848, sample_steps=50,
                                                        guidance=6.0, fps=24)
     # the checkpoint's own guider and target size win: the tiny one has guidance 4 and target_size 32
-    assert common.model_defaults(folder, "hunyuan15") == dict(num_frames=121, height=32, width=32, sample_steps=50,
+    assert models.model_defaults(folder, "hunyuan15") == dict(num_frames=121, height=32, width=32, sample_steps=50,
                                                              guidance=4.0, fps=24)
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded before the size check"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded before the size check"))
     with pytest.raises(ValueError, match="must be 4k\\+1"):
         run_main(online_vpo, ["--model", folder, "--num-frames", "8", "--height", "32", "--width", "32",
                               "--out", str(tmp_path / "bad")])
@@ -118,14 +119,14 @@ def test_alias_size_check_and_defaults_before_anything_loads(tiny_folders, tmp_p
 
 
 def test_noising_and_targets_match_the_scheduler(tiny_folders):
-    model = common.load_model(tiny_folders["hunyuan15"])
+    model = models.load_model(tiny_folders["hunyuan15"])
     sch = model.scheduler
     g = torch.Generator().manual_seed(0)
     t = common.sample_train_timesteps(model, 64, g)
     assert t.min() > 0 and t.max() <= 1000 and t.float().mean() > 500  # shift 5 leans to high noise
-    x0 = torch.randn(2, *common.latent_shape(model, F, H, W), generator=g)
+    x0 = torch.randn(2, *model.latent_shape(F, H, W), generator=g)
     eps = torch.randn(x0.shape, generator=g)
-    timesteps = common.set_timesteps(model, 4, x0.shape[1:])
+    timesteps = model.set_timesteps(4, x0.shape[1:])
     for i, ti in enumerate(timesteps):
         tt = ti.expand(2)
         xt, target = common.noisy_and_target(model, x0, eps, tt)
@@ -143,13 +144,13 @@ def test_noising_and_targets_match_the_scheduler(tiny_folders):
 
 
 def test_partial_decode_equals_the_full_decode(tiny_folders):
-    model = common.load_model(tiny_folders["hunyuan15"])
-    lat = torch.randn((2, *common.latent_shape(model, 17, H, W)), generator=torch.Generator().manual_seed(0))
+    model = models.load_model(tiny_folders["hunyuan15"])
+    lat = torch.randn((2, *model.latent_shape(17, H, W)), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        full = common.decode(model, lat)
+        full = model.decode(lat)
         assert full.shape == (2, 17, 3, H, W)
         for frames in [[0], [1], [4], [5], [16], [0, 5], [2, 3, 8]]:
-            part = common.decode(model, lat, frames=frames)
+            part = model.decode(lat, frames=frames)
             assert torch.allclose(part, full[:, frames], atol=1e-5), (frames, (part - full[:, frames]).abs().max())
 
 

@@ -40,7 +40,7 @@ def test_categories_equal_their_hand_computed_sizes(smoke):
     assert a8["sharded_grad"] == pytest.approx(e8["grads"], rel=1e-9)  # each rank: its shard of the gradients
     assert a8["opt"] == pytest.approx(e8["optimizer"], rel=0.05)
     assert a8["sharded_grad"] < a1["grad"] / 4 and a8["opt"] < a1["opt"] / 4  # (1/8, plus padding of tiny dims)
-    # --offload-frozen (common.Offload, run by the plan as by the scripts): after the update's step only the
+    # --offload-frozen (distributed.Offload, run by the plan as by the scripts): after the update's step only the
     # denoiser (base + LoRA), the gradients and the reference are resident; text encoder and VAE are not
     a, e = offload["after_step_gib"], offload["expected_gib"]
     assert "--offload-frozen" in offload["flags"] and e["weights"] < e1["weights"] / 2

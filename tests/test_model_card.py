@@ -9,6 +9,7 @@ import torch
 import yaml
 
 import common
+import models
 import gran_dpo
 import online_vpo
 import toy_world
@@ -50,7 +51,7 @@ def test_the_cards_snippet_runs_as_written(toy_run):
 def test_base_model_is_a_hub_id_or_absent_and_the_heldout_count_is_stated(toy_run, tmp_path):
     _, card, meta = card_of(toy_run)
     assert "base_model" not in meta  # a local folder is no hub id: the field is left out ...
-    assert common.TOY_PATH in card  # ... and the text names the local model
+    assert models.TOY_PATH in card  # ... and the text names the local model
     assert "3 held-out prompts" in card
     # a run of a hub model: base_model is its hub id (the card is written from the run's files alone)
     run = tmp_path / "hub"
@@ -60,7 +61,7 @@ def test_base_model_is_a_hub_id_or_absent_and_the_heldout_count_is_stated(toy_ru
                                                                   "model_path": "/cache/models--Wan-AI--x/snapshots/1"}
     (run / "config.json").write_text(json.dumps(cfg))
     (run / "metrics.jsonl").write_text(open(os.path.join(toy_run, "metrics.jsonl")).read())
-    common.write_model_card(str(run), "online_vpo", "OnlineVPO", "arXiv 2412.15159", 8)
+    models.write_model_card(str(run), "online_vpo", "OnlineVPO", "arXiv 2412.15159", 8)
     _, card, meta = card_of(str(run))
     assert meta["base_model"] == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     assert 'from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"' in card

@@ -14,14 +14,13 @@ import sys
 import pytest
 import torch
 
-import common
+import models
 import pretrain_toy
 from helpers import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(ROOT, "runs")
 PLAN = os.path.join(ROOT, "benchmarks", "results", "memory_plan.json")
-C1 = os.path.join(ROOT, "assets", "candidates", "c1", "ckpt.pt")
 TINY = ["--batch-size", "2", "--num-frames", "4", "--size", "16", "--threads", "1", "--heads", "2", "--head-dim", "32",
         "--layers", "1", "--ffn-dim", "64"]
 
@@ -51,18 +50,17 @@ def test_pretrain_toy_writes_under_runs_by_default():
     assert defaults.ckpt is None  # so the checkpoint goes beside --out: runs/toy_pretrain_ckpt.pt
 
 
-@pytest.mark.parametrize("argv", [["--out", "assets/toy"], ["--out", common.TOY_PATH], ["--out", common.TOY_PATH + "/"],
-                                  ["--resume", "--ckpt", C1, "--steps", "12000", "--stop-at", "11000"]])
+@pytest.mark.parametrize("argv", [["--out", "assets/toy"], ["--out", models.TOY_PATH], ["--out", models.TOY_PATH + "/"]])
 def test_pretrain_toy_refuses_to_overwrite_shipped_files(argv, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(pretrain_toy, "build_components", stop)  # past the guard: stopped before anything is written
-    before = digest(common.TOY_PATH), digest(C1)
+    before = digest(models.TOY_PATH)
     if "--out" not in argv:
         argv = argv + ["--out", str(tmp_path / "toy")]
     with pytest.raises(SystemExit, match="--overwrite") as e:
         run_main(pretrain_toy, TINY + ["--steps", "2"] + argv)
     assert "shipped" in str(e.value) and "runs/" in str(e.value), e.value
-    assert (digest(common.TOY_PATH), digest(C1)) == before
+    assert digest(models.TOY_PATH) == before
     assert torch.get_num_threads() == 1
     monkeypatch.setattr(pretrain_toy, "build_components", stop)
     with pytest.raises(Reached):  # the explicit flag lets it through
@@ -81,14 +79,14 @@ def test_pretrain_toy_overwrite_flag_replaces_a_shipped_folder(monkeypatch, tmp_
     assert os.path.exists(shipped / "toy_pretrain_ckpt.pt")  # the script's own (git-ignored) checkpoint is no shipped file
     run_main(pretrain_toy, TINY + ["--steps", "1", "--out", str(shipped / "new2"), "--ckpt", str(shipped / "toy_pretrain_ckpt.pt")])
     run_main(pretrain_toy, TINY + ["--steps", "1", "--out", str(shipped / "toy"), "--overwrite"])
-    assert common.load_model(str(shipped / "toy")).denoiser.config.num_layers == 1
+    assert models.load_model(str(shipped / "toy")).denoiser.config.num_layers == 1
 
 
 def test_the_documented_smoke_command_leaves_the_shipped_base_alone(tmp_path):
     """`python pretrain_toy.py --steps 2`, run by a copy of the script in a throwaway root holding a copy of
     assets/toy: the copy is untouched, the run lands in <root>/runs/toy."""
     shutil.copy(os.path.join(ROOT, "pretrain_toy.py"), tmp_path / "pretrain_toy.py")
-    shutil.copytree(common.TOY_PATH, tmp_path / "assets" / "toy")
+    shutil.copytree(models.TOY_PATH, tmp_path / "assets" / "toy")
     before = digest(tmp_path / "assets")
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "pretrain_toy.py", "--steps", "2"] + TINY, cwd=tmp_path, env=env,

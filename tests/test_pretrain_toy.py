@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import models
 import pretrain_toy
 import toy_world
 from helpers import run_main
@@ -27,7 +28,7 @@ def test_balanced_sampling_covers_every_train_prompt_by_category():
 def test_the_defaults_are_the_shipped_base_recipe():
     """`python pretrain_toy.py` (what the load error and conftest tell a user to run) trains the shipped
     architecture on the shipped schedule: the shipped run's recorded flags, except where it was written and how."""
-    shipped = json.load(open(os.path.join(common.TOY_PATH, "pretrain_log.json")))["args"]
+    shipped = json.load(open(os.path.join(models.TOY_PATH, "pretrain_log.json")))["args"]
     defaults = vars(pretrain_toy.p.parse_args([]))
     where_and_how = {"out", "threads", "resume", "ckpt", "device", "stop_at", "save_every"}
     differs = {k: (defaults[k], v) for k, v in shipped.items() if k not in where_and_how and defaults[k] != v}
@@ -39,7 +40,7 @@ def test_options_and_init_from(tmp_path):
     first = tmp_path / "a" / "toy"
     arch = ["--heads", "2", "--head-dim", "32", "--layers", "2", "--ffn-dim", "64", "--patch", "2", "--patch-t", "1"]
     run_main(pretrain_toy, TINY + arch + ["--steps", "2", "--sampling", "uniform", "--timesteps", "uniform", "--out", str(first)])
-    model = common.load_model(str(first))  # the ordinary loading path
+    model = models.load_model(str(first))  # the ordinary loading path
     cfg = model.denoiser.config
     assert (cfg.num_attention_heads, cfg.attention_head_dim, cfg.num_layers, cfg.ffn_dim, tuple(cfg.patch_size)) == (2, 32, 2, 64, (1, 2, 2))
     log = json.load(open(first / "pretrain_log.json"))
@@ -49,7 +50,7 @@ def test_options_and_init_from(tmp_path):
     # --init-from with no steps to run exports the checkpoint's EMA weights unchanged
     second = tmp_path / "b" / "toy"
     run_main(pretrain_toy, TINY + arch + ["--steps", "0", "--init-from", str(ckpt), "--out", str(second)])
-    a, b = common.load_model(str(first)), common.load_model(str(second))
+    a, b = models.load_model(str(first)), models.load_model(str(second))
     assert all(torch.equal(x, y) for x, y in zip(a.denoiser.state_dict().values(), b.denoiser.state_dict().values()))
     assert all(torch.equal(x, y) for x, y in zip(a.text_encoder.state_dict().values(), b.text_encoder.state_dict().values()))
     assert not os.path.exists(tmp_path / "b" / "toy_pretrain_ckpt.pt.tmp")
@@ -59,7 +60,7 @@ def test_temporal_patches_and_shift_reach_the_shipped_folder(tmp_path):
     out = tmp_path / "t" / "toy"
     arch = ["--heads", "2", "--head-dim", "32", "--layers", "1", "--ffn-dim", "64", "--patch-t", "2", "--shift", "2"]
     run_main(pretrain_toy, TINY + arch + ["--steps", "1", "--out", str(out)])
-    model = common.load_model(str(out))
+    model = models.load_model(str(out))
     assert tuple(model.denoiser.config.patch_size) == (2, 4, 4)  # two frames per token
     assert model.scheduler.config.shift == 2.0  # the sampler shifts the noise levels as training did
     with torch.no_grad():
@@ -110,7 +111,7 @@ def test_stop_at_ships_the_uninterrupted_runs_step(tmp_path, monkeypatch):
     assert full["step"] == cut["step"] == 2 and json.load(open(tmp_path / "b" / "toy" / "pretrain_log.json"))["step"] == 2
     assert all(torch.equal(x, y) for x, y in zip(full["ema"], cut["ema"]))
     assert full["sched"]["_last_lr"] == cut["sched"]["_last_lr"]  # the 4-step schedule's rate, not a 2-step one's
-    shipped = common.load_model(str(tmp_path / "b" / "toy")).denoiser
+    shipped = models.load_model(str(tmp_path / "b" / "toy")).denoiser
     names = [n for n, _ in shipped.named_parameters()]
     assert torch.equal(shipped.state_dict()[names[0]], cut["ema"][0])  # the folder holds the EMA weights
     with pytest.raises(ValueError, match="--stop-at 5 must lie within"):

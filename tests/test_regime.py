@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import common
+import distributed
+import models
 import gran_dpo
 import online_vpo
 import rewards
@@ -66,7 +68,7 @@ def test_bf16_dpo_trains_on_a_nonzero_signal(tmp_path, toy_model, script):
 
 def alternate_judge(monkeypatch):
     """A judge answering yes, no, yes, no ... within each call: every prompt gets a (yes, no) pair."""
-    monkeypatch.setattr(rewards.ToyJudge, "__call__", lambda self, v, p: {
+    monkeypatch.setattr(toy_world.ToyJudge, "__call__", lambda self, v, p: {
         "reward": (torch.arange(len(p)) % 2 == 0).float(), "yes": (torch.arange(len(p)) % 2 == 0).float()})
 
 
@@ -83,8 +85,8 @@ def test_bf16_rwr_dpo_trains_on_a_nonzero_signal(tmp_path, toy_model, monkeypatc
 def test_bf16_run_stores_frozen_weights_in_bf16_and_trainable_in_fp32(tmp_path, monkeypatch, tiny_folders,
                                                                        videoscore_folder):
     seen = {}
-    load_model, load_reward = common.load_model, rewards.load_reward
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: seen.setdefault("model", load_model(*a, **k)))
+    load_model, load_reward = models.load_model, rewards.load_reward
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: seen.setdefault("model", load_model(*a, **k)))
     monkeypatch.setattr(rewards, "load_reward", lambda *a, **k: seen.setdefault("reward", load_reward(*a, **k)))
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat playing piano\na dog surfing a wave\n")
@@ -104,9 +106,9 @@ def test_bf16_run_stores_frozen_weights_in_bf16_and_trainable_in_fp32(tmp_path, 
 
 def test_bf16_vader_reward_gradient_reaches_the_lora(tmp_path, monkeypatch, toy_model):
     norms, seen = [], {}
-    real_avg, real_setup = common.average_gradients, common.setup_trainable
+    real_avg, real_setup = distributed.average_gradients, common.setup_trainable
     monkeypatch.setattr(common, "setup_trainable", lambda model, *a, **k: seen.setdefault("model", model) and real_setup(model, *a, **k))
-    monkeypatch.setattr(common, "average_gradients", lambda params, d: norms.append(
+    monkeypatch.setattr(distributed, "average_gradients", lambda params, d: norms.append(
         [p.grad.float().norm().item() if p.grad is not None else 0.0 for p in params]) or real_avg(params, d))
     out = run_main(vader_grad, VADER + ["--steps", "1", "--mixed-precision", "bf16", "--out", str(tmp_path / "v")])
     names = [n for n, p in seen["model"].denoiser.named_parameters() if p.requires_grad]
@@ -121,18 +123,18 @@ def test_offload_frozen_frees_text_encoder_vae_and_reward_during_the_update_and_
     """--offload-frozen: while the DPO update runs, the text encoder, VAE and reward model hold no memory where
     they live (the GPU in a real run); they come back for the next sampling, and the run is bit-identical."""
     seen, resident = {}, {}
-    load_model, load_reward, denoise = common.load_model, rewards.load_reward, common.denoise
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: seen.setdefault("model", load_model(*a, **k)))
+    load_model, load_reward, denoise = models.load_model, rewards.load_reward, models.VideoModel.denoise
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: seen.setdefault("model", load_model(*a, **k)))
     monkeypatch.setattr(rewards, "load_reward", lambda *a, **k: seen.setdefault("reward", load_reward(*a, **k)))
 
     def spy(model, *a, **k):  # the policy forward of the update is the one call with gradients on
         if torch.is_grad_enabled():
-            frozen = common.modules_of([model.text_encoder, model.vae, seen["reward"]])
+            frozen = distributed.modules_of([model.text_encoder, model.vae, seen["reward"]])
             assert len(frozen) == 4  # UMT5, the Wan VAE, VideoScore's Idefics2 and its head
             resident.setdefault(seen["flag"], []).append(
                 sum(t.untyped_storage().nbytes() for m in frozen for t in list(m.parameters()) + list(m.buffers())))
         return denoise(model, *a, **k)
-    monkeypatch.setattr(common, "denoise", spy)
+    monkeypatch.setattr(models.VideoModel, "denoise", spy)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat playing piano\na dog surfing a wave\n")
     outs = {}
@@ -162,12 +164,12 @@ def test_gpu_runs_get_a_process_group_that_serves_cpu_tensors(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "3")
-    d = common.setup_distributed(None)
+    d = distributed.setup_distributed(None)
     assert d.device == "cuda:3"
     gpu = BackendConfig(Backend(called["b"])).get_device_backend_map()
     assert gpu == {"cpu": "gloo", "cuda": "nccl"}  # CPU tensors (all_mean, pair counts) are served too
     # the CPU runs and tests use the very same gloo half
-    assert BackendConfig(Backend(common.process_group_backend(False))).get_device_backend_map() == {"cpu": "gloo"}
+    assert BackendConfig(Backend(distributed.process_group_backend(False))).get_device_backend_map() == {"cpu": "gloo"}
 
 
 # ---- 3. micro-batching: --sample-batch-size never changes the result ------------------------------
@@ -187,7 +189,7 @@ def test_sample_batch_size_does_not_change_the_run(tmp_path, toy_model, script, 
 def test_sample_and_score_equals_one_big_call(toy_model):
     prompts = toy_world.TRAIN_PROMPTS[:5]
     seeds = [common.seed_for(0, i) for i in range(5)]
-    reward = rewards.ToyReward("temporal_consistency")
+    reward = toy_world.ToyReward("temporal_consistency")
     video_kw = dict(num_frames=8, height=32, width=32, steps=2, guidance=3.0)
     lat, videos = common.sample(toy_model, prompts, seeds, **video_kw)
     want = reward(videos, prompts)["reward"]
@@ -198,16 +200,16 @@ def test_sample_and_score_equals_one_big_call(toy_model):
 
 
 def test_prompt_cache_is_bounded_and_holds_no_batch(toy_model, monkeypatch):
-    monkeypatch.setattr(common, "PROMPT_CACHE_SIZE", 5)
+    monkeypatch.setattr(models, "PROMPT_CACHE_SIZE", 5)
     toy_model.prompt_cache.clear()
     prompts = toy_world.TRAIN_PROMPTS[:12]
-    emb, _ = common.encode_prompts(toy_model, prompts)
+    emb, _ = toy_model.encode_prompts(prompts)
     assert len(toy_model.prompt_cache) == 5
     for e, _ in toy_model.prompt_cache.values():  # each entry owns just its own memory
         assert e.untyped_storage().nbytes() == e.numel() * e.element_size()
-    again, _ = common.encode_prompts(toy_model, prompts)  # evicted prompts are encoded again, identically
+    again, _ = toy_model.encode_prompts(prompts)  # evicted prompts are encoded again, identically
     assert torch.equal(emb, again)
-    common.encode_prompts(toy_model, prompts[-1:])
+    toy_model.encode_prompts(prompts[-1:])
     assert list(toy_model.prompt_cache)[-1] == prompts[-1]  # most recently used kept last
 
 
@@ -261,7 +263,7 @@ def fixed_pair(model_prompt="a red square falling"):
 def implicit_preference(out, good, bad, prompt, lora_rank=4, seed=0, n=32):
     """mean over (t, eps) of [(e_theta(good) - e_ref(good)) - (e_theta(bad) - e_ref(bad))]: negative when the
     trained policy denoises the preferred video better, relative to the initial model, than the other."""
-    model = common.load_model("toy")
+    model = models.load_model("toy")
     torch.manual_seed(seed)
     params = common.setup_trainable(model, lora_rank)
     ref = common.Reference(params)
@@ -273,10 +275,10 @@ def implicit_preference(out, good, bad, prompt, lora_rank=4, seed=0, n=32):
     t = common.sample_train_timesteps(model, n, g).repeat_interleave(2)
     eps = torch.randn((n, *good.shape), generator=g).repeat_interleave(2, 0)
     x_t, target = common.noisy_and_target(model, x0, eps, t)
-    emb, mask = common.encode_prompts(model, [prompt] * 2 * n)
+    emb, mask = model.encode_prompts([prompt] * 2 * n)
     with torch.no_grad():
-        e = common.per_sample_mse(common.denoise(model, x_t, t, emb, mask), target)
-        e_ref = common.per_sample_mse(ref.forward(common.denoise, model, x_t, t, emb, mask), target)
+        e = common.per_sample_mse(model.denoise(x_t, t, emb, mask), target)
+        e_ref = common.per_sample_mse(ref.forward(model.denoise, x_t, t, emb, mask), target)
     d = (e - e_ref).view(n, 2)
     return (d[:, 0] - d[:, 1]).mean().item()
 
@@ -288,14 +290,14 @@ def test_dpo_moves_the_policy_toward_the_preferred_video(tmp_path, toy_model, mo
 
     def fixed_sample(model, prompts, seeds, *a, **k):  # candidates alternate: clean, noisy, clean, ...
         lat = torch.stack([good if i % 2 == 0 else bad for i in range(len(prompts))])
-        return lat, common.decode(model, lat)
+        return lat, model.decode(lat)
 
     monkeypatch.setattr(common, "sample", fixed_sample)
     (tmp_path / "p.txt").write_text(prompt + "\n")
     if script == "rwr_dpo":  # the judge accepts the clean video and rejects the noisy one
-        monkeypatch.setattr(rewards.ToyJudge, "__call__", lambda self, v, p: {
-            "reward": (rewards.ToyReward("visual_quality")(v, p)["reward"] > 0.9).float(),
-            "yes": (rewards.ToyReward("visual_quality")(v, p)["reward"] > 0.9).float()})
+        monkeypatch.setattr(toy_world.ToyJudge, "__call__", lambda self, v, p: {
+            "reward": (toy_world.ToyReward("visual_quality")(v, p)["reward"] > 0.9).float(),
+            "yes": (toy_world.ToyReward("visual_quality")(v, p)["reward"] > 0.9).float()})
         out = run_main(rwr, RWR + ["--loss", "dpo", "--epochs", "3", "--lr", "3e-3", "--prompts", str(tmp_path / "p.txt"),
                                    "--batch-size", "2", "--out", str(tmp_path / "r")])  # one (yes, no) pair a round
         assert sum(r["batches"] for r in train_rows(out) if "epoch" in r) == 3

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import models
 import gran_dpo
 import online_vpo
 import vader_grad
@@ -87,9 +88,9 @@ def test_resume_with_no_other_flag_continues_the_saved_configuration(tmp_path, f
 def test_resume_refuses_a_flag_that_changes_the_run_before_loading(tmp_path, finished_run, monkeypatch):
     run = copy_run(finished_run, tmp_path)
     config = open(os.path.join(run, "config.json")).read()
-    monkeypatch.setattr(common, "load_model", refuse_to_load)
+    monkeypatch.setattr(models, "load_model", refuse_to_load)
     for argv in (["--lr", "3e-4"], ["--beta", "50"], ["--reward", "toy:quality"], ["--seed", "1"],
-                 ["--lora-rank", "8"], ["--model", common.TOY_PATH], ["--pairing", "all"],
+                 ["--lora-rank", "8"], ["--model", models.TOY_PATH], ["--pairing", "all"],
                  ["--batch-size", "8"]):  # (8 is the parser's default: typed on the command line, still refused)
         with pytest.raises(ValueError, match=argv[0]) as e:
             cli(online_vpo, ["--resume", run] + argv)
@@ -108,7 +109,7 @@ def test_resume_refuses_a_flag_that_changes_the_run_before_loading(tmp_path, fin
 
 def test_resume_refuses_another_scripts_run_by_name(tmp_path, finished_run, monkeypatch):
     run = copy_run(finished_run, tmp_path)
-    monkeypatch.setattr(common, "load_model", refuse_to_load)
+    monkeypatch.setattr(models, "load_model", refuse_to_load)
     for module in (gran_dpo, vader_grad, rwr):
         with pytest.raises(ValueError, match="online_vpo"):
             run_main(module, ["--resume", run])
@@ -125,7 +126,7 @@ def test_resume_refuses_another_scripts_run_by_name(tmp_path, finished_run, monk
 def test_a_sharded_checkpoint_without_fsdp_is_refused_before_loading(tmp_path, finished_run, monkeypatch):
     run = copy_run(finished_run, tmp_path)
     os.makedirs(os.path.join(common.latest_checkpoint(run), "sharded"))  # what --fsdp writes beside state.pt
-    monkeypatch.setattr(common, "load_model", refuse_to_load)
+    monkeypatch.setattr(models, "load_model", refuse_to_load)
     with pytest.raises(ValueError, match="written with --fsdp"):
         run_main(online_vpo, ["--resume", run, "--steps", "3"])
 
@@ -193,7 +194,7 @@ def test_a_run_folder_in_use_is_refused(tmp_path, finished_run, monkeypatch):
     run = copy_run(finished_run, tmp_path)
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    monkeypatch.setattr(common, "load_model", refuse_to_load)
+    monkeypatch.setattr(models, "load_model", refuse_to_load)
     for folder, argv in ((str(fresh), ["--out", str(fresh)]), (run, ["--resume", run])):
         holder = subprocess.Popen([sys.executable, "-c", HOLD, folder], stdout=subprocess.PIPE, text=True, cwd=ROOT)
         try:
@@ -234,7 +235,7 @@ def test_a_flag_newer_than_the_run_is_refused_unless_at_its_default(tmp_path, fi
     cfg = json.load(open(os.path.join(run, "config.json")))
     del cfg["dpo_draws"]
     json.dump(cfg, open(os.path.join(run, "config.json"), "w"))
-    monkeypatch.setattr(common, "load_model", refuse_to_load)
+    monkeypatch.setattr(models, "load_model", refuse_to_load)
     with pytest.raises(ValueError, match="--dpo-draws 4 .*predates"):
         cli(online_vpo, ["--resume", run, "--dpo-draws", "4"])
     with pytest.raises(Loaded):  # its default is what the run ran with
@@ -244,7 +245,7 @@ def test_a_flag_newer_than_the_run_is_refused_unless_at_its_default(tmp_path, fi
 def test_an_earlier_checkpoint_resumes_only_as_a_fork(tmp_path, finished_run, monkeypatch):
     """Resuming step 1 in place while step 2 exists would leave step 2 behind for the next --resume."""
     run = copy_run(finished_run, tmp_path)
-    monkeypatch.setattr(common, "load_model", refuse_to_load)
+    monkeypatch.setattr(models, "load_model", refuse_to_load)
     with pytest.raises(ValueError, match="later checkpoint.*--out"):
         cli(online_vpo, ["--resume", os.path.join(run, "checkpoints", "step-000001")])
     with pytest.raises(Loaded):  # into a new folder it is a fork

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import rewards
+import toy_world
 
 
 def test_videoscore_loads_and_scores(videoscore_folder):
@@ -100,7 +101,7 @@ def test_qwen3_vl_judge_matches_the_processors_input(tmp_path, version):
     assert ours_text == placeholder and torch.equal(ours_grid, grid) and torch.allclose(ours_pixels, pixels.flatten(0, 1))
     # ... and the logits of a hand-built Qwen3-VL chat turn (no default system prompt), one video at a time
     for i, prompt in enumerate(prompts):
-        text = (f"<|im_start|>user\n{placeholder}{rewards.default_question(prompt)}<|im_end|>\n"
+        text = (f"<|im_start|>user\n{placeholder}{toy_world.default_question(prompt)}<|im_end|>\n"
                 f"<|im_start|>assistant\n")
         ids = judge.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Our reward models' inputs against their reference inference code, on the same frames (REWARDS_REFERENCE.md
+"""Our reward models' inputs against their reference inference code, on the same frames (docs/rewards_reference.md
 quotes the reference lines). Where transformers' "slow" PIL/numpy processors run without torchvision
 (Idefics2, CLIP, VideoMAE) they are the reference; the Qwen-VL and V-JEPA 2 video processors and
 qwen-vl-utils need torchvision, so their arithmetic is re-derived below from the reference source. Prompts
@@ -367,10 +367,12 @@ def test_videoreward_scores_as_videoalign_from_its_release_checkpoints(videorewa
 
 
 def test_videoreward_converter_command(videoreward_release, tmp_path):
+    import os
     import subprocess
     import sys
     out = tmp_path / "converted"
-    res = subprocess.run([sys.executable, rewards.__file__, "convert-videoreward", str(videoreward_release / "full"),
+    converter = os.path.join(os.path.dirname(os.path.abspath(rewards.__file__)), "tools", "convert_videoalign.py")
+    res = subprocess.run([sys.executable, converter, str(videoreward_release / "full"),
                           str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     a = rewards.load_reward(f"videoreward@{out}", fps=8.0)

@@ -20,7 +20,7 @@ def gt():
     ("temporal_consistency", "noise"), ("dynamic_degree", "freeze"), ("text_alignment", "reverse"),
     ("text_alignment", "freeze"), ("mean", "noise")])
 def test_reward_ranks_clean_above_corrupted(gt, dimension, corruption):
-    r = rewards.ToyReward(dimension)
+    r = toy_world.ToyReward(dimension)
     clean, bad = r(gt, PROMPTS)["reward"], r(toy_world.corrupt(gt, corruption), PROMPTS)["reward"]
     moving = torch.tensor([toy_world.parse_prompt(p)["motion"] not in ("staying still", "bouncing") for p in PROMPTS])
     keep = moving if corruption in ("reverse", "freeze") else torch.ones_like(moving)  # a still clip is its own reverse
@@ -29,7 +29,7 @@ def test_reward_ranks_clean_above_corrupted(gt, dimension, corruption):
 
 
 def test_the_frame_wise_reward_is_blind_to_time_the_video_rewards_are_not(gt):
-    r = rewards.ToyReward("frame")
+    r = toy_world.ToyReward("frame")
     shuffled = gt[:, torch.randperm(gt.shape[1], generator=torch.Generator().manual_seed(0))]
     a, b = r(gt, PROMPTS), r(shuffled, PROMPTS)
     assert torch.allclose(a["frame"], b["frame"], atol=1e-5)  # an image reward per frame cannot see order
@@ -40,7 +40,7 @@ def test_the_frame_wise_reward_is_blind_to_time_the_video_rewards_are_not(gt):
 
 @pytest.mark.parametrize("dimension", ["temporal_consistency", "visual_quality"])
 def test_an_empty_video_scores_low(gt, dimension):
-    r = rewards.ToyReward(dimension)  # an empty clip is perfectly flat and still: both would be hackable
+    r = toy_world.ToyReward(dimension)  # an empty clip is perfectly flat and still: both would be hackable
     assert (r(torch.zeros_like(gt), PROMPTS)["reward"] < 0.05).all()  # (the soft mask floor)
     assert (r(gt, PROMPTS)["reward"] > 0.5).all()
 
@@ -49,24 +49,24 @@ def test_physics_wants_falls_to_accelerate():
     falls = [p for p in toy_world.ALL_PROMPTS if p.endswith("falling")][:12]
     accelerating = toy_world.render(falls, seed=2)
     constant = toy_world.render([p.replace("falling", "moving down") for p in falls], seed=2)
-    r = rewards.ToyReward("physics")
+    r = toy_world.ToyReward("physics")
     assert (r(accelerating, falls)["reward"] > r(constant, falls)["reward"] + 0.3).all()
 
 
 def test_color_and_shape_follow_the_prompt(gt):
-    r = rewards.ToyReward()
+    r = toy_world.ToyReward()
     assert r.color_accuracy(gt, PROMPTS).mean() == 1.0
     out = r(gt, PROMPTS)
     wrong_shape = [p.replace("square", "TMP").replace("circle", "square").replace("TMP", "circle") for p in PROMPTS]
     changed = torch.tensor([a.split()[2] != b.split()[2] for a, b in zip(PROMPTS, wrong_shape)])  # first object
     assert (out["shape"][changed] > r(gt, wrong_shape)["shape"][changed]).all()
-    other = {c: n for c, n in zip(rewards.COLOR_NAMES, rewards.COLOR_NAMES[1:] + rewards.COLOR_NAMES[:1])}
+    other = {c: n for c, n in zip(toy_world.COLOR_NAMES, toy_world.COLOR_NAMES[1:] + toy_world.COLOR_NAMES[:1])}
     wrong_color = [" ".join(other.get(w, w) for w in p.split()) for p in PROMPTS]
     assert (out["color"] > r(gt, wrong_color)["color"] + 0.35).all()  # a push may keep one colour right
 
 
 def test_patch_map_localises_a_defect(gt):
-    r = rewards.ToyReward("visual_quality")
+    r = toy_world.ToyReward("visual_quality")
     bad = gt.clone()
     bad[:, :4, :, :8, :8] = torch.rand(bad[:, :4, :, :8, :8].shape, generator=torch.Generator().manual_seed(0))
     clean_map, bad_map = r.patch_scores(gt, PROMPTS, (2, 4, 4)), r.patch_scores(bad, PROMPTS, (2, 4, 4))
@@ -84,7 +84,7 @@ def test_judge_says_yes_to_good_dynamics_and_no_to_reversed(gt):
     assert judge(v, dyn)["yes"].mean() >= 0.9
     assert judge(toy_world.corrupt(v, "reverse"), dyn)["yes"].mean() <= 0.1
     assert set(judge(v, dyn)["reward"].tolist()) <= {0.0, 1.0}
-    assert "fall downwards with increasing speed" in rewards.default_question("a red square falling")
+    assert "fall downwards with increasing speed" in toy_world.default_question("a red square falling")
 
 
 def _two_squares(x_pusher, x_pushed, y=16.0):
@@ -107,7 +107,7 @@ def test_a_pushed_object_that_moves_before_it_is_touched_is_bad_physics():
     pusher = 5 + 1.4 * f
     good = torch.maximum(torch.full_like(f, 19.5), pusher + 2 * toy_world.HALF_SIZE)
     bad = 19.5 + 1.4 * (f - 2).clamp(min=0)
-    r, judge = rewards.ToyReward("physics"), rewards.ToyJudge()
+    r, judge = toy_world.ToyReward("physics"), toy_world.ToyJudge()
     assert r(_two_squares(pusher, good), prompt)["physics"].item() > 0.8
     assert r(_two_squares(pusher, bad), prompt)["physics"].item() < 0.2
     assert judge(_two_squares(pusher, good), prompt)["yes"].item() == 1.0
@@ -118,8 +118,8 @@ def test_a_pushed_object_that_moves_before_it_is_touched_is_bad_physics():
 
 def test_toy_reward_is_differentiable(gt):
     v = toy_world.corrupt(gt[:4], "noise").requires_grad_(True)
-    for dim in rewards.TOY_DIMENSIONS:
-        g, = torch.autograd.grad(rewards.ToyReward(dim)(v, PROMPTS[:4])["reward"].sum(), v)
+    for dim in toy_world.TOY_DIMENSIONS:
+        g, = torch.autograd.grad(toy_world.ToyReward(dim)(v, PROMPTS[:4])["reward"].sum(), v)
         assert torch.isfinite(g).all() and g.abs().sum() > 0, dim
 
 

@@ -4,7 +4,6 @@ import random
 import torch
 
 import common
-import rewards
 import toy_world
 
 
@@ -14,18 +13,18 @@ def test_toy_model_loads_and_follows_colour(toy_model):
     prompts = random.Random(0).sample([p for p in toy_world.TRAIN_PROMPTS if "pushing" not in p], 24)
     _, videos = common.sample(toy_model, prompts, list(range(24)), 8, 32, 32, steps=8, guidance=3.0)
     assert videos.shape == (24, 8, 3, 32, 32) and 0 <= videos.min() and videos.max() <= 1
-    acc = rewards.ToyReward().color_accuracy(videos, prompts).mean().item()
+    acc = toy_world.ToyReward().color_accuracy(videos, prompts).mean().item()
     assert acc >= 0.8, acc  # conditioning works: the colour detector agrees with the prompt
     # and the caption matters: the same seeds with every colour swapped give the swapped colours
     swapped = [p.replace("red", "TMP").replace("blue", "red").replace("TMP", "blue") for p in prompts]
     _, other = common.sample(toy_model, swapped, list(range(24)), 8, 32, 32, steps=8, guidance=3.0)
     changed = torch.tensor([a != b for a, b in zip(prompts, swapped)])
-    assert rewards.ToyReward().color_accuracy(other[changed], [s for s, c in zip(swapped, changed) if c]).mean() >= 0.8
+    assert toy_world.ToyReward().color_accuracy(other[changed], [s for s, c in zip(swapped, changed) if c]).mean() >= 0.8
 
 
 def _sample_scores(toy_model, prompts):
     _, videos = common.sample(toy_model, prompts, list(range(len(prompts))), 8, 32, 32, steps=10, guidance=3.0)
-    return videos, rewards.ToyReward()(videos, prompts)
+    return videos, toy_world.ToyReward()(videos, prompts)
 
 
 def test_toy_model_draws_the_prompted_shape(toy_model):

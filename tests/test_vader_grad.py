@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import common
-import rewards
+import distributed
+import models
+import toy_world
 import vader_grad
 from helpers import assert_ranks_agree_with_one_process, final_params, max_diff, run_main
 
@@ -18,16 +20,16 @@ FAST = ["--batch-size", "2", "--sample-steps", "3", "--num-eval-prompts", "2", "
                                          ("specific", None, [False, True, True])])
 def test_only_the_last_k_sampler_steps_carry_gradient(tmp_path, monkeypatch, toy_model, mode, k, want):
     calls = []
-    real_denoise = common.denoise
-    monkeypatch.setattr(common, "denoise", lambda *a, **kw: calls.append(torch.is_grad_enabled()) or real_denoise(*a, **kw))
+    real_denoise = models.VideoModel.denoise
+    monkeypatch.setattr(models.VideoModel, "denoise", lambda *a, **kw: calls.append(torch.is_grad_enabled()) or real_denoise(*a, **kw))
     grads_seen = []
-    real_avg = common.average_gradients
+    real_avg = distributed.average_gradients
 
     def check_grads(params, d):
         grads_seen.append(all(p.grad is not None for p in params))
         return real_avg(params, d)
 
-    monkeypatch.setattr(common, "average_gradients", check_grads)
+    monkeypatch.setattr(distributed, "average_gradients", check_grads)
     extra = ["--backprop-mode", mode] + (["--backprop-steps", str(k)] if k else ["--backprop-start", "1"])
     # (checkpointing would call denoise again in backward: off here, so the calls are countable)
     run_main(vader_grad, FAST + extra + ["--steps", "1", "--no-grad-checkpointing", "--out", str(tmp_path / "r")])
@@ -51,8 +53,8 @@ def test_under_fsdp_grad_carrying_steps_checkpoint_per_block_only(tmp_path, monk
 
 def test_frame_subsampling_decodes_only_those_frames(tmp_path, monkeypatch, toy_model):
     shapes = []
-    real = rewards.ToyReward.__call__
-    monkeypatch.setattr(rewards.ToyReward, "__call__", lambda self, v, p: shapes.append(v.shape[1]) or real(self, v, p))
+    real = toy_world.ToyReward.__call__
+    monkeypatch.setattr(toy_world.ToyReward, "__call__", lambda self, v, p: shapes.append(v.shape[1]) or real(self, v, p))
     for mode, frames in (("one", 1), ("alternate", 4), ("all", 8)):
         shapes.clear()
         run_main(vader_grad, FAST + ["--steps", "1", "--decode-frames", mode, "--out", str(tmp_path / mode),

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import common
-import rewards
+import models
+import toy_world
 import vlm_feedback_rwr as rwr
 from helpers import assert_model_card_matches, assert_ranks_agree_with_one_process, max_diff, run_main
 
@@ -29,7 +30,7 @@ def test_weights_equal_the_hand_computed_softmax():
 def test_all_zero_feedback_neither_divides_by_zero_nor_trains(tmp_path, monkeypatch, toy_model):
     w = rwr.rwr_weights(torch.zeros(5), beta=0.1)
     assert torch.equal(w, torch.zeros(5))
-    monkeypatch.setattr(rewards.ToyJudge, "__call__", lambda self, v, p: {"reward": torch.zeros(len(p)),
+    monkeypatch.setattr(toy_world.ToyJudge, "__call__", lambda self, v, p: {"reward": torch.zeros(len(p)),
                                                                          "yes": torch.zeros(len(p))})
     out = run_main(rwr, FAST + ["--out", str(tmp_path / "z")])
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -41,8 +42,8 @@ def test_all_zero_feedback_neither_divides_by_zero_nor_trains(tmp_path, monkeypa
 
 def test_judge_cache_is_used_on_resume(tmp_path, monkeypatch, toy_model):
     judged = []
-    real = rewards.ToyJudge.__call__
-    monkeypatch.setattr(rewards.ToyJudge, "__call__", lambda self, v, p: judged.append(len(p)) or real(self, v, p))
+    real = toy_world.ToyJudge.__call__
+    monkeypatch.setattr(toy_world.ToyJudge, "__call__", lambda self, v, p: judged.append(len(p)) or real(self, v, p))
     real_save = common.save_checkpoint
 
     def crash(*a, **k):
@@ -83,7 +84,7 @@ def test_a_crash_between_the_checkpoint_and_its_evaluation_is_evaluated_on_resum
 def test_dpo_trains_on_a_round_with_fewer_pairs_than_a_full_batch(tmp_path, monkeypatch, toy_model):
     # yes, no, yes, no ...: each prompt's two videos make one (yes, no) pair, 4 pairs a round. --batch-size 16
     # (videos) asks for 8 pairs a step: the round's 4 pairs make one shorter batch, not none (it used to train nothing)
-    monkeypatch.setattr(rewards.ToyJudge, "__call__", lambda self, v, p: {"reward": (torch.arange(len(p)) % 2 == 0).float(),
+    monkeypatch.setattr(toy_world.ToyJudge, "__call__", lambda self, v, p: {"reward": (torch.arange(len(p)) % 2 == 0).float(),
                                                                          "yes": (torch.arange(len(p)) % 2 == 0).float()})
     out = run_main(rwr, FAST + ["--loss", "dpo", "--batch-size", "16", "--epochs", "2", "--lr", "1e-2",
                                 "--out", str(tmp_path / "d")])
@@ -113,10 +114,10 @@ def test_one_round_end_to_end(tmp_path, toy_model, loss):
         with torch.no_grad():
             _, videos = common.sample(toy_model, prompts, [common.seed_for(0, "eval", i, 0) for i in range(len(prompts))],
                                       8, 32, 32, 2, 3.0)  # (the toy default guidance)
-        want = rewards.ToyReward()(videos, prompts)
+        want = toy_world.ToyReward()(videos, prompts)
         for k in ("temporal_consistency", "shape", "motion"):
             assert abs(evals[0][f"eval/{k}"] - want[k].mean().item()) < 1e-4, k
-        acc = rewards.ToyReward().color_accuracy(videos, prompts).mean().item()
+        acc = toy_world.ToyReward().color_accuracy(videos, prompts).mean().item()
         assert abs(evals[0]["eval/color_accuracy"] - acc) < 1e-6
 
 
@@ -157,6 +158,6 @@ def test_torchrun_two_ranks(tmp_path, toy_model):
                           for f in ("ddp", "one"))
     assert [r["loss"] for r in ddp_rows] == pytest.approx([r["loss"] for r in one_rows], rel=1e-5)  # not / world
     torch.manual_seed(0)  # the same LoRA init the scripts draw: training must have moved the weights
-    m = common.load_model("toy")
+    m = models.load_model("toy")
     init = common.setup_trainable(m, 4)
     assert max_diff(one, init) > 1e-6

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import models
 import gran_dpo
 import online_vpo
 import tiny_models
@@ -39,9 +40,9 @@ def calls_per_expert(model):
 
 
 def test_loads_both_experts_and_samples_like_the_stock_pipeline(tiny_folders):
-    model = common.load_model(tiny_folders["wan_a14b"])
+    model = models.load_model(tiny_folders["wan_a14b"])
     assert model.denoiser_2 is not None and model.boundary == pytest.approx(875.0)
-    assert common.model_defaults(model.path, "wan")["guidance_2"] == 3.0
+    assert models.model_defaults(model.path, "wan")["guidance_2"] == 3.0
     calls = calls_per_expert(model)
     _, ours = common.sample(model, PROMPTS, [11, 22], F, H, W, steps=4, guidance=4.0, guidance_2=2.0)
     assert calls[0] > 0 and calls[1] > 0  # both experts ran (high-noise steps first)
@@ -54,20 +55,20 @@ def test_loads_both_experts_and_samples_like_the_stock_pipeline(tiny_folders):
 
 
 def test_a_training_batch_of_mixed_timesteps_goes_to_each_timesteps_expert(tiny_folders):
-    model = common.load_model(tiny_folders["wan_a14b"])
+    model = models.load_model(tiny_folders["wan_a14b"])
     x = torch.randn(3, 16, 3, 2, 2)
     t = torch.tensor([950.0, 300.0, 875.0])  # high, low, high (t >= boundary is high noise)
-    emb, mask = common.encode_prompts(model, PROMPTS[:1] * 3)
-    mixed = common.denoise(model, x, t, emb, mask)
+    emb, mask = model.encode_prompts(PROMPTS[:1] * 3)
+    mixed = model.denoise(x, t, emb, mask)
     with torch.no_grad():
         for i, den in ((0, model.denoiser), (1, model.denoiser_2), (2, model.denoiser)):
-            alone = common._denoise(model, den, x[i:i + 1], t[i:i + 1], emb[i:i + 1])
+            alone = model.call_denoiser(den, x[i:i + 1], t[i:i + 1], emb[i:i + 1])
             assert torch.allclose(mixed[i:i + 1], alone, atol=1e-6)
-    assert not torch.allclose(mixed[1:2], common._denoise(model, model.denoiser, x[1:2], t[1:2], emb[1:2]), atol=1e-4)
+    assert not torch.allclose(mixed[1:2], model.call_denoiser(model.denoiser, x[1:2], t[1:2], emb[1:2]), atol=1e-4)
 
 
 def test_lora_on_both_experts_loads_in_the_stock_pipeline(tiny_folders, tmp_path):
-    model = common.load_model(tiny_folders["wan_a14b"])
+    model = models.load_model(tiny_folders["wan_a14b"])
     params = common.setup_trainable(model, lora_rank=4, lora_alpha=8)
     assert any(p is q for p in params for q in model.denoiser_2.parameters())  # the low-noise expert trains too
     with torch.no_grad():
@@ -76,7 +77,7 @@ def test_lora_on_both_experts_loads_in_the_stock_pipeline(tiny_folders, tmp_path
                 if "lora_B" in n:
                     p.normal_(0, 0.3, generator=torch.Generator().manual_seed(3 + i))
     _, ours = common.sample(model, PROMPTS, [11, 22], F, H, W, steps=4, guidance=4.0, guidance_2=2.0)
-    common.save_lora(model, str(tmp_path / "lora"))
+    model.save_lora(str(tmp_path / "lora"))
     for folder in ("lora", "lora_transformer_2"):
         assert os.path.exists(tmp_path / folder / "pytorch_lora_weights.safetensors")
     base = stock(tiny_folders["wan_a14b"])
@@ -85,7 +86,7 @@ def test_lora_on_both_experts_loads_in_the_stock_pipeline(tiny_folders, tmp_path
 
 
 def test_vader_last_steps_reach_the_low_noise_expert_only(tiny_folders):
-    model = common.load_model(tiny_folders["wan_a14b"])
+    model = models.load_model(tiny_folders["wan_a14b"])
     params = common.setup_trainable(model, lora_rank=4)
     with torch.no_grad():
         for p in params:
@@ -98,7 +99,7 @@ def test_vader_last_steps_reach_the_low_noise_expert_only(tiny_folders):
 
 
 def test_early_size_check_and_alias(tiny_folders, tmp_path):
-    assert common.MODEL_ALIASES["wan2.2-a14b"] == "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+    assert models.MODEL_ALIASES["wan2.2-a14b"] == "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
     with pytest.raises(ValueError, match="must be 4k\\+1"):
         run_main(online_vpo, ["--model", tiny_folders["wan_a14b"], "--num-frames", "8", "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="pass a coarser grid"):  # 16x16 pixels are a 2x2 latent: 4x4 patches cannot tile it
