@@ -35,53 +35,96 @@ import toy_world
 
 p = argparse.ArgumentParser(description="Gran-DPO (HALO): video- and patch-level Diffusion-DPO",
                             formatter_class=common.HelpFormatter)
-p.add_argument("--model", default="toy", help="'toy', an alias (wan2.1-1.3b, cogvideox-2b, ...), a diffusers folder or hub id")
-p.add_argument("--reward", default=None, help="reward spec (must offer patch scores); default toy:quality on the toy model, videoscore:visual_quality otherwise")
-p.add_argument("--prompts", default="toy_train", help=f"training prompts: a text file (UTF-8, one per line) or a built-in list: {common.prompt_lists()}")
-p.add_argument("--eval-prompts", default="toy_heldout", help="HELD-OUT evaluation prompts: a text file or a built-in list (as --prompts)")
+p.add_argument("--model", default="toy",
+               help="'toy', an alias (wan2.1-1.3b, cogvideox-2b, ...), a diffusers folder or hub id")
+p.add_argument("--reward", default=None,
+               help="reward spec (must offer patch scores); default toy:quality on the toy model, "
+                    "videoscore:visual_quality otherwise")
+p.add_argument("--prompts", default="toy_train",
+               help=f"training prompts: a text file (UTF-8, one per line) or a built-in list: {common.prompt_lists()}")
+p.add_argument("--eval-prompts", default="toy_heldout",
+               help="HELD-OUT evaluation prompts: a text file or a built-in list (as --prompts)")
 p.add_argument("--steps", type=int, default=60, help="optimisation steps")
 p.add_argument("--batch-size", type=int, default=8, help="prompts per step, summed over all ranks (paper: 8)")
 p.add_argument("--num-candidates", type=int, default=4, help="videos sampled per prompt, N (paper: 4-6)")
-p.add_argument("--min-margin", type=float, default=0.02, help="skip pairs whose reward margin (best - worst) is below this")
-p.add_argument("--beta", type=float, default=None, help="DPO beta on mean-reduced errors; default 100 for flow models (Flow-GRPO), 5000 for eps/v (Diffusion-DPO)")
-p.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 1e-4 on the toy model (3e-4 lowers the held-out reward, README); otherwise 1e-4 with LoRA (adapters need ~10x a full fine-tune's rate), 1e-5 for a full fine-tune (paper)")
+p.add_argument("--min-margin", type=float, default=0.02,
+               help="skip pairs whose reward margin (best - worst) is below this")
+p.add_argument("--beta", type=float, default=None,
+               help="DPO beta on mean-reduced errors; default 100 for flow models (Flow-GRPO), 5000 for eps/v "
+                    "(Diffusion-DPO)")
+p.add_argument("--lr", type=float, default=None,
+               help="AdamW learning rate; default 1e-4 with LoRA or on the toy model, 1e-5 for a full fine-tune "
+                    "(paper; docs/flags.md)")
 p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
 p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
-p.add_argument("--ref-update-interval", type=int, default=None, help="curriculum: ref <- policy every I steps (0 = never); default 20 on the toy model, 200 otherwise (paper)")
-p.add_argument("--sample-batch-size", type=int, default=8, help="videos per sampler/decoder call (results do not depend on it; lower it if sampling runs out of memory)")
-p.add_argument("--branch-at", type=int, default=None, help="aligned candidates: one initial noise per prompt, own noise after this sampler step (SDEdit branch; flow models); default: independent samples (paper)")
-p.add_argument("--dpo-draws", type=int, default=1, help="K (t, eps) draws per pair per update, the loss averaged over them (paper: 1)")
-p.add_argument("--dpo-epochs", type=int, default=1, help="updates on each sampled batch of pairs, each with fresh draws (paper: 1)")
-p.add_argument("--timestep-sampling", default="uniform", choices=["uniform", "logit-normal"], help="training timestep density (before the flow shift)")
-p.add_argument("--patch-grid", default="2,4,4", help="patches per video: frame groups, rows, columns (on the latent grid)")
-p.add_argument("--patch-weight", type=float, default=1.0, help="lambda, the weight of the patch term (0 = video-level DPO only)")
+p.add_argument("--ref-update-interval", type=int, default=None,
+               help="curriculum: ref <- policy every I steps (0 = never); default 20 on the toy model, 200 otherwise "
+                    "(paper)")
+p.add_argument("--sample-batch-size", type=int, default=8,
+               help="videos per sampler/decoder call (results do not depend on it; lower it if sampling runs out of "
+                    "memory)")
+p.add_argument("--branch-at", type=int, default=None,
+               help="aligned candidates: one initial noise per prompt, own noise after this sampler step (SDEdit "
+                    "branch; flow models); default: independent samples (paper)")
+p.add_argument("--dpo-draws", type=int, default=1,
+               help="K (t, eps) draws per pair per update, the loss averaged over them (paper: 1)")
+p.add_argument("--dpo-epochs", type=int, default=1,
+               help="updates on each sampled batch of pairs, each with fresh draws (paper: 1)")
+p.add_argument("--timestep-sampling", default="uniform", choices=["uniform", "logit-normal"],
+               help="training timestep density (before the flow shift)")
+p.add_argument("--patch-grid", default="2,4,4",
+               help="patches per video: frame groups, rows, columns (on the latent grid)")
+p.add_argument("--patch-weight", type=float, default=1.0,
+               help="lambda, the weight of the patch term (0 = video-level DPO only)")
 p.add_argument("--patch-beta", type=float, default=None, help="beta_p of the patch term (default: = --beta)")
-p.add_argument("--gap-weighting", action="store_true", help="weight patches by their reward gap |r_p_w - r_p_l| (normalised to mean 1 over all ranks' pairs)")
-p.add_argument("--defect-threshold", type=float, default=0.9, help="evaluation: a patch scoring below this counts as defective")
+p.add_argument("--gap-weighting", action="store_true",
+               help="weight patches by their reward gap |r_p_w - r_p_l| (normalised to mean 1 over all ranks' pairs)")
+p.add_argument("--defect-threshold", type=float, default=0.9,
+               help="evaluation: a patch scoring below this counts as defective")
 p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention projections (0 = full fine-tune)")
 p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
 p.add_argument("--num-frames", type=int, default=None, help="frames per video (default: the model's)")
 p.add_argument("--height", type=int, default=None, help="video height (default: the model's)")
 p.add_argument("--width", type=int, default=None, help="video width (default: the model's)")
-p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 10 on the toy model, 30 otherwise)")
+p.add_argument("--sample-steps", type=int, default=None,
+               help="sampler steps (default: 10 on the toy model, 30 otherwise)")
 p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-p.add_argument("--guidance-2", type=float, default=None, help="Wan 2.2 A14B: guidance of the low-noise expert (default: the model's, 3.0; else --guidance)")
-p.add_argument("--fps", type=float, default=None, help="frame rate of the generated clips, for rewards that sample by time (VideoScore2, VideoReward, Qwen3-VL); default: the model's (Wan 16, CogVideoX 8, LTX 25)")
-p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the denoiser (saves memory)")
-p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, reward) are stored in it, trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
-p.add_argument("--fsdp", action="store_true", help="shard the denoiser with PyTorch FSDP2 over the torchrun ranks (for full fine-tunes and models of 5B and up; bf16 or fp32)")
-p.add_argument("--offload-frozen", action="store_true", help="during the DPO update keep the text encoder, VAE and reward model in host memory (frees ~26 GiB per GPU with UMT5-XXL + VideoScore; one host-to-device copy per step)")
+p.add_argument("--guidance-2", type=float, default=None,
+               help="Wan 2.2 A14B: guidance of the low-noise expert (default: the model's, 3.0; else --guidance)")
+p.add_argument("--fps", type=float, default=None,
+               help="frame rate of the generated clips, for rewards that sample by time (VideoScore2, VideoReward, "
+                    "Qwen3-VL); default: the model's (Wan 16, CogVideoX 8, LTX 25)")
+p.add_argument("--grad-checkpointing", action="store_true",
+               help="gradient checkpointing in the denoiser (saves memory)")
+p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+               help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, reward) are stored in it, "
+                    "trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
+p.add_argument("--fsdp", action="store_true",
+               help="shard the denoiser with PyTorch FSDP2 over the torchrun ranks (for full fine-tunes and models of "
+                    "5B and up; bf16 or fp32)")
+p.add_argument("--offload-frozen", action="store_true",
+               help="during the DPO update keep the text encoder, VAE and reward model in host memory (frees ~26 GiB "
+                    "per GPU with UMT5-XXL + VideoScore; one host-to-device copy per step)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, candidates, DPO noise")
-p.add_argument("--out", default=None, help="run folder (default runs/gran_dpo-<time>; with --resume, the resumed run's)")
+p.add_argument("--out", default=None,
+               help="run folder (default runs/gran_dpo-<time>; with --resume, the resumed run's)")
 p.add_argument("--eval-every", type=int, default=30, help="held-out evaluation interval (also at step 0 and the end)")
 p.add_argument("--num-eval-prompts", type=int, default=52, help="how many held-out prompts to evaluate")
 p.add_argument("--eval-seeds", type=int, default=1, help="seeds per held-out prompt (more: a lower noise floor)")
-p.add_argument("--heldout-pairs", type=int, default=None, help="held-out prompts whose fresh pairs (sampled by the initial model) each evaluation scores by the implicit accuracy against the initial model; default 16 on the toy model, 0 (off) otherwise")
+p.add_argument("--heldout-pairs", type=int, default=None,
+               help="held-out prompts whose fresh pairs (sampled by the initial model) each evaluation scores by the "
+                    "implicit accuracy against the initial model; default 16 on the toy model, 0 (off) otherwise")
 p.add_argument("--save-every", type=int, default=30, help="checkpoint interval (and at the end)")
-p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue: restores the weights, optimizer, RNG and reference, and the run's saved configuration (only --steps, --eval-every, --save-every, --sample-batch-size, --out (a fork), --device may differ; README)")
+p.add_argument("--resume", default=None,
+               help="a run folder or checkpoint to continue: restores the weights, optimizer, RNG and reference, and "
+                    "the run's saved configuration (only --steps, --eval-every, --save-every, --sample-batch-size, "
+                    "--out (a fork), --device may differ; README)")
 p.add_argument("--track", action="store_true", help="mirror metrics to Weights & Biases (needs `pip install wandb`)")
-p.add_argument("--judge-timeout", type=float, default=60.0, help="api:<model>@<url> rewards: seconds to wait for each answer before retrying it")
-p.add_argument("--judge-retries", type=int, default=4, help="api: rewards: retries of a timed-out, 429/5xx, malformed or error answer (back-off 1, 2, 4 ... s); 401/403 are not retried")
+p.add_argument("--judge-timeout", type=float, default=60.0,
+               help="api:<model>@<url> rewards: seconds to wait for each answer before retrying it")
+p.add_argument("--judge-retries", type=int, default=4,
+               help="api: rewards: retries of a timed-out, 429/5xx, malformed or error answer (back-off 1, 2, 4 ... "
+                    "s); 401/403 are not retried")
 p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
 
 
@@ -98,7 +141,8 @@ def dpo_loss(e_w, e_l, ref_e_w, ref_e_l, beta):
 def patch_masks(shape, grid):
     """One-hot masks [P, F, H, W] tiling a latent of spatial-temporal shape (F, H, W) exactly once
     with a gf x gh x gw grid (cells differ by at most one row when the size is not divisible)."""
-    cells = [torch.div(torch.arange(n) * g, n, rounding_mode="floor") for n, g in zip(shape, grid)]  # cell of each index
+    # the cell of each index
+    cells = [torch.div(torch.arange(n) * g, n, rounding_mode="floor") for n, g in zip(shape, grid)]
     f, h, w = torch.meshgrid(*cells, indexing="ij")
     idx = (f * grid[1] + h) * grid[2] + w
     return F.one_hot(idx, grid[0] * grid[1] * grid[2]).permute(3, 0, 1, 2).float()
@@ -126,7 +170,8 @@ def resolve_defaults(args, family):
     toy = family == "toy"
     args.reward = args.reward or ("toy:quality" if toy else "videoscore:visual_quality")
     args.lr = args.lr or (1e-4 if toy or args.lora_rank else 1e-5)
-    args.ref_update_interval = args.ref_update_interval if args.ref_update_interval is not None else (20 if toy else 200)
+    if args.ref_update_interval is None:
+        args.ref_update_interval = 20 if toy else 200
     args.sample_steps = args.sample_steps or (10 if toy else 30)
     args.heldout_pairs = args.heldout_pairs if args.heldout_pairs is not None else (16 if toy else 0)
     return args
@@ -138,7 +183,9 @@ def main(args):
     common.check_positive(args, "steps", "batch_size", "sample_batch_size", "num_eval_prompts", "eval_every",
                           "save_every", "eval_seeds", "dpo_draws", "dpo_epochs", "sample_steps")
     if args.num_candidates < 2:  # (every pair would be skipped: a run that trains nothing)
-        raise ValueError(f"--num-candidates {args.num_candidates}: a pair needs two candidates of a prompt: pass 2 or more (paper: 4-6)")
+        raise ValueError(
+                         f"--num-candidates {args.num_candidates}: a pair needs two candidates of a prompt: pass 2 or "
+                         f"more (paper: 4-6)")
     common.check_track(args.track)
     model_path, family = models.resolve_model(args.model)
     resolve_defaults(args, family)
@@ -150,12 +197,15 @@ def main(args):
     if judges:  # (a weighted sum with a judge in it used to pass the check after loading, then fail mid-run)
         raise ValueError(f"--reward {args.reward}: {judges[0]} answers yes or no per video and offers no patch scores, "
                          f"which Gran-DPO needs from every term: use e.g. toy:quality or videoscore")
-    train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts, "--eval-prompts")
+    train_prompts = common.load_prompts(args.prompts)
+    eval_prompts = common.load_prompts(args.eval_prompts, "--eval-prompts")
     eval_prompts = eval_prompts[: args.num_eval_prompts]
     common.check_toy_prompts(args.reward, family, train_prompts, eval_prompts)
     d = distributed.setup_distributed(args.device)
     if args.fsdp and args.mixed_precision == "fp16":
-        raise ValueError("--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to FSDP2)")
+        raise ValueError(
+                         "--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to "
+                         "FSDP2)")
     if args.batch_size % d.world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of ranks ({d.world})")
     grid = tuple(int(g) for g in args.patch_grid.split(","))
@@ -168,9 +218,11 @@ def main(args):
     model = models.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
     args.beta = args.beta or (100.0 if model.prediction == "flow" else 5000.0)
     reward_fn = rewards.load_reward(args.reward, d.device, dtype, fps=args.fps, judge_timeout=args.judge_timeout,
-                                       judge_retries=args.judge_retries)
+                                    judge_retries=args.judge_retries)
     if not all(hasattr(r, "patch_scores") for _, r in getattr(reward_fn, "terms", [(1.0, reward_fn)])):
-        raise ValueError(f"reward {reward_fn.name} offers no patch scores: Gran-DPO needs one that does (e.g. toy:quality)")
+        raise ValueError(
+                         f"reward {reward_fn.name} offers no patch scores: Gran-DPO needs one that does (e.g. "
+                         f"toy:quality)")
     args.patch_beta = args.patch_beta or args.beta
     channel_dim = 2 if family == "cogvideox" else 1
     shape = model.latent_shape(args.num_frames, args.height, args.width)
@@ -187,8 +239,8 @@ def main(args):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     ref = common.Reference(params, model.experts)  # f_ref: starts as the initial policy
     # --offload-frozen: the frozen models the update never calls wait in host memory while it runs
-    frozen = distributed.Offload(distributed.modules_of([model.text_encoder, model.text_encoder_2, model.vae, reward_fn]),
-                            enabled=args.offload_frozen)
+    frozen = distributed.modules_of([model.text_encoder, model.text_encoder_2, model.vae, reward_fn])
+    frozen = distributed.Offload(frozen, enabled=args.offload_frozen)
     autocast = common.autocast_context(args.mixed_precision, d.device)
     scaler = common.grad_scaler(args.mixed_precision, d.device)
     video_kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, steps=args.sample_steps,
@@ -222,7 +274,8 @@ def main(args):
 
     init, heldout = None, None
     if args.heldout_pairs:  # (init: the initial weights, held only for the held-out pairs' implicit accuracy)
-        init = common.Reference(params, model.experts)  # fresh held-out pairs, sampled by the initial model (so before a resume loads)
+        init = common.Reference(params, model.experts)  # fresh held-out pairs, sampled by the initial model
+        # (so before a resume loads)
         n_h = -(-args.heldout_pairs // d.world) * d.world  # (a multiple of the ranks: each samples its share)
         heldout = make_pairs(0, [eval_prompts[i % len(eval_prompts)] for i in range(n_h)], key=("heldout-pairs",))
     start_step = 0
@@ -238,7 +291,8 @@ def main(args):
                                resume_step=start_step if args.resume else None, final_step=args.steps)  # rows to redo)
 
     def evaluate(step):
-        """Every reward dimension on held-out prompts (--eval-seeds fixed seeds each), and defective patches per video."""
+        """Every reward dimension on held-out prompts (--eval-seeds fixed seeds each), and defective patches per
+        video."""
         def extra(videos, prompts):
             patch = reward_fn.patch_scores(videos, prompts, grid)
             figures = {"defective_patches": (patch < args.defect_threshold).flatten(1).float().sum(1)}
@@ -251,7 +305,8 @@ def main(args):
                                 args.eval_seeds)
         if heldout is not None:  # does the preference generalise to pairs it never saw?
             hits = common.implicit_accuracy(model, heldout["x0_w"], heldout["x0_l"], heldout["prompts"], init,
-                                            common.seed_for(args.seed, "heldout-pairs"), [(g,) for g in heldout["gidx"]], 4, autocast,
+                                            common.seed_for(args.seed, "heldout-pairs"),
+                                            [(g,) for g in heldout["gidx"]], 4, autocast,
                                             args.timestep_sampling, args.sample_batch_size)
             means |= {"heldout_implicit_acc": distributed.all_mean({"a": sum(hits)}, d)["a"] / max(len(hits), 1)}
         row = {"step": step, "eval": True} | {f"eval/{k}": v for k, v in means.items()}
@@ -293,8 +348,8 @@ def main(args):
                 sums = {}  # per-pair figures summed over the draws
                 for k in range(args.dpo_draws):  # (one backward per draw: memory does not grow with K)
                     draw = (epoch, k) if epoch or k else ()
-                    gens = [torch.Generator().manual_seed(common.seed_for(args.seed, "dpo", step, pairs["gidx"][i], *draw))
-                            for i in ki]
+                    gens = [torch.Generator().manual_seed(
+                        common.seed_for(args.seed, "dpo", step, pairs["gidx"][i], *draw)) for i in ki]
                     t = torch.cat([common.sample_train_timesteps(model, 1, g, args.timestep_sampling) for g in gens])
                     eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(d.device)
                     t, eps = torch.cat([t, t]).to(d.device), torch.cat([eps, eps])  # shared by w and l
@@ -305,7 +360,8 @@ def main(args):
                     err, ref_err = common.per_sample_mse(pred, target), common.per_sample_mse(ref_pred, target)
                     e_w, e_l = err.chunk(2)  # e(theta) = mse(f_theta(x_t, t, c), target(x0, eps, t))
                     r_w, r_l = ref_err.chunk(2)
-                    v_losses, inside = dpo_loss(e_w, e_l, r_w, r_l, args.beta)  # video term: -log sigmoid(-beta/2 [dw - dl])
+                    # video term: -log sigmoid(-beta/2 [dw - dl])
+                    v_losses, inside = dpo_loss(e_w, e_l, r_w, r_l, args.beta)
                     # patch term: per-patch errors under the masks, winners from the patch rewards
                     pe_w, pe_l = patch_errors(pred, target, masks, channel_dim).chunk(2)
                     pr_w, pr_l = patch_errors(ref_pred, target, masks, channel_dim).chunk(2)
@@ -319,7 +375,8 @@ def main(args):
                         sums[name] = sums.get(name, 0.0) + v.detach() / args.dpo_draws
                 if n_local:
                     sign_on, inside_p_on = sign[on], sums["inside_p"][on]
-                    for name, value in (("loss", sums["loss"][on].mean()), ("acc", (sums["inside"][on] > 0).float().mean()),
+                    for name, value in (("loss", sums["loss"][on].mean()),
+                                        ("acc", (sums["inside"][on] > 0).float().mean()),
                                         ("inside", sums["inside"][on].mean()), ("video", sums["video"][on].mean()),
                                         ("patch", sums["patch"][on].mean()),
                                         ("patch_acc", ((inside_p_on > 0) & (sign_on != 0)).float().sum()
@@ -343,17 +400,20 @@ def main(args):
             ref.update()
 
         dt = time.time() - t0
-        stats = distributed.all_mean({"loss": loss_value * n_local, "implicit_acc": acc * n_local, "inside": inside_mean * n_local,
-                                 "video_loss": video_loss * n_local, "patch_loss": patch_loss * n_local,
-                                 "patch_acc": patch_acc * n_local, "patch_disagree": disagree * n_local,
-                                 "reward_mean": pairs["reward"].mean().item(), "reward_min": pairs["reward"].min().item(),
-                                 "reward_max": pairs["reward"].max().item(), "margin": pairs["margin"].mean().item(),
-                                 "pairs": n_local}, d)
+        stats = distributed.all_mean({"loss": loss_value * n_local, "implicit_acc": acc * n_local,
+                                      "inside": inside_mean * n_local,
+                                      "video_loss": video_loss * n_local, "patch_loss": patch_loss * n_local,
+                                      "patch_acc": patch_acc * n_local, "patch_disagree": disagree * n_local,
+                                      "reward_mean": pairs["reward"].mean().item(),
+                                      "reward_min": pairs["reward"].min().item(),
+                                      "reward_max": pairs["reward"].max().item(),
+                                      "margin": pairs["margin"].mean().item(), "pairs": n_local}, d)
         pairs_total = max(stats["pairs"] * d.world, 1e-9)
         row = {"step": step + 1, "loss": stats["loss"] * d.world / pairs_total,
                "implicit_acc": stats["implicit_acc"] * d.world / pairs_total,
                "inside_mean": stats["inside"] * d.world / pairs_total, "reward_mean": stats["reward_mean"],
-               **{k: stats[k] * d.world / pairs_total for k in ("video_loss", "patch_loss", "patch_acc", "patch_disagree")},
+               **{k: stats[k] * d.world / pairs_total
+                  for k in ("video_loss", "patch_loss", "patch_acc", "patch_disagree")},
                "reward_min": stats["reward_min"], "reward_max": stats["reward_max"], "margin": stats["margin"],
                "pairs_used": n_global, "pairs_skipped": len(keep) * d.world - n_global, "grad_norm": grad_norm,
                "sec_per_step": dt, "sec_sampling": t_sample,
@@ -365,7 +425,8 @@ def main(args):
             evaluate(step + 1)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             common.save_checkpoint(os.path.join(out, "checkpoints"), step + 1, model, params, optimizer,  # (every rank:
-                                   extra={"ref": ref.weights}, lora=args.lora_rank > 0, scaler=scaler, d=d)  # FSDP writes shards)
+                                   extra={"ref": ref.weights}, lora=args.lora_rank > 0, scaler=scaler,
+                                   d=d)  # FSDP writes shards)
     final = evaluate(args.steps)
     if d.main:
         first = next(r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))
@@ -373,7 +434,8 @@ def main(args):
         print(f"eval/reward: {first['eval/reward']:.4f} -> {final['eval/reward']:.4f}  ({reward_fn.name}, "
               f"{len(eval_prompts)} held-out prompts; run folder {out})")
     if d.main and args.lora_rank:  # a model card beside the final LoRA, from the run's files
-        models.write_model_card(out, "gran_dpo", "Gran-DPO (HALO)", "arXiv 2502.06812", args.steps * args.batch_size * args.num_candidates)
+        models.write_model_card(out, "gran_dpo", "Gran-DPO (HALO)", "arXiv 2502.06812",
+                                args.steps * args.batch_size * args.num_candidates)
     if d.world > 1:
         torch.distributed.destroy_process_group()
     return out

@@ -526,7 +526,7 @@ class Hunyuan15(VideoModel):
         defaults = dict(cls.defaults)  # guidance lives in the guider's config (1.0 for the step-distilled
         # checkpoints), the default size in the transformer's target_size (480p / 720p)
         guider, transformer = (os.path.join(path, *name) for name in (("guider", "guider_config.json"),
-                                                                       ("transformer", "config.json")))
+                                                                      ("transformer", "config.json")))
         if os.path.exists(guider):
             with open(guider) as f:
                 defaults["guidance"] = float(json.load(f).get("guidance_scale", defaults["guidance"]))
@@ -558,7 +558,7 @@ class Hunyuan15(VideoModel):
         if missing:
             dev = self.text_encoder.device
             e1, m1 = P._get_mllm_prompt_embeds(self.text_encoder, self.tokenizer, missing, dev,
-                                                tokenizer_max_length=self.max_sequence_length)
+                                               tokenizer_max_length=self.max_sequence_length)
             e2, m2 = P._get_byt5_prompt_embeds(self.tokenizer_2, self.text_encoder_2, missing, dev)
             emb = e1.new_zeros(len(missing), e1.shape[1] + e2.shape[1], max(e1.shape[2], e2.shape[2]),
                                dtype=torch.promote_types(e1.dtype, e2.dtype))

@@ -36,52 +36,97 @@ import toy_world
 
 p = argparse.ArgumentParser(description="OnlineVPO: online Diffusion-DPO with a video reward",
                             formatter_class=common.HelpFormatter)
-p.add_argument("--model", default="toy", help="'toy', an alias (wan2.1-1.3b, cogvideox-2b, ...), a diffusers folder or hub id")
-p.add_argument("--reward", default=None, help="reward spec; default toy:text on the toy model (toy:temporal gained on no setting tried beyond seed noise, README), videoscore:temporal_consistency otherwise")
-p.add_argument("--prompts", default="toy_train", help=f"training prompts: a text file (UTF-8, one per line) or a built-in list: {common.prompt_lists()}")
-p.add_argument("--eval-prompts", default="toy_heldout", help="HELD-OUT evaluation prompts: a text file or a built-in list (as --prompts)")
+p.add_argument("--model", default="toy",
+               help="'toy', an alias (wan2.1-1.3b, cogvideox-2b, ...), a diffusers folder or hub id")
+p.add_argument("--reward", default=None,
+               help="reward spec; default toy:text on the toy model, videoscore:temporal_consistency otherwise "
+                    "(docs/flags.md)")
+p.add_argument("--prompts", default="toy_train",
+               help=f"training prompts: a text file (UTF-8, one per line) or a built-in list: {common.prompt_lists()}")
+p.add_argument("--eval-prompts", default="toy_heldout",
+               help="HELD-OUT evaluation prompts: a text file or a built-in list (as --prompts)")
 p.add_argument("--steps", type=int, default=60, help="optimisation steps")
 p.add_argument("--batch-size", type=int, default=8, help="prompts per step, summed over all ranks (paper: 8)")
 p.add_argument("--num-candidates", type=int, default=4, help="videos sampled per prompt, N (paper: 4-6)")
-p.add_argument("--min-margin", type=float, default=0.02, help="skip pairs whose reward margin (best - worst) is below this")
-p.add_argument("--pairing", default="best-worst", choices=["best-worst", "all"], help="best vs worst of the N candidates (one pair per prompt), or every pair of them above the margin")
-p.add_argument("--branch-at", type=int, default=None, help="aligned candidates: one initial noise per prompt, own noise after this sampler step (SDEdit branch; flow models); default: independent samples (paper)")
-p.add_argument("--dpo-draws", type=int, default=1, help="K (t, eps) draws per pair per update, the loss averaged over them (paper: 1)")
-p.add_argument("--dpo-epochs", type=int, default=1, help="updates on each sampled batch of pairs, each with fresh draws (paper: 1)")
-p.add_argument("--timestep-sampling", default="uniform", choices=["uniform", "logit-normal"], help="training timestep density (before the flow shift)")
-p.add_argument("--beta", type=float, default=None, help="DPO beta on mean-reduced errors; default 100 for flow models (Flow-GRPO), 5000 for eps/v (Diffusion-DPO)")
-p.add_argument("--data-anchor", type=float, default=0.0, help="lambda of a flow-matching term (x beta/2) on true renders of the pairs' prompts (toy model only: data the papers' setting lacks; 0: off, paper)")
-p.add_argument("--dpop", type=float, default=0.0, help="DPO-Positive lambda: penalise a rise of the winner's error over the reference's (0: plain Diffusion-DPO, paper)")
-p.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 1e-4 on the toy model (3e-4 lowers the held-out reward, README); otherwise 1e-4 with LoRA (adapters need ~10x a full fine-tune's rate), 1e-5 for a full fine-tune (paper)")
+p.add_argument("--min-margin", type=float, default=0.02,
+               help="skip pairs whose reward margin (best - worst) is below this")
+p.add_argument("--pairing", default="best-worst", choices=["best-worst", "all"],
+               help="best vs worst of the N candidates (one pair per prompt), or every pair of them above the margin")
+p.add_argument("--branch-at", type=int, default=None,
+               help="aligned candidates: one initial noise per prompt, own noise after this sampler step (SDEdit "
+                    "branch; flow models); default: independent samples (paper)")
+p.add_argument("--dpo-draws", type=int, default=1,
+               help="K (t, eps) draws per pair per update, the loss averaged over them (paper: 1)")
+p.add_argument("--dpo-epochs", type=int, default=1,
+               help="updates on each sampled batch of pairs, each with fresh draws (paper: 1)")
+p.add_argument("--timestep-sampling", default="uniform", choices=["uniform", "logit-normal"],
+               help="training timestep density (before the flow shift)")
+p.add_argument("--beta", type=float, default=None,
+               help="DPO beta on mean-reduced errors; default 100 for flow models (Flow-GRPO), 5000 for eps/v "
+                    "(Diffusion-DPO)")
+p.add_argument("--data-anchor", type=float, default=0.0,
+               help="lambda of a flow-matching term (x beta/2) on true renders of the pairs' prompts (toy model only: "
+                    "data the papers' setting lacks; 0: off, paper)")
+p.add_argument("--dpop", type=float, default=0.0,
+               help="DPO-Positive lambda: penalise a rise of the winner's error over the reference's (0: plain "
+                    "Diffusion-DPO, paper)")
+p.add_argument("--lr", type=float, default=None,
+               help="AdamW learning rate; default 1e-4 with LoRA or on the toy model, 1e-5 for a full fine-tune "
+                    "(paper; docs/flags.md)")
 p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
 p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
-p.add_argument("--ref-update-interval", type=int, default=None, help="curriculum: ref <- policy every I steps (0 = never); default 20 on the toy model, 200 otherwise (paper)")
-p.add_argument("--sample-batch-size", type=int, default=8, help="videos per sampler/decoder call (results do not depend on it; lower it if sampling runs out of memory)")
-p.add_argument("--offline", action="store_true", help="ablation: generate and rank all pairs with the initial model before training, never resample")
+p.add_argument("--ref-update-interval", type=int, default=None,
+               help="curriculum: ref <- policy every I steps (0 = never); default 20 on the toy model, 200 otherwise "
+                    "(paper)")
+p.add_argument("--sample-batch-size", type=int, default=8,
+               help="videos per sampler/decoder call (results do not depend on it; lower it if sampling runs out of "
+                    "memory)")
+p.add_argument("--offline", action="store_true",
+               help="ablation: generate and rank all pairs with the initial model before training, never resample")
 p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention projections (0 = full fine-tune)")
 p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
 p.add_argument("--num-frames", type=int, default=None, help="frames per video (default: the model's)")
 p.add_argument("--height", type=int, default=None, help="video height (default: the model's)")
 p.add_argument("--width", type=int, default=None, help="video width (default: the model's)")
-p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 10 on the toy model, 30 otherwise)")
+p.add_argument("--sample-steps", type=int, default=None,
+               help="sampler steps (default: 10 on the toy model, 30 otherwise)")
 p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-p.add_argument("--guidance-2", type=float, default=None, help="Wan 2.2 A14B: guidance of the low-noise expert (default: the model's, 3.0; else --guidance)")
-p.add_argument("--fps", type=float, default=None, help="frame rate of the generated clips, for rewards that sample by time (VideoScore2, VideoReward, Qwen3-VL); default: the model's (Wan 16, CogVideoX 8, LTX 25)")
-p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the denoiser (saves memory)")
-p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, reward) are stored in it, trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
-p.add_argument("--fsdp", action="store_true", help="shard the denoiser with PyTorch FSDP2 over the torchrun ranks (for full fine-tunes and models of 5B and up; bf16 or fp32)")
-p.add_argument("--offload-frozen", action="store_true", help="during the DPO update keep the text encoder, VAE and reward model in host memory (frees ~26 GiB per GPU with UMT5-XXL + VideoScore; one host-to-device copy per step)")
+p.add_argument("--guidance-2", type=float, default=None,
+               help="Wan 2.2 A14B: guidance of the low-noise expert (default: the model's, 3.0; else --guidance)")
+p.add_argument("--fps", type=float, default=None,
+               help="frame rate of the generated clips, for rewards that sample by time (VideoScore2, VideoReward, "
+                    "Qwen3-VL); default: the model's (Wan 16, CogVideoX 8, LTX 25)")
+p.add_argument("--grad-checkpointing", action="store_true",
+               help="gradient checkpointing in the denoiser (saves memory)")
+p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+               help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, reward) are stored in it, "
+                    "trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
+p.add_argument("--fsdp", action="store_true",
+               help="shard the denoiser with PyTorch FSDP2 over the torchrun ranks (for full fine-tunes and models of "
+                    "5B and up; bf16 or fp32)")
+p.add_argument("--offload-frozen", action="store_true",
+               help="during the DPO update keep the text encoder, VAE and reward model in host memory (frees ~26 GiB "
+                    "per GPU with UMT5-XXL + VideoScore; one host-to-device copy per step)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, candidates, DPO noise")
-p.add_argument("--out", default=None, help="run folder (default runs/online_vpo-<time>; with --resume, the resumed run's)")
+p.add_argument("--out", default=None,
+               help="run folder (default runs/online_vpo-<time>; with --resume, the resumed run's)")
 p.add_argument("--eval-every", type=int, default=30, help="held-out evaluation interval (also at step 0 and the end)")
 p.add_argument("--num-eval-prompts", type=int, default=52, help="how many held-out prompts to evaluate")
 p.add_argument("--eval-seeds", type=int, default=1, help="seeds per held-out prompt (more: a lower noise floor)")
-p.add_argument("--heldout-pairs", type=int, default=None, help="held-out prompts whose fresh pairs (sampled by the initial model) each evaluation scores by the implicit accuracy against the initial model; default 16 on the toy model, 0 (off) otherwise")
+p.add_argument("--heldout-pairs", type=int, default=None,
+               help="held-out prompts whose fresh pairs (sampled by the initial model) each evaluation scores by the "
+                    "implicit accuracy against the initial model; default 16 on the toy model, 0 (off) otherwise")
 p.add_argument("--save-every", type=int, default=30, help="checkpoint interval (and at the end)")
-p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue: restores the weights, optimizer, RNG and reference, and the run's saved configuration (only --steps, --eval-every, --save-every, --sample-batch-size, --out (a fork), --device may differ; README)")
+p.add_argument("--resume", default=None,
+               help="a run folder or checkpoint to continue: restores the weights, optimizer, RNG and reference, and "
+                    "the run's saved configuration (only --steps, --eval-every, --save-every, --sample-batch-size, "
+                    "--out (a fork), --device may differ; README)")
 p.add_argument("--track", action="store_true", help="mirror metrics to Weights & Biases (needs `pip install wandb`)")
-p.add_argument("--judge-timeout", type=float, default=60.0, help="api:<model>@<url> rewards: seconds to wait for each answer before retrying it")
-p.add_argument("--judge-retries", type=int, default=4, help="api: rewards: retries of a timed-out, 429/5xx, malformed or error answer (back-off 1, 2, 4 ... s); 401/403 are not retried")
+p.add_argument("--judge-timeout", type=float, default=60.0,
+               help="api:<model>@<url> rewards: seconds to wait for each answer before retrying it")
+p.add_argument("--judge-retries", type=int, default=4,
+               help="api: rewards: retries of a timed-out, 429/5xx, malformed or error answer (back-off 1, 2, 4 ... "
+                    "s); 401/403 are not retried")
 p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
 
 
@@ -101,7 +146,8 @@ def resolve_defaults(args, family):
     toy = family == "toy"
     args.reward = args.reward or ("toy:text" if toy else "videoscore:temporal_consistency")
     args.lr = args.lr or (1e-4 if toy or args.lora_rank else 1e-5)
-    args.ref_update_interval = args.ref_update_interval if args.ref_update_interval is not None else (20 if toy else 200)
+    if args.ref_update_interval is None:
+        args.ref_update_interval = 20 if toy else 200
     args.sample_steps = args.sample_steps or (10 if toy else 30)
     args.heldout_pairs = args.heldout_pairs if args.heldout_pairs is not None else (16 if toy else 0)
     return args
@@ -113,7 +159,9 @@ def main(args):
     common.check_positive(args, "steps", "batch_size", "sample_batch_size", "num_eval_prompts", "eval_every",
                           "save_every", "eval_seeds", "dpo_draws", "dpo_epochs", "sample_steps")
     if args.num_candidates < 2:  # (every pair would be skipped: a run that trains nothing)
-        raise ValueError(f"--num-candidates {args.num_candidates}: a pair needs two candidates of a prompt: pass 2 or more (paper: 4-6)")
+        raise ValueError(
+                         f"--num-candidates {args.num_candidates}: a pair needs two candidates of a prompt: pass 2 or "
+                         f"more (paper: 4-6)")
     common.check_track(args.track)
     model_path, family = models.resolve_model(args.model)
     resolve_defaults(args, family)
@@ -124,12 +172,15 @@ def main(args):
     if args.heldout_pairs < 0:
         raise ValueError(f"--heldout-pairs {args.heldout_pairs}: pass 0 (off) or more")
     rewards.parse_reward_spec(args.reward)
-    train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts, "--eval-prompts")
+    train_prompts = common.load_prompts(args.prompts)
+    eval_prompts = common.load_prompts(args.eval_prompts, "--eval-prompts")
     eval_prompts = eval_prompts[: args.num_eval_prompts]
     common.check_toy_prompts(args.reward, family, train_prompts, eval_prompts)
     d = distributed.setup_distributed(args.device)
     if args.fsdp and args.mixed_precision == "fp16":
-        raise ValueError("--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to FSDP2)")
+        raise ValueError(
+                         "--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to "
+                         "FSDP2)")
     if args.batch_size % d.world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of ranks ({d.world})")
     out = common.prepare_run_dir(args.out, "online_vpo", args.resume, main=d.main)
@@ -139,7 +190,7 @@ def main(args):
     model = models.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
     args.beta = args.beta or (100.0 if model.prediction == "flow" else 5000.0)
     reward_fn = rewards.load_reward(args.reward, d.device, dtype, fps=args.fps, judge_timeout=args.judge_timeout,
-                                       judge_retries=args.judge_retries)
+                                    judge_retries=args.judge_retries)
     torch.manual_seed(args.seed)  # LoRA's random init
     params = common.setup_trainable(model, args.lora_rank, args.lora_alpha, args.grad_checkpointing)
     distributed.broadcast_params(params, d)
@@ -148,8 +199,8 @@ def main(args):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     ref = common.Reference(params, model.experts)  # f_ref: starts as the initial policy
     # --offload-frozen: the frozen models the update never calls wait in host memory while it runs
-    frozen = distributed.Offload(distributed.modules_of([model.text_encoder, model.text_encoder_2, model.vae, reward_fn]),
-                            enabled=args.offload_frozen)
+    frozen = distributed.modules_of([model.text_encoder, model.text_encoder_2, model.vae, reward_fn])
+    frozen = distributed.Offload(frozen, enabled=args.offload_frozen)
     autocast = common.autocast_context(args.mixed_precision, d.device)
     scaler = common.grad_scaler(args.mixed_precision, d.device)
     video_kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, steps=args.sample_steps,
@@ -191,7 +242,8 @@ def main(args):
 
     init, heldout = None, None
     if args.heldout_pairs:  # (init: the initial weights, held only for the held-out pairs' implicit accuracy)
-        init = common.Reference(params, model.experts)  # fresh held-out pairs, sampled by the initial model (so before a resume loads)
+        init = common.Reference(params, model.experts)  # fresh held-out pairs, sampled by the initial model
+        # (so before a resume loads)
         n_h = -(-args.heldout_pairs // d.world) * d.world  # (a multiple of the ranks: each samples its share)
         heldout = make_pairs(0, [eval_prompts[i % len(eval_prompts)] for i in range(n_h)], key=("heldout-pairs",))
     offline_pairs = None
@@ -212,7 +264,9 @@ def main(args):
 
     def evaluate(step):
         """Every reward dimension on held-out prompts, --eval-seeds fixed seeds each (sharded over ranks)."""
-        extra = (lambda v, ps: {"color_accuracy": toy_world.ToyReward().color_accuracy(v, ps)}) if family == "toy" else None
+        extra = None
+        if family == "toy":
+            extra = lambda v, ps: {"color_accuracy": toy_world.ToyReward().color_accuracy(v, ps)}  # noqa: E731
         means = common.evaluate(model, reward_fn, eval_prompts, args.seed, eval_kw, d, autocast,
                                 os.path.join(out, "samples", f"step-{step:06d}.mp4"), extra, args.sample_batch_size,
                                 args.eval_seeds)
@@ -252,8 +306,8 @@ def main(args):
                 inside_sum, draw_losses = 0.0, 0.0
                 for k in range(args.dpo_draws):  # (one backward per draw: memory does not grow with K)
                     draw = (epoch, k) if epoch or k else ()
-                    gens = [torch.Generator().manual_seed(common.seed_for(args.seed, "dpo", step, *pairs["ids"][i], *draw))
-                            for i in ki]
+                    gens = [torch.Generator().manual_seed(
+                        common.seed_for(args.seed, "dpo", step, *pairs["ids"][i], *draw)) for i in ki]
                     t = torch.cat([common.sample_train_timesteps(model, 1, g, args.timestep_sampling) for g in gens])
                     eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(d.device)
                     t, eps = torch.cat([t, t]).to(d.device), torch.cat([eps, eps])  # shared by w and l
@@ -269,12 +323,13 @@ def main(args):
                     # the average over ranks)
                     scaler.scale((losses * counts).sum() / n_global * d.world / args.dpo_draws).backward()
                     inside_sum, draw_losses = inside_sum + inside.detach(), draw_losses + losses.detach()
-                if args.data_anchor:  # + lambda * beta/2 * e(theta) on TRUE renders of the pairs' prompts: a pull back to
-                    # the data (InstructGPT's PPO-ptx idea; toy world only: the papers' setting has no such data)
-                    gens = [torch.Generator().manual_seed(common.seed_for(args.seed, "anchor", step, epoch, *pairs["ids"][i]))
-                            for i in ki]  # (keyed by the pair, not the rank: sharding never changes the run)
-                    renders = torch.cat([toy_world.render([pairs["prompts"][i]], args.num_frames, args.height, args.width,
-                                                          seed=g.initial_seed()) for i, g in zip(ki, gens)])
+                if args.data_anchor:  # + lambda * beta/2 * e(theta) on TRUE renders of the pairs' prompts: a pull back
+                    # to the data (InstructGPT's PPO-ptx idea; toy world only: the papers' setting has no such data)
+                    # (keyed by the pair, not the rank: sharding never changes the run)
+                    gens = [torch.Generator().manual_seed(
+                        common.seed_for(args.seed, "anchor", step, epoch, *pairs["ids"][i])) for i in ki]
+                    renders = torch.cat([toy_world.render([pairs["prompts"][i]], args.num_frames, args.height,
+                                                          args.width, seed=g.initial_seed()) for i, g in zip(ki, gens)])
                     x0_data = (renders.permute(0, 2, 1, 3, 4) * 2 - 1).to(d.device)  # the toy latent: [-1, 1] pixels
                     t = torch.cat([common.sample_train_timesteps(model, 1, g, args.timestep_sampling) for g in gens])
                     eps = torch.stack([torch.randn(x0_data.shape[1:], generator=g) for g in gens]).to(d.device)
@@ -282,8 +337,9 @@ def main(args):
                     t = t.to(d.device)
                     with autocast:
                         e_data = common.per_sample_mse(model.denoise(x_t, t, emb[: len(ki)],
-                                                                      None if mask is None else mask[: len(ki)]), target)
-                    scaler.scale(args.data_anchor * args.beta / 2 * (e_data * counts).sum() / n_global * d.world).backward()
+                                                                     None if mask is None else mask[: len(ki)]), target)
+                    anchor_loss = args.data_anchor * args.beta / 2 * (e_data * counts).sum() / n_global * d.world
+                    scaler.scale(anchor_loss).backward()
                 if n_local:
                     inside_k, loss_k = inside_sum / args.dpo_draws, draw_losses / args.dpo_draws
                     loss_value += loss_k[on].mean().item() / args.dpo_epochs
@@ -302,10 +358,11 @@ def main(args):
             ref.update()
 
         dt = time.time() - t0
-        stats = distributed.all_mean({"loss": loss_value * n_local, "implicit_acc": acc * n_local, "inside": inside_mean * n_local,
-                                 "reward_mean": pairs["reward"].mean().item(), "reward_min": pairs["reward"].min().item(),
-                                 "reward_max": pairs["reward"].max().item(), "margin": pairs["margin"].mean().item(),
-                                 "pairs": n_local}, d)
+        stats = distributed.all_mean({"loss": loss_value * n_local, "implicit_acc": acc * n_local,
+                                      "inside": inside_mean * n_local, "reward_mean": pairs["reward"].mean().item(),
+                                      "reward_min": pairs["reward"].min().item(),
+                                      "reward_max": pairs["reward"].max().item(),
+                                      "margin": pairs["margin"].mean().item(), "pairs": n_local}, d)
         pairs_total = max(stats["pairs"] * d.world, 1e-9)
         row = {"step": step + 1, "loss": stats["loss"] * d.world / pairs_total,
                "implicit_acc": stats["implicit_acc"] * d.world / pairs_total,
@@ -321,7 +378,8 @@ def main(args):
             evaluate(step + 1)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             common.save_checkpoint(os.path.join(out, "checkpoints"), step + 1, model, params, optimizer,  # (every rank:
-                                   extra={"ref": ref.weights}, lora=args.lora_rank > 0, scaler=scaler, d=d)  # FSDP writes shards)
+                                   extra={"ref": ref.weights}, lora=args.lora_rank > 0, scaler=scaler,
+                                   d=d)  # FSDP writes shards)
     final = evaluate(args.steps)
     if d.main:
         first = next(r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))
@@ -329,7 +387,8 @@ def main(args):
         print(f"eval/reward: {first['eval/reward']:.4f} -> {final['eval/reward']:.4f}  ({reward_fn.name}, "
               f"{len(eval_prompts)} held-out prompts; run folder {out})")
     if d.main and args.lora_rank:  # a model card beside the final LoRA, from the run's files
-        models.write_model_card(out, "online_vpo", "OnlineVPO", "arXiv 2412.15159", args.steps * args.batch_size * args.num_candidates)
+        models.write_model_card(out, "online_vpo", "OnlineVPO", "arXiv 2412.15159",
+                                args.steps * args.batch_size * args.num_candidates)
     if d.world > 1:
         torch.distributed.destroy_process_group()
     return out

@@ -6,7 +6,8 @@ by toy_world.render from the TRAIN prompts only; 10% of captions are dropped for
 guidance. The text encoder (a tiny UMT5 over a word-level tokenizer) is trained jointly here and
 frozen afterwards, like a real T5.
 
-    python pretrain_toy.py --stop-at 11000      # the shipped base's recipe: ~4 h on 2 CPU cores (resumable), writes runs/toy
+    python pretrain_toy.py --stop-at 11000      # the shipped base's recipe: ~4 h on 2 CPU cores (resumable),
+                                                # writes runs/toy
     python pretrain_toy.py --stop-at 11000 --out assets/toy --overwrite   # the same, replacing the shipped base
     python pretrain_toy.py --steps 200 --out /tmp/toy   # a quick smoke run
 Writes runs/toy by default (not committed); writing over shipped files (anything under assets/: the shipped
@@ -14,7 +15,7 @@ base, the candidates' checkpoints) takes --overwrite. Resumes from <out>/../toy_
 exists (`--resume`). The defaults are the shipped base's
 recipe (its flags are recorded in assets/toy/pretrain_log.json); the other options (a smaller or larger
 denoiser, --timesteps uniform, --device cuda, --init-from to fine-tune) are for building another one
-(README, "The toy world": the candidates tried).
+(docs/toy_world.md: the candidates tried).
 """
 import argparse
 import json
@@ -37,7 +38,9 @@ p.add_argument("--out", default=os.path.join(ROOT, "runs", "toy"),
 p.add_argument("--overwrite", action="store_true",
                help="allow writing over shipped files (under assets/: e.g. --out assets/toy, the shipped base)")
 p.add_argument("--steps", type=int, default=12000, help="optimisation steps (the length of the learning-rate schedule)")
-p.add_argument("--stop-at", type=int, default=None, help="stop after this step and ship its EMA weights; the schedule still spans --steps (default: --steps)")
+p.add_argument("--stop-at", type=int, default=None,
+               help="stop after this step and ship its EMA weights; the schedule still spans --steps (default: "
+                    "--steps)")
 p.add_argument("--batch-size", type=int, default=32, help="videos per step")
 p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (cosine decay, 200 warm-up steps)")
 p.add_argument("--ema", type=float, default=0.998, help="EMA decay of the shipped weights")
@@ -50,19 +53,30 @@ p.add_argument("--resume", action="store_true", help="continue from the checkpoi
 p.add_argument("--save-every", type=int, default=250, help="checkpoint interval (steps)")
 p.add_argument("--ckpt", default=None, help="training checkpoint path (default: toy_pretrain_ckpt.pt beside --out)")
 p.add_argument("--sampling", default="balanced", choices=["uniform", "balanced"],
-               help="balanced over the motion categories (the shipped base) or uniform over the train prompts (2/3 are pushes)")
+               help=
+               "balanced over the motion categories (the shipped base) or uniform over the train prompts (2/3 are "
+                   "pushes)")
 p.add_argument("--heads", type=int, default=4, help="attention heads of the denoiser (heads x head-dim = 128)")
-p.add_argument("--head-dim", type=int, default=32, help="attention head dim; Wan's 3D RoPE gives H and W 2*(head_dim//6) dims each")
+p.add_argument("--head-dim", type=int, default=32,
+               help="attention head dim; Wan's 3D RoPE gives H and W 2*(head_dim//6) dims each")
 p.add_argument("--layers", type=int, default=6, help="transformer blocks of the denoiser")
 p.add_argument("--ffn-dim", type=int, default=512, help="feed-forward width of the denoiser")
-p.add_argument("--patch", type=int, default=4, help="spatial patch size of the denoiser (tokens = frames x (size/patch)^2)")
-p.add_argument("--patch-t", type=int, default=2, help="temporal patch size: 2 puts two frames in a token (half the tokens)")
+p.add_argument("--patch", type=int, default=4,
+               help="spatial patch size of the denoiser (tokens = frames x (size/patch)^2)")
+p.add_argument("--patch-t", type=int, default=2,
+               help="temporal patch size: 2 puts two frames in a token (half the tokens)")
 p.add_argument("--shift", type=float, default=2.0,
-               help="flow shift of the noise levels, in training and in the shipped sampler (>1: more time at high noise)")
-p.add_argument("--device", default="cpu", help="cpu or cuda (data and noise are drawn on the CPU: the same run on either)")
+               help=
+               "flow shift of the noise levels, in training and in the shipped sampler (>1: more time at high "
+                   "noise)")
+p.add_argument("--device", default="cpu",
+               help="cpu or cuda (data and noise are drawn on the CPU: the same run on either)")
 p.add_argument("--timesteps", default="logit-normal", choices=["logit-normal", "uniform"],
-               help="training noise levels: SD3's logit-normal (the shipped base; rarely sigma > 0.9) or uniform in [0, 1]")
-p.add_argument("--init-from", default=None, help="start from this training checkpoint's weights (fresh optimiser and schedule)")
+               help=
+               "training noise levels: SD3's logit-normal (the shipped base; rarely sigma > 0.9) or uniform in "
+                   "[0, 1]")
+p.add_argument("--init-from", default=None,
+               help="start from this training checkpoint's weights (fresh optimiser and schedule)")
 
 
 BY_CATEGORY = [[p for p in toy_world.TRAIN_PROMPTS if toy_world.CATEGORY[toy_world.parse_prompt(p)["motion"]] == c]
@@ -86,7 +100,8 @@ def build_components(seed, heads, head_dim, layers, ffn_dim, patch, patch_t, shi
                                                num_heads=4, relative_attention_num_buckets=8,
                                                relative_attention_max_distance=16, dropout_rate=0.0,
                                                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    denoiser = WanTransformer3DModel(patch_size=(patch_t, patch, patch), num_attention_heads=heads, attention_head_dim=head_dim,
+    denoiser = WanTransformer3DModel(patch_size=(patch_t, patch, patch), num_attention_heads=heads,
+                                     attention_head_dim=head_dim,
                                      in_channels=3, out_channels=3, text_dim=32, freq_dim=64, ffn_dim=ffn_dim,
                                      num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                                      rope_max_seq_len=64)
@@ -96,7 +111,8 @@ def build_components(seed, heads, head_dim, layers, ffn_dim, patch, patch_t, shi
 
 def encode(tokenizer, text_encoder, prompts, max_len=16):
     """Wan's prompt encoding (WanPipeline._get_t5_prompt_embeds): embeddings past the text are zeroed."""
-    t = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt").to(text_encoder.device)
+    t = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+    t = t.to(text_encoder.device)
     emb = text_encoder(t.input_ids, t.attention_mask).last_hidden_state
     return emb * t.attention_mask[..., None]
 
@@ -223,7 +239,8 @@ def main(args):
         json.dump({"_class_name": "WanPipeline", "_diffusers_version": "0.42.1", "cleanvideoalign_toy": True,
                    "pixel_space": True, "num_frames": args.num_frames, "height": args.size, "width": args.size,
                    "max_sequence_length": 16, "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-                   "text_encoder": ["transformers", "UMT5EncoderModel"], "transformer": ["diffusers", "WanTransformer3DModel"],
+                   "text_encoder": ["transformers", "UMT5EncoderModel"],
+                   "transformer": ["diffusers", "WanTransformer3DModel"],
                    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": [None, None]}, f, indent=2)
     final_loss = sum(losses[-50:]) / len(losses[-50:]) if losses else float("nan")
     with open(os.path.join(args.out, "pretrain_log.json"), "w") as f:

@@ -27,7 +27,7 @@ SHAPES = ["square", "circle", "triangle"]
 MOTIONS = ["moving left", "moving right", "moving up", "moving down", "falling", "bouncing", "staying still"]
 DIRECTIONS = {"moving left": (-1.0, 0.0), "moving right": (1.0, 0.0), "moving up": (0.0, -1.0), "moving down": (0.0, 1.0)}
 CATEGORY = {m: "moving" for m in DIRECTIONS} | {"falling": "falling", "bouncing": "falling", "staying still": "still",
-                                                 "pushing": "interaction"}
+                                                "pushing": "interaction"}
 HALF_SIZE = 4.5  # half the side of a shape in pixels at 32x32 (scaled with the frame size)
 
 

@@ -29,43 +29,75 @@ import toy_world
 
 p = argparse.ArgumentParser(description="VADER: reward-gradient alignment through the sampler",
                             formatter_class=common.HelpFormatter)
-p.add_argument("--model", default="toy", help="'toy', an alias (wan2.1-1.3b, cogvideox-2b, ...), a diffusers folder or hub id")
-p.add_argument("--reward", default="toy:quality", help="a DIFFERENTIABLE reward spec (e.g. toy:quality, toy:text, aesthetic, hpsv2)")
-p.add_argument("--reward-target", type=float, default=None, help="minimise |target - reward| instead of maximising the reward")
-p.add_argument("--prompts", default="toy_train", help=f"training prompts: a text file (UTF-8, one per line) or a built-in list: {common.prompt_lists()}")
-p.add_argument("--eval-prompts", default="toy_heldout", help="HELD-OUT evaluation prompts: a text file or a built-in list (as --prompts)")
-p.add_argument("--steps", type=int, default=30, help="optimisation steps (on the previous toy base the held-out reward peaked near 30, then fell)")
+p.add_argument("--model", default="toy",
+               help="'toy', an alias (wan2.1-1.3b, cogvideox-2b, ...), a diffusers folder or hub id")
+p.add_argument("--reward", default="toy:quality",
+               help="a DIFFERENTIABLE reward spec (e.g. toy:quality, toy:text, aesthetic, hpsv2)")
+p.add_argument("--reward-target", type=float, default=None,
+               help="minimise |target - reward| instead of maximising the reward")
+p.add_argument("--prompts", default="toy_train",
+               help=f"training prompts: a text file (UTF-8, one per line) or a built-in list: {common.prompt_lists()}")
+p.add_argument("--eval-prompts", default="toy_heldout",
+               help="HELD-OUT evaluation prompts: a text file or a built-in list (as --prompts)")
+p.add_argument("--steps", type=int, default=30,
+               help="optimisation steps (on the previous toy base the held-out reward peaked near 30, then fell)")
 p.add_argument("--batch-size", type=int, default=8, help="videos per optimisation step, summed over ranks")
-p.add_argument("--sample-batch-size", type=int, default=8, help="videos per sampler/decoder call; one backward each, accumulated into the step (results do not depend on it; lower it if a step runs out of memory)")
-p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 3e-4 on the toy model (1e-3 trades shape for quality, README), 2e-4 otherwise: VADER)")
+p.add_argument("--sample-batch-size", type=int, default=8,
+               help="videos per sampler/decoder call; one backward each, accumulated into the step (results do not "
+                    "depend on it; lower it if a step runs out of memory)")
+p.add_argument("--lr", type=float, default=None,
+               help="AdamW learning rate (default 3e-4 on the toy model, 2e-4 otherwise: VADER; docs/flags.md)")
 p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (VADER: 1.0)")
-p.add_argument("--backprop-mode", default="last", choices=["last", "rand", "specific"], help="which sampler steps carry gradient: the last K, a random 1..K last ones per step, or from --backprop-start on")
+p.add_argument("--backprop-mode", default="last", choices=["last", "rand", "specific"],
+               help="which sampler steps carry gradient: the last K, a random 1..K last ones per step, or from "
+                    "--backprop-start on")
 p.add_argument("--backprop-steps", type=int, default=1, help="K: sampler steps that carry gradient (VADER default 1)")
-p.add_argument("--backprop-start", type=int, default=None, help="with --backprop-mode specific: the first step index carrying gradient")
-p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True, help="checkpoint every grad-carrying denoiser call")
-p.add_argument("--decode-frames", default="all", choices=["one", "alternate", "all"], help="frames decoded for the reward: one random frame, every other frame, or all")
-p.add_argument("--decoder-grad", default="prefix", choices=["prefix", "own"], help="Wan's causal VAE: the reward gradient flows through the decoded frames' whole causal prefix (exact), or only through their own latent frames (the prefix keeps no activations: what lets 81 frames fit)")
-p.add_argument("--refl", action="store_true", help="ReFL baseline: reward of the one-step x0 prediction at a random late timestep")
-p.add_argument("--refl-max-sigma", type=float, default=0.3, help="ReFL: late timesteps are drawn from (0, this] of the noise range")
+p.add_argument("--backprop-start", type=int, default=None,
+               help="with --backprop-mode specific: the first step index carrying gradient")
+p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+               help="checkpoint every grad-carrying denoiser call")
+p.add_argument("--decode-frames", default="all", choices=["one", "alternate", "all"],
+               help="frames decoded for the reward: one random frame, every other frame, or all")
+p.add_argument("--decoder-grad", default="prefix", choices=["prefix", "own"],
+               help="Wan's causal VAE: the reward gradient flows through the decoded frames' whole causal prefix "
+                    "(exact), or only through their own latent frames (the prefix keeps no activations: what lets 81 "
+                    "frames fit)")
+p.add_argument("--refl", action="store_true",
+               help="ReFL baseline: reward of the one-step x0 prediction at a random late timestep")
+p.add_argument("--refl-max-sigma", type=float, default=0.3,
+               help="ReFL: late timesteps are drawn from (0, this] of the noise range")
 p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention projections (0 = full fine-tune)")
 p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
 p.add_argument("--num-frames", type=int, default=None, help="frames per video (default: the model's)")
 p.add_argument("--height", type=int, default=None, help="video height (default: the model's)")
 p.add_argument("--width", type=int, default=None, help="video width (default: the model's)")
-p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 10 on the toy model, 25 otherwise)")
+p.add_argument("--sample-steps", type=int, default=None,
+               help="sampler steps (default: 10 on the toy model, 25 otherwise)")
 p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-p.add_argument("--guidance-2", type=float, default=None, help="Wan 2.2 A14B: guidance of the low-noise expert (default: the model's, 3.0; else --guidance)")
-p.add_argument("--fps", type=float, default=None, help="frame rate of the generated clips, for rewards that sample by time (VideoScore2, VideoReward, Qwen3-VL); default: the model's (Wan 16, CogVideoX 8, LTX 25)")
-p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, reward) are stored in it, trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
-p.add_argument("--fsdp", action="store_true", help="shard the denoiser with PyTorch FSDP2 over the torchrun ranks (for full fine-tunes and models of 5B and up; bf16 or fp32)")
+p.add_argument("--guidance-2", type=float, default=None,
+               help="Wan 2.2 A14B: guidance of the low-noise expert (default: the model's, 3.0; else --guidance)")
+p.add_argument("--fps", type=float, default=None,
+               help="frame rate of the generated clips, for rewards that sample by time (VideoScore2, VideoReward, "
+                    "Qwen3-VL); default: the model's (Wan 16, CogVideoX 8, LTX 25)")
+p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+               help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, reward) are stored in it, "
+                    "trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
+p.add_argument("--fsdp", action="store_true",
+               help="shard the denoiser with PyTorch FSDP2 over the torchrun ranks (for full fine-tunes and models of "
+                    "5B and up; bf16 or fp32)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, sampler noise, cut-offs")
-p.add_argument("--out", default=None, help="run folder (default runs/vader_grad-<time>; with --resume, the resumed run's)")
+p.add_argument("--out", default=None,
+               help="run folder (default runs/vader_grad-<time>; with --resume, the resumed run's)")
 p.add_argument("--eval-every", type=int, default=30, help="held-out evaluation interval (also at step 0 and the end)")
 p.add_argument("--num-eval-prompts", type=int, default=52, help="how many held-out prompts to evaluate (one seed each)")
-p.add_argument("--diversity-prompts", type=int, default=4, help="prompts sampled with --diversity-seeds seeds to measure diversity")
+p.add_argument("--diversity-prompts", type=int, default=4,
+               help="prompts sampled with --diversity-seeds seeds to measure diversity")
 p.add_argument("--diversity-seeds", type=int, default=4, help="seeds per diversity prompt")
 p.add_argument("--save-every", type=int, default=30, help="checkpoint interval (and at the end)")
-p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue: restores the weights, optimizer and RNG, and the run's saved configuration (only --steps, --eval-every, --save-every, --sample-batch-size, --out (a fork), --device may differ; README)")
+p.add_argument("--resume", default=None,
+               help="a run folder or checkpoint to continue: restores the weights, optimizer and RNG, and the run's "
+                    "saved configuration (only --steps, --eval-every, --save-every, --sample-batch-size, --out (a "
+                    "fork), --device may differ; README)")
 p.add_argument("--track", action="store_true", help="mirror metrics to Weights & Biases (needs `pip install wandb`)")
 p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
 
@@ -99,12 +131,15 @@ def main(args):
     if args.decoder_grad == "own" and family != "wan":
         raise ValueError(f"--decoder-grad own truncates Wan's causal VAE decoder; this model's family is {family}: "
                          "drop the flag (its decoder gradient is the whole decode)")
-    train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts, "--eval-prompts")
+    train_prompts = common.load_prompts(args.prompts)
+    eval_prompts = common.load_prompts(args.eval_prompts, "--eval-prompts")
     eval_prompts = eval_prompts[: args.num_eval_prompts]
     common.check_toy_prompts(args.reward, family, train_prompts, eval_prompts)
     d = distributed.setup_distributed(args.device)
     if args.fsdp and args.mixed_precision == "fp16":
-        raise ValueError("--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to FSDP2)")
+        raise ValueError(
+                         "--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to "
+                         "FSDP2)")
     if args.batch_size % d.world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of ranks ({d.world})")
     per_rank = args.batch_size // d.world
@@ -138,14 +173,17 @@ def main(args):
     def evaluate(step):
         """Every reward dimension on held-out prompts, plus diversity: the per-pixel variance across
         seeds of the same prompt (VADER reports diversity falling as the reward is optimised)."""
-        extra = (lambda v, ps: {"color_accuracy": toy_world.ToyReward().color_accuracy(v, ps)}) if family == "toy" else None
+        extra = None
+        if family == "toy":
+            extra = lambda v, ps: {"color_accuracy": toy_world.ToyReward().color_accuracy(v, ps)}  # noqa: E731
         means = common.evaluate(model, reward_fn, eval_prompts, args.seed, video_kw, d, autocast,
                                 os.path.join(out, "samples", f"step-{step:06d}.mp4"), extra, args.sample_batch_size)
         div_prompts = eval_prompts[: args.diversity_prompts]
         _, videos = common.sample_and_score(model, [pr for pr in div_prompts for _ in range(args.diversity_seeds)],
                                             [common.seed_for(args.seed, "div", i, s) for i in range(len(div_prompts))
                                              for s in range(args.diversity_seeds)],
-                                            args.sample_batch_size, lambda v, ps: {"v": v.flatten(1).cpu()}, video_kw, autocast)
+                                            args.sample_batch_size, lambda v, ps: {"v": v.flatten(1).cpu()}, video_kw,
+                                            autocast)
         diversity = videos["v"].reshape(len(div_prompts), args.diversity_seeds, -1).var(1).mean().item()
         row = {"step": step, "eval": True, "eval/diversity": diversity} | {f"eval/{k}": v for k, v in means.items()}
         log.log(row)
@@ -222,7 +260,8 @@ def main(args):
               f"{len(eval_prompts)} held-out prompts; diversity {first['eval/diversity']:.4f} -> "
               f"{final['eval/diversity']:.4f}; run folder {out})")
     if d.main and args.lora_rank:  # a model card beside the final LoRA, from the run's files
-        models.write_model_card(out, "vader_grad", "VADER" + (" (ReFL baseline)" if args.refl else ""), "arXiv 2407.08737", args.steps * args.batch_size)
+        models.write_model_card(out, "vader_grad", "VADER" + (" (ReFL baseline)" if args.refl else ""),
+                                "arXiv 2407.08737", args.steps * args.batch_size)
     if d.world > 1:
         torch.distributed.destroy_process_group()
     return out

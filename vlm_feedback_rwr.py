@@ -14,7 +14,8 @@ Reconstructed details: per-batch normalisation; a batch with no accepted video c
 preference and is skipped (never trained on as if it were good).
 
     python vlm_feedback_rwr.py                                   # toy model + toy judge, CPU, ~10 minutes
-    torchrun --nproc_per_node 8 vlm_feedback_rwr.py --model wan2.1-1.3b --judge vlm:qwen2.5-vl --prompts p.txt --eval-prompts q.txt
+    torchrun --nproc_per_node 8 vlm_feedback_rwr.py --model wan2.1-1.3b --judge vlm:qwen2.5-vl \
+        --prompts p.txt --eval-prompts q.txt
 """
 import argparse
 import json
@@ -34,43 +35,75 @@ import toy_world
 
 p = argparse.ArgumentParser(description="Iterative RWR on binary VLM feedback",
                             formatter_class=common.HelpFormatter)
-p.add_argument("--model", default="toy", help="'toy', an alias (wan2.1-1.3b, cogvideox-2b, ...), a diffusers folder or hub id")
-p.add_argument("--judge", default="judge", help="binary judge spec: 'judge' (the toy world's), 'vlm[:qwen2.5-vl|qwen3-vl][@folder]' (P(yes) of a local Qwen-VL) or 'api:<model>@<url>' (an OpenAI-compatible server)")
-p.add_argument("--question", default=None, help="yes/no question template with {prompt}; default: a dynamics question built from the prompt")
-p.add_argument("--prompts", default="toy_dynamics_train", help=f"training prompts about object dynamics: a text file (UTF-8, one per line) or a built-in list: {common.prompt_lists()}")
-p.add_argument("--eval-prompts", default="toy_dynamics_heldout", help="HELD-OUT dynamics prompts: a text file or a built-in list (as --prompts)")
+p.add_argument("--model", default="toy",
+               help="'toy', an alias (wan2.1-1.3b, cogvideox-2b, ...), a diffusers folder or hub id")
+p.add_argument("--judge", default="judge",
+               help="binary judge spec: 'judge' (the toy world's), 'vlm[:qwen2.5-vl|qwen3-vl][@folder]' (P(yes) of a "
+                    "local Qwen-VL) or 'api:<model>@<url>' (an OpenAI-compatible server)")
+p.add_argument("--question", default=None,
+               help="yes/no question template with {prompt}; default: a dynamics question built from the prompt")
+p.add_argument("--prompts", default="toy_dynamics_train",
+               help=f"training prompts about object dynamics: a text file (UTF-8, one per line) or a built-in list: "
+                    f"{common.prompt_lists()}")
+p.add_argument("--eval-prompts", default="toy_dynamics_heldout",
+               help="HELD-OUT dynamics prompts: a text file or a built-in list (as --prompts)")
 p.add_argument("--rounds", type=int, default=3, help="sample -> judge -> fine-tune rounds")
 p.add_argument("--prompts-per-round", type=int, default=32, help="prompts sampled each round (all ranks together)")
 p.add_argument("--videos-per-prompt", type=int, default=4, help="videos sampled per prompt each round")
-p.add_argument("--epochs", type=int, default=None, help="passes over the round's data (default 1 on the toy model: 2 cost shape, README; 2 otherwise)")
-p.add_argument("--batch-size", type=int, default=16, help="videos per optimisation step, summed over ranks (--loss dpo: two per (yes, no) pair)")
-p.add_argument("--loss", default="rwr", choices=["rwr", "dpo"], help="reward-weighted regression, or Diffusion-DPO on (yes, no) pairs")
+p.add_argument("--epochs", type=int, default=None,
+               help="passes over the round's data (default 1 on the toy model, 2 otherwise; docs/flags.md)")
+p.add_argument("--batch-size", type=int, default=16,
+               help="videos per optimisation step, summed over ranks (--loss dpo: two per (yes, no) pair)")
+p.add_argument("--loss", default="rwr", choices=["rwr", "dpo"],
+               help="reward-weighted regression, or Diffusion-DPO on (yes, no) pairs")
 p.add_argument("--beta", type=float, default=0.25, help="RWR temperature: w = exp(r / beta), normalised per batch")
 p.add_argument("--dpo-beta", type=float, default=None, help="DPO beta (default 100 for flow models, 5000 for eps/v)")
-p.add_argument("--keep-rounds", action="store_true", help="keep older rounds' data in the training set (saved in <out>/data/ for --resume)")
-p.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 1e-4 with LoRA, the toy model included (3e-4 lowered its held-out pass rate, README; adapters need ~10x a full fine-tune's rate), 1e-5 for a full fine-tune")
+p.add_argument("--keep-rounds", action="store_true",
+               help="keep older rounds' data in the training set (saved in <out>/data/ for --resume)")
+p.add_argument("--lr", type=float, default=None,
+               help="AdamW learning rate; default 1e-4 with LoRA (the toy model too), 1e-5 for a full fine-tune "
+                    "(docs/flags.md)")
 p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
 p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention projections (0 = full fine-tune)")
 p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
 p.add_argument("--num-frames", type=int, default=None, help="frames per video (default: the model's)")
 p.add_argument("--height", type=int, default=None, help="video height (default: the model's)")
 p.add_argument("--width", type=int, default=None, help="video width (default: the model's)")
-p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 10 on the toy model, 30 otherwise)")
+p.add_argument("--sample-steps", type=int, default=None,
+               help="sampler steps (default: 10 on the toy model, 30 otherwise)")
 p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-p.add_argument("--guidance-2", type=float, default=None, help="Wan 2.2 A14B: guidance of the low-noise expert (default: the model's, 3.0; else --guidance)")
-p.add_argument("--fps", type=float, default=None, help="frame rate of the generated clips, for rewards that sample by time (VideoScore2, VideoReward, Qwen3-VL); default: the model's (Wan 16, CogVideoX 8, LTX 25)")
-p.add_argument("--sample-batch-size", type=int, default=8, help="videos per sampler/decoder/judge call (results do not depend on it; lower it if sampling runs out of memory)")
-p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the denoiser (saves memory)")
-p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, judge) are stored in it, trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
-p.add_argument("--fsdp", action="store_true", help="shard the denoiser with PyTorch FSDP2 over the torchrun ranks (for full fine-tunes and models of 5B and up; bf16 or fp32)")
+p.add_argument("--guidance-2", type=float, default=None,
+               help="Wan 2.2 A14B: guidance of the low-noise expert (default: the model's, 3.0; else --guidance)")
+p.add_argument("--fps", type=float, default=None,
+               help="frame rate of the generated clips, for rewards that sample by time (VideoScore2, VideoReward, "
+                    "Qwen3-VL); default: the model's (Wan 16, CogVideoX 8, LTX 25)")
+p.add_argument("--sample-batch-size", type=int, default=8,
+               help="videos per sampler/decoder/judge call (results do not depend on it; lower it if sampling runs "
+                    "out of memory)")
+p.add_argument("--grad-checkpointing", action="store_true",
+               help="gradient checkpointing in the denoiser (saves memory)")
+p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+               help="autocast dtype; frozen weights (text encoder, VAE, base denoiser, judge) are stored in it, "
+                    "trainable ones stay fp32 (fp16 adds dynamic loss scaling)")
+p.add_argument("--fsdp", action="store_true",
+               help="shard the denoiser with PyTorch FSDP2 over the torchrun ranks (for full fine-tunes and models of "
+                    "5B and up; bf16 or fp32)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, videos, training noise")
-p.add_argument("--out", default=None, help="run folder (default runs/vlm_feedback_rwr-<time>; with --resume, the resumed run's)")
+p.add_argument("--out", default=None,
+               help="run folder (default runs/vlm_feedback_rwr-<time>; with --resume, the resumed run's)")
 p.add_argument("--eval-seeds", type=int, default=2, help="videos per held-out prompt in evaluation")
-p.add_argument("--num-train-eval-prompts", type=int, default=32, help="training prompts also evaluated (pass rate on train)")
-p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue: restores the weights, optimizer, RNG, the judge's cached answers and the run's saved configuration (only --rounds, --sample-batch-size, --out (a fork), --device may differ; README)")
+p.add_argument("--num-train-eval-prompts", type=int, default=32,
+               help="training prompts also evaluated (pass rate on train)")
+p.add_argument("--resume", default=None,
+               help="a run folder or checkpoint to continue: restores the weights, optimizer, RNG, the judge's cached "
+                    "answers and the run's saved configuration (only --rounds, --sample-batch-size, --out (a fork), "
+                    "--device may differ; README)")
 p.add_argument("--track", action="store_true", help="mirror metrics to Weights & Biases (needs `pip install wandb`)")
-p.add_argument("--judge-timeout", type=float, default=60.0, help="api:<model>@<url> rewards: seconds to wait for each answer before retrying it")
-p.add_argument("--judge-retries", type=int, default=4, help="api: rewards: retries of a timed-out, 429/5xx, malformed or error answer (back-off 1, 2, 4 ... s); 401/403 are not retried")
+p.add_argument("--judge-timeout", type=float, default=60.0,
+               help="api:<model>@<url> rewards: seconds to wait for each answer before retrying it")
+p.add_argument("--judge-retries", type=int, default=4,
+               help="api: rewards: retries of a timed-out, 429/5xx, malformed or error answer (back-off 1, 2, 4 ... "
+                    "s); 401/403 are not retried")
 p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
 
 
@@ -91,10 +124,11 @@ def category(prompt):
 
 def main(args):
     # ---- validate everything cheap before anything heavy loads ------------------------------
-    checkpoint = common.resume_config(args, p, "vlm_feedback_rwr")  # --resume: the run's own configuration, checked first
+    # --resume: the run's own configuration, checked first
+    checkpoint = common.resume_config(args, p, "vlm_feedback_rwr")
     common.check_positive(args, "rounds", "prompts_per_round", "videos_per_prompt", "batch_size", "sample_batch_size",
                           "eval_seeds", "epochs", "sample_steps")
-    if args.loss == "dpo" and args.videos_per_prompt < 2:  # (no (yes, no) pair of one prompt: a run that trains nothing)
+    if args.loss == "dpo" and args.videos_per_prompt < 2:  # (no (yes, no) pair of one prompt: nothing trains)
         raise ValueError(f"--loss dpo pairs a yes and a no video of the same prompt: --videos-per-prompt "
                          f"{args.videos_per_prompt} gives none; pass 2 or more")
     common.check_track(args.track)
@@ -113,11 +147,14 @@ def main(args):
     except (KeyError, IndexError, ValueError) as e:  # (it used to fail only at the first question, after loading)
         raise ValueError(f"--question {args.question!r}: {{prompt}} is the one field it may hold ({type(e).__name__}: "
                          f"{e}); write a literal brace twice, {{{{ or }}}}") from None
-    train_prompts, eval_prompts = common.load_prompts(args.prompts), common.load_prompts(args.eval_prompts, "--eval-prompts")
+    train_prompts = common.load_prompts(args.prompts)
+    eval_prompts = common.load_prompts(args.eval_prompts, "--eval-prompts")
     common.check_toy_prompts(args.judge, family, train_prompts, eval_prompts)
     d = distributed.setup_distributed(args.device)
     if args.fsdp and args.mixed_precision == "fp16":
-        raise ValueError("--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to FSDP2)")
+        raise ValueError(
+                         "--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to "
+                         "FSDP2)")
     n_items = args.prompts_per_round * args.videos_per_prompt
     if n_items % d.world or args.batch_size % d.world:
         raise ValueError(f"prompts-per-round x videos-per-prompt ({n_items}) and --batch-size must be divisible "
@@ -125,15 +162,15 @@ def main(args):
     if args.loss == "dpo" and args.batch_size % (2 * d.world):
         raise ValueError(f"--loss dpo: --batch-size counts videos, two per (yes, no) pair, so it must be divisible by "
                          f"2 x the number of ranks ({2 * d.world}); got {args.batch_size}")
-    out = common.prepare_run_dir(args.out, "vlm_feedback_rwr", args.resume, need_checkpoint=False,  # (cache-only resume)
-                                 main=d.main)
+    out = common.prepare_run_dir(args.out, "vlm_feedback_rwr", args.resume, need_checkpoint=False,
+                                 main=d.main)  # (a cache-only resume needs no checkpoint)
 
     # ---- model, judge, trainable weights ---------------------------------------------------
     dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype
     model = models.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
     args.dpo_beta = args.dpo_beta or (100.0 if model.prediction == "flow" else 5000.0)
     judge = rewards.load_reward(args.judge, d.device, dtype, fps=args.fps, judge_timeout=args.judge_timeout,
-                                       judge_retries=args.judge_retries)
+                                judge_retries=args.judge_retries)
     question = (lambda pr: args.question.format(prompt=pr)) if args.question else toy_world.default_question
     if hasattr(judge, "question_fn"):  # a VLM judge is asked exactly this question
         judge.question_fn = question
@@ -199,8 +236,8 @@ def main(args):
                 chunk = mine[c: c + args.sample_batch_size]
                 prompts = [plist[i] for i, _ in chunk]
                 with torch.no_grad(), autocast:
-                    _, videos = common.sample(model, prompts, [common.seed_for(args.seed, split, i, s) for i, s in chunk],
-                                              **video_kw)
+                    seeds = [common.seed_for(args.seed, split, i, s) for i, s in chunk]
+                    _, videos = common.sample(model, prompts, seeds, **video_kw)
                 yes = ask_judge(videos, prompts, [f"eval-{split}-r{rnd}-{i}-{s}-{plist[i]}" for i, s in chunk])
                 keep = max(n_mine - c, 0)  # (the padding is not counted)
                 for pr, y in list(zip(prompts, yes.tolist()))[:keep]:
@@ -216,10 +253,11 @@ def main(args):
                     common.save_video_grid(os.path.join(out, "samples", f"round-{rnd}.mp4"), videos[:8], prompts[:8])
             cats = ("all", "falling", "moving", "interaction")
             sums = distributed.all_mean({f"{cat}/{x}": passed.get(cat, (0, 0))[j] * d.world for cat in cats
-                                    for j, x in enumerate(("n", "k"))}, d)
+                                         for j, x in enumerate(("n", "k"))}, d)
             for cat in cats:
                 if sums[f"{cat}/n"] > 0:
-                    row[f"{split}/pass_rate" + ("" if cat == "all" else f"/{cat}")] = sums[f"{cat}/k"] / sums[f"{cat}/n"]
+                    name = f"{split}/pass_rate" + ("" if cat == "all" else f"/{cat}")
+                    row[name] = sums[f"{cat}/k"] / sums[f"{cat}/n"]
             if toy and split == "eval":
                 row |= {f"{split}/{k}": v / len(items) for k, v in distributed.all_mean(dim_sums, d).items()}
         log.log(row | distributed.all_mean(dict(stats), d))
@@ -245,7 +283,8 @@ def main(args):
         mine = items[d.rank * len(items) // d.world: (d.rank + 1) * len(items) // d.world]
         t0 = time.time()
         lat_chunks, yes_chunks = [], []
-        for c in tqdm(range(0, len(mine), args.sample_batch_size), desc=f"round {rnd + 1} sample+judge", disable=not d.main):
+        for c in tqdm(range(0, len(mine), args.sample_batch_size),
+                      desc=f"round {rnd + 1} sample+judge", disable=not d.main):
             chunk = mine[c: c + args.sample_batch_size]
             prompts = [plist[i] for i, _ in chunk]
             seeds = [common.seed_for(args.seed, "train", rnd, i, j) for i, j in chunk]
@@ -268,7 +307,8 @@ def main(args):
         if ref is not None:
             ref.update()  # DPO's reference: the model that generated this round's data
         for epoch in range(args.epochs):
-            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(common.seed_for(args.seed, rnd, epoch)))
+            gen = torch.Generator().manual_seed(common.seed_for(args.seed, rnd, epoch))
+            order = torch.randperm(len(data), generator=gen)
             if args.loss == "dpo":  # (yes, no) pairs of the same prompt, each video used once
                 groups = {}
                 for n in order.tolist():
@@ -327,14 +367,17 @@ def main(args):
                      "sec_sample_and_judge": t_sample, "data_size": len(data)})
         # (4) the next round samples from the fine-tuned model
         common.save_checkpoint(os.path.join(out, "checkpoints"), rnd + 1, model, params, optimizer,  # (every rank:
-                               extra={"opt_steps": opt_steps}, lora=args.lora_rank > 0, scaler=scaler, d=d)  # FSDP shards)
+                               extra={"opt_steps": opt_steps}, lora=args.lora_rank > 0, scaler=scaler,
+                               d=d)  # FSDP shards)
         final = evaluate(rnd + 1)
     if d.main and args.rounds > start_round:
         first = next(r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r.get("eval"))
         print(f"eval/pass_rate: {first['eval/pass_rate']:.3f} -> {final['eval/pass_rate']:.3f}  ({judge.name}, "
               f"{len(eval_prompts)} held-out prompts x {args.eval_seeds}; run folder {out})")
     if d.main and args.lora_rank and final is not None:  # a model card beside the final LoRA, from the run's files
-        models.write_model_card(out, "vlm_feedback_rwr", "iterative RWR on binary VLM feedback" if args.loss == "rwr" else "DPO on binary VLM feedback", "arXiv 2412.02617", args.rounds * args.prompts_per_round * args.videos_per_prompt)
+        algorithm = "iterative RWR on binary VLM feedback" if args.loss == "rwr" else "DPO on binary VLM feedback"
+        models.write_model_card(out, "vlm_feedback_rwr", algorithm, "arXiv 2412.02617",
+                                args.rounds * args.prompts_per_round * args.videos_per_prompt)
     if d.world > 1:
         torch.distributed.destroy_process_group()
     return out

@@ -100,7 +100,7 @@ def main(args):
                     eps = torch.randn(x0_w.shape[1:], generator=gk).expand(2, *x0_w.shape[1:])
                     x_t, target = common.noisy_and_target(model, torch.stack([x0_w[i], x0_l[i]]), eps, t)
                     err = common.per_sample_mse(model.denoise(x_t, t, emb[i:i + 1].expand(2, *emb.shape[1:]),
-                                                               None if mask is None else mask[i:i + 1].expand(2, -1)),
+                                                              None if mask is None else mask[i:i + 1].expand(2, -1)),
                                                 target)
                     ((err[0] - err[1]) / args.draws).backward()
                     if k + 1 in (args.draws // 2, args.draws):  # the gradient of the first half of the draws, then all

@@ -59,7 +59,7 @@ LOG2 = math.log(2)
 def config(smoke, cuda):
     """Sizes are (frames, height, width). The smoke config is memory_plan's tiny Wan, which it validates."""
     speed = dict(compile_backend="inductor", backends=["_native_flash", "_native_cudnn", "_native_efficient", "flash",
-                                                         "_flash_3"]) if cuda else \
+                                                       "_flash_3"]) if cuda else \
         dict(compile_backend="aot_eager", backends=["_native_math", "_native_flash"])  # (inductor on CPU: minutes)
     if smoke:
         return dict(spec="tiny-wan", max_len=16, sampler=(9, 32, 32), videos=2, id_steps=2, time_steps=3,

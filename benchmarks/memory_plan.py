@@ -104,8 +104,8 @@ MODELS = {  # family, denoiser class + config, VAE class + config, text encoder,
     "tiny-wan": ("wan", "WanTransformer3DModel", dict(WAN, num_attention_heads=2, attention_head_dim=32, ffn_dim=128,
                                                       num_layers=2, text_dim=64, freq_dim=32, rope_max_seq_len=64),
                  "AutoencoderKLWan", dict(base_dim=16), ("UMT5", dict(vocab_size=64, d_model=64, d_kv=16, d_ff=128,
-                                                                     num_layers=2, num_heads=4,
-                                                                     feed_forward_proj="gated-gelu")), 16,
+                                                                      num_layers=2, num_heads=4,
+                                                                      feed_forward_proj="gated-gelu")), 16,
                  ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0))),
 }
 REWARD_OF = {"online_vpo": "videoscore", "gran_dpo": "videoscore", "vlm_feedback_rwr": "judge", "vader_grad": "aesthetic"}
@@ -467,7 +467,7 @@ def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=Fal
                 "grads": trainable if phase == "update" else 0, "optimizer": 2 * trainable if phase == "update" else 0}
     return {"script": script, "model": model_name, "frames": F, "height": H, "width": W, "lora_rank": lora_rank,
             "ranks": ranks, "fsdp": fsdp, "phase": phase, "flags": flags_of(script, ranks, fsdp, lora_rank, k, decode,
-                                                                          checkpointing, offload, decoder_grad),
+                                                                            checkpointing, offload, decoder_grad),
             "peak_gib": peak / GiB, "categories_gib": {c: v / GiB for c, v in cats.items()},
             "after_step_gib": {c: v / GiB for c, v in after.items()},
             "expected_gib": {c: v / GiB for c, v in expected.items()}, "seconds": time.time() - t0}

@@ -107,7 +107,7 @@ def main(args):
         rows = []
         for i in range(len(LADDER)):
             flags = [f"--{k}={getattr(args, k)}" for k in ("device", "frames", "size", "layers", "dim", "steps", "batch",
-                                                          "repeats")]
+                                                           "repeats")]
             cmd = [sys.executable, __file__, "--child", str(i), "--folder", folder] + flags
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:

@@ -58,7 +58,7 @@ if "--tie" in argv:
 if "--judge-alternates" in argv:  # the toy judge answers yes, no, yes, no ... in each call: (yes, no) pairs for DPO
     argv.remove("--judge-alternates")
     toy_world.ToyJudge.__call__ = lambda self, v, p: {"reward": (torch.arange(len(p)) % 2 == 0).float(),
-                                                    "yes": (torch.arange(len(p)) % 2 == 0).float()}
+                                                      "yes": (torch.arange(len(p)) % 2 == 0).float()}
 _setup = common.setup_trainable
 
 

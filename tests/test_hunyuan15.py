@@ -104,10 +104,10 @@ def test_alias_size_check_and_defaults_before_anything_loads(tiny_folders, tmp_p
         models.check_video_size("hunyuan15", 121, 480, 840)
     models.check_video_size("hunyuan15", 121, 480, 848)
     assert models.FAMILIES["hunyuan15"].defaults == dict(num_frames=121, height=480, width=848, sample_steps=50,
-                                                       guidance=6.0, fps=24)
+                                                         guidance=6.0, fps=24)
     # the checkpoint's own guider and target size win: the tiny one has guidance 4 and target_size 32
     assert models.model_defaults(folder, "hunyuan15") == dict(num_frames=121, height=32, width=32, sample_steps=50,
-                                                             guidance=4.0, fps=24)
+                                                              guidance=4.0, fps=24)
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded before the size check"))
     with pytest.raises(ValueError, match="must be 4k\\+1"):
         run_main(online_vpo, ["--model", folder, "--num-frames", "8", "--height", "32", "--width", "32",

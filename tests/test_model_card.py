@@ -58,7 +58,7 @@ def test_base_model_is_a_hub_id_or_absent_and_the_heldout_count_is_stated(toy_ru
     lora = run / "checkpoints" / "step-000001" / "lora"
     lora.mkdir(parents=True)
     cfg = json.load(open(os.path.join(toy_run, "config.json"))) | {"model": "wan2.1-1.3b", "family": "wan",
-                                                                  "model_path": "/cache/models--Wan-AI--x/snapshots/1"}
+                                                                   "model_path": "/cache/models--Wan-AI--x/snapshots/1"}
     (run / "config.json").write_text(json.dumps(cfg))
     (run / "metrics.jsonl").write_text(open(os.path.join(toy_run, "metrics.jsonl")).read())
     models.write_model_card(str(run), "online_vpo", "OnlineVPO", "arXiv 2412.15159", 8)

@@ -83,7 +83,7 @@ def test_bf16_rwr_dpo_trains_on_a_nonzero_signal(tmp_path, toy_model, monkeypatc
 
 
 def test_bf16_run_stores_frozen_weights_in_bf16_and_trainable_in_fp32(tmp_path, monkeypatch, tiny_folders,
-                                                                       videoscore_folder):
+                                                                      videoscore_folder):
     seen = {}
     load_model, load_reward = models.load_model, rewards.load_reward
     monkeypatch.setattr(models, "load_model", lambda *a, **k: seen.setdefault("model", load_model(*a, **k)))
@@ -145,7 +145,7 @@ def test_offload_frozen_frees_text_encoder_vae_and_reward_during_the_update_and_
                                              "--prompts", str(prompts), "--eval-prompts", str(prompts), "--num-frames", "9",
                                              "--height", "16", "--width", "16", "--steps", "2", "--mixed-precision", "bf16",
                                              "--out", str(tmp_path / str(flag))] + ["--offload-frozen"] * flag
-                            + (["--patch-grid", "1,2,2"] if script is gran_dpo else []))
+                              + (["--patch-grid", "1,2,2"] if script is gran_dpo else []))
     assert len(resident[False]) == len(resident[True]) == 2 and min(resident[False]) > 1e5  # (100s of kB: tiny models)
     assert resident[True] == [0, 0]
     assert max_diff(final_params(outs[False]), final_params(outs[True])) == 0.0

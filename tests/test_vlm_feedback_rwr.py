@@ -31,7 +31,7 @@ def test_all_zero_feedback_neither_divides_by_zero_nor_trains(tmp_path, monkeypa
     w = rwr.rwr_weights(torch.zeros(5), beta=0.1)
     assert torch.equal(w, torch.zeros(5))
     monkeypatch.setattr(toy_world.ToyJudge, "__call__", lambda self, v, p: {"reward": torch.zeros(len(p)),
-                                                                         "yes": torch.zeros(len(p))})
+                                                                            "yes": torch.zeros(len(p))})
     out = run_main(rwr, FAST + ["--out", str(tmp_path / "z")])
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     epochs = [r for r in rows if "epoch" in r]
@@ -85,7 +85,7 @@ def test_dpo_trains_on_a_round_with_fewer_pairs_than_a_full_batch(tmp_path, monk
     # yes, no, yes, no ...: each prompt's two videos make one (yes, no) pair, 4 pairs a round. --batch-size 16
     # (videos) asks for 8 pairs a step: the round's 4 pairs make one shorter batch, not none (it used to train nothing)
     monkeypatch.setattr(toy_world.ToyJudge, "__call__", lambda self, v, p: {"reward": (torch.arange(len(p)) % 2 == 0).float(),
-                                                                         "yes": (torch.arange(len(p)) % 2 == 0).float()})
+                                                                            "yes": (torch.arange(len(p)) % 2 == 0).float()})
     out = run_main(rwr, FAST + ["--loss", "dpo", "--batch-size", "16", "--epochs", "2", "--lr", "1e-2",
                                 "--out", str(tmp_path / "d")])
     epochs = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "epoch" in r]
