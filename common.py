@@ -395,7 +395,7 @@ RESUME_OWN = {"resume", "out", "device", "fsdp", "track"}
 RESUME_SAFE = {"steps", "rounds", "eval_every", "save_every", "sample_batch_size", "offload_frozen",
                "grad_checkpointing", "judge_timeout", "judge_retries"}
 SCRIPT_FLAGS = {"vlm_feedback_rwr": "judge", "gran_dpo": "patch_grid", "vader_grad": "backprop_mode",
-                "online_vpo": "num_candidates"}  # a flag only that script has (checked in this order)
+                "online_vpo": "num_candidates", "flow_grpo": "group_size"}  # a flag only that script has (checked in this order)
 
 
 def script_of(cfg):
@@ -471,12 +471,22 @@ def check_branch(branch_at, sample_steps, model_path):
     if not 0 <= branch_at < sample_steps - 1:
         raise ValueError(f"--branch-at {branch_at}: the candidates branch after a sampler step that has a later one: "
                          f"pass 0 to {sample_steps - 2} (--sample-steps {sample_steps}), or drop it (independent samples)")
+    if not is_flow_sampler(model_path):
+        raise ValueError(f"--branch-at: {scheduler_config(model_path).get('_class_name')} is not a flow-matching "
+                         f"sampler (CogVideoX, ModelScope): drop --branch-at for this model")
+
+
+def scheduler_config(model_path):
+    """The model folder's scheduler config (no weights read), or {} where it has none."""
     folder = os.path.join(model_path, "scheduler")
     configs = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".json")] if os.path.isdir(folder) else []
-    cfg = json.load(open(configs[0])) if configs else {}
-    if cfg and "FlowMatch" not in cfg.get("_class_name", "") and not cfg.get("use_flow_sigmas"):
-        raise ValueError(f"--branch-at: {cfg.get('_class_name')} is not a flow-matching sampler (CogVideoX, ModelScope): "
-                         f"drop --branch-at for this model")
+    return json.load(open(configs[0])) if configs else {}
+
+
+def is_flow_sampler(model_path):
+    """Whether the model samples a flow (x_t = (1 - s) x0 + s eps): a FlowMatch scheduler or flow sigmas."""
+    cfg = scheduler_config(model_path)
+    return not cfg or "FlowMatch" in cfg.get("_class_name", "") or bool(cfg.get("use_flow_sigmas"))
 
 
 def check_positive(args, *names):

@@ -148,8 +148,8 @@ def build_model(spec, device, dtype, tokenizer=None, scheduler=None):
     text = materialize(lambda: transformers.UMT5EncoderModel(transformers.UMT5Config(**text_cfg, dropout_rate=0.0)),
                        device, dtype, 3).eval().requires_grad_(False)
     scheduler = scheduler or getattr(diffusers, sch_cls)(**sch_cfg)
-    return models.VideoModel(spec, family, "flow", tokenizer or memory_plan.FakeTokenizer(max_len), text, den, vae,
-                             scheduler, max_len)
+    return models.FAMILIES[family](spec, "flow", tokenizer or memory_plan.FakeTokenizer(max_len), text, den, vae,
+                                   scheduler, max_len)
 
 
 def release():
@@ -172,6 +172,8 @@ SCRIPT_ARGS = {  # per script: its arguments (the tiny model, size, bf16, LoRA a
                    "--diversity-seeds", "2", "--eval-every", "99", "--decode-frames", "alternate", "--decoder-grad", "own"],
     "vlm_feedback_rwr": ["--rounds", "1", "--prompts-per-round", "4", "--videos-per-prompt", "2", "--batch-size", "4",
                          "--epochs", "1", "--eval-seeds", "1", "--num-train-eval-prompts", "2", "--judge", "judge:p_yes"],
+    "flow_grpo": ["--steps", "2", "--batch-size", "2", "--group-size", "2", "--num-eval-prompts", "2", "--eval-every",
+                  "99", "--lr", "1e-2", "--reward", "toy:temporal", "--ema"],
 }
 NOT_ALIGNMENT = {"pretrain_toy"}  # scripts with a main that are not alignment algorithms
 
@@ -204,7 +206,7 @@ def step_scripts(rec, ctx):
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
            "LOCAL_RANK": str(ctx.dev.index or 0)}
     saved_env = {k: os.environ.get(k) for k in env}
-    saved = {k: getattr(common, k) for k in ("setup_trainable", "average_gradients")}
+    saved = {"setup_trainable": common.setup_trainable, "average_gradients": distributed.average_gradients}
     seen, rec["scripts"], failed = {}, {}, []
     created = not dist.is_initialized()
     tmp = tempfile.TemporaryDirectory(prefix="gpu_check_")

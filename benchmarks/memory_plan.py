@@ -154,8 +154,8 @@ def build_model(name, dtype=torch.bfloat16):
     step = scheduler.step
     scheduler.step = lambda *a, **k: on_host(step)(*a, **k)  # (indexes its tables by the timestep)
     prediction = "flow" if "FlowMatch" in sch_cls else ("v" if sch_cfg.get("prediction_type") == "v_prediction" else "eps")
-    return models.VideoModel(name, family, prediction, FakeTokenizer(max_len), text, den, vae, scheduler, max_len,
-                             expand_timesteps=name == "wan2.2-5b")
+    return models.FAMILIES[family](name, prediction, FakeTokenizer(max_len), text, den, vae, scheduler, max_len,
+                                   expand_timesteps=name == "wan2.2-5b")
 
 
 def host_side():
