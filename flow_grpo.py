@@ -47,7 +47,8 @@ p.add_argument("--batch-size", type=int, default=8, help="prompts per step, summ
 p.add_argument("--group-size", type=int, default=4, help="G: videos sampled per prompt (Flow-GRPO: 24)")
 p.add_argument("--sde-noise", type=float, default=0.7, help="a: the SDE's noise level (Flow-GRPO: 0.7)")
 p.add_argument("--sde-window", default=None,
-               help="'start:end': the sampler steps that run the SDE (and are trained); ODE elsewhere (default: all)")
+               help="'start:end': the sampler steps that run the SDE (and are trained); ODE elsewhere (default: all; "
+                    "0:2 on the toy model)")
 p.add_argument("--train-timestep-fraction", type=float, default=1.0,
                help="fraction of the SDE steps trained per update, drawn afresh (Flow-GRPO: 0.99)")
 p.add_argument("--clip-range", type=float, default=1e-4, help="PPO clip range of the ratio (Flow-GRPO: 1e-4)")
@@ -188,6 +189,8 @@ def resolve_defaults(args, family):
     args.reward = args.reward or ("toy:text" if toy else "videoscore:temporal_consistency")
     args.lr = args.lr or (1e-4 if toy or args.lora_rank else 1e-5)
     args.sample_steps = args.sample_steps or (10 if toy else 30)
+    if args.sde_window is None and toy:  # (2 cores: every step's SDE and training cost 5x the sampling)
+        args.sde_window = "0:2"
     return args
 
 
