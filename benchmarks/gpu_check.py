@@ -360,35 +360,49 @@ def plan_peak(spec, kind, size):
 
 
 def run_update(forward, params, optimizer, parts, ref_tensors, ctx):
-    """Run 1 counts FLOPs (and warms up); run 2 is timed, its peak taken by the CUDA allocator (on CPU by torch's
-    MemTracker, which has no allocator peak there). Both clip and step AdamW, as the scripts do."""
+    """Run 1 warms up (and creates AdamW's state); run 2 is timed, its peak taken by the CUDA allocator (on CPU by
+    torch's MemTracker, which has no allocator peak there); run 3 counts FLOPs under PyTorch's FlopCounterMode,
+    last and on its own: the first H200 check ran out of memory inside the counted run, and the plain update's
+    peak must not be lost with it. All three clip and step AdamW, as the scripts do."""
     from torch.utils.flop_counter import FlopCounterMode
     out = {}
-    with FlopCounterMode(display=False) as counter:
+
+    def update():
         forward(out).backward()
-        # (the whole of lora_B's gradient, before clipping: with the plan's FakeTokenizer every text token is the
-        # same, so the cross-attention keys get none, and lora_A gets none while B is at its zero init)
-        out["lora_B_grad_norm"] = torch.stack([q.grad.float().norm() for n, q in parts[0].named_parameters()
-                                               if "lora_B" in n and q.grad is not None]).norm().item()
-        out["grad_norm"] = distributed.clip_grad_norm(params, 1.0)
+        grad_norm = distributed.clip_grad_norm(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    out["flops"] = counter.get_total_flops()
+        return grad_norm
+
+    forward(out).backward()
+    # (the whole of lora_B's gradient, before clipping: with the plan's FakeTokenizer every text token is the
+    # same, so the cross-attention keys get none, and lora_A gets none while B is at its zero init)
+    out["lora_B_grad_norm"] = torch.stack([q.grad.float().norm() for n, q in parts[0].named_parameters()
+                                           if "lora_B" in n and q.grad is not None]).norm().item()
+    out["grad_norm"] = distributed.clip_grad_norm(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     release()
     sync(ctx.dev)
     t0 = time.time()
     if ctx.dev.type == "cuda":
-        forward(out).backward()
-        distributed.clip_grad_norm(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        update()
         sync(ctx.dev)
         out["peak_gib"] = torch.cuda.max_memory_allocated(ctx.dev) / 2**30
     else:
         out["peak_gib"] = memory_plan.measure(lambda: forward(out), parts, optimizer, ref_tensors)[0] / 2**30
     out["seconds"] = time.time() - t0
-    out["tflops_per_s"] = out["flops"] / out["seconds"] / 1e12
-    out["mfu"] = out["flops"] / out["seconds"] / ctx.peak_flops if ctx.peak_flops else None
+    release()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            update()
+        out["flops"] = counter.get_total_flops()
+        out["tflops_per_s"] = out["flops"] / out["seconds"] / 1e12
+        out["mfu"] = out["flops"] / out["seconds"] / ctx.peak_flops if ctx.peak_flops else None
+    except torch.OutOfMemoryError as e:  # (recorded; the peak above stands)
+        optimizer.zero_grad(set_to_none=True)
+        out |= {"flops": None, "tflops_per_s": None, "mfu": None, "flop_count_error": f"OutOfMemoryError: {e}"[:300]}
+        release()
     return out
 
 
