@@ -138,7 +138,7 @@ def grpo_loss(logp, logp_old, adv, clip_range):
 def guided_velocity(model, x, t, emb, mask, nemb, nmask, guidance, guidance_2=None):
     """The guided flow prediction v = v_u + g (v_c - v_u) at one sampler step, batched [uncond; cond] as the sampler
     computes it (Wan 2.2 A14B: the low-noise expert's guidance below its boundary)."""
-    g = guidance if model.denoiser_2 is None or t >= model.boundary else (guidance_2 or guidance)
+    g = guidance if model.denoiser_2 is None or t >= model.boundary or guidance_2 is None else guidance_2
     if g <= 1.0:
         return model.denoise(x, t.expand(len(x)), emb, mask).float()
     both = model.denoise(torch.cat([x, x]), t.expand(2 * len(x)), torch.cat([nemb, emb]),
@@ -322,10 +322,10 @@ def main(args):
         adv = adv.flatten().to(d.device)
 
         # 3. PPO-clipped policy gradient on the window's transitions, KL to the initial model in closed form
+        emb, mask = model.encode_prompts(roll["prompts"])  # (before the text encoder leaves with --offload-frozen)
+        nemb, nmask = model.encode_prompts([""] * len(roll["prompts"]))
         frozen.away()
         sums = {"loss": 0.0, "policy": 0.0, "kl": 0.0, "ratio": 0.0, "clipped": 0.0, "terms": 0}
-        emb, mask = model.encode_prompts(roll["prompts"])
-        nemb, nmask = model.encode_prompts([""] * len(roll["prompts"]))
         for epoch in range(args.inner_epochs):
             rng = random.Random(common.seed_for(args.seed, "timesteps", step, epoch))  # same on every rank
             k = max(1, round(args.train_timestep_fraction * len(window)))
