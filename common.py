@@ -389,7 +389,7 @@ def parse_args(parser, argv=None):
 
 
 # --resume: flags that are this command's own (where the run continues and on what), never taken from the run
-RESUME_OWN = {"resume", "out", "device", "fsdp", "track"}
+RESUME_OWN = {"resume", "out", "device", "fsdp", "cp", "track"}
 # --resume: flags that may differ from the run's, as they do not change what it trains or how it is evaluated:
 # --steps/--rounds extend it, the intervals say how often it evaluates and saves, the rest trade memory or time
 RESUME_SAFE = {"steps", "rounds", "eval_every", "save_every", "sample_batch_size", "offload_frozen",

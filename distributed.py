@@ -1,7 +1,7 @@
 """Multi-GPU plumbing: torchrun set-up, gradient averaging, FSDP2 sharding and sharded checkpoints, offload.
 
 Imports only torch. The loops call it explicitly, in the order the algorithm runs:
-  d = distributed.setup_distributed(args.device)   # torchrun's RANK / WORLD_SIZE / LOCAL_RANK, one process group
+  d = distributed.setup_distributed(args.device, args.cp)  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK; --cp's mesh
   params = distributed.shard(model, ...)           # --fsdp: FSDP2 on every block, then on each denoiser
   distributed.average_gradients(params, d)         # after backward (a no-op under FSDP2, which reduce-scatters)
 
@@ -11,6 +11,13 @@ autocast dtype, gradients reduced in fp32. The trainable weights (LoRA, or all f
 gradients, AdamW's state and the DPO reference's copy are all sharded: no rank holds a full copy of any of them.
 FSDP2 reduce-scatters the MEAN gradient over ranks, so the explicit `average_gradients` is skipped for sharded
 parameters. Text encoder, VAE and reward stay replicated (frozen, bf16 under --mixed-precision bf16).
+
+Context parallelism (`--cp N`): the world is a 2-D mesh, (data, context) = (WORLD_SIZE / N, N); the N ranks of a
+context group hold the SAME videos (same prompts, same seeds) and split each video's tokens inside the denoiser
+with diffusers' own Ulysses attention (`models.load_model(..., context_mesh=d.mesh)`). So `Dist.rank` and
+`Dist.world` are the DATA-parallel rank and size (what the loops shard prompts and average over), `global_rank`
+the process's torchrun rank. After backward each member of a context group holds the gradient of its own tokens:
+the true gradient is their SUM, hence `average_gradients` sums over every rank and divides by the data size only.
 
 Every rank must run the same number of denoiser forwards and backwards (each is a collective): the scripts pad
 evaluations to equal counts and, under FSDP, a DPO rank whose pairs were all filtered still runs them with
@@ -32,13 +39,17 @@ from torch.distributed.tensor import DTensor
 
 @dataclasses.dataclass
 class Dist:
-    rank: int = 0
-    world: int = 1
+    rank: int = 0  # data-parallel rank: which share of each batch this process samples and trains on
+    world: int = 1  # data-parallel size: how many shares (= torchrun's WORLD_SIZE without --cp)
     device: str = "cpu"
+    cp: int = 1  # --cp: ranks of one context group, which share each video's tokens
+    global_rank: int = 0  # torchrun's RANK
+    group: object = None  # the data-parallel process group (None: every rank)
+    mesh: object = None  # --cp: the (data, ring, ulysses) DeviceMesh diffusers' context parallelism takes
 
     @property
-    def main(self):
-        return self.rank == 0
+    def main(self):  # the process that writes files and prints
+        return self.global_rank == 0
 
 
 def process_group_backend(cuda):
@@ -48,8 +59,10 @@ def process_group_backend(cuda):
     return "cpu:gloo,cuda:nccl" if cuda else "cpu:gloo"
 
 
-def setup_distributed(device_arg=None):
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group."""
+def setup_distributed(device_arg=None, cp=1):
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group; with cp > 1
+    build the (data, ring, ulysses) = (WORLD_SIZE / cp, 1, cp) mesh: consecutive ranks form a context group
+    (on one node, where the all-to-alls are fast)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
@@ -59,7 +72,11 @@ def setup_distributed(device_arg=None):
         torch.cuda.set_device(local)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(process_group_backend(cuda))
-    return Dist(rank, world, device)
+    if cp == 1:
+        return Dist(rank, world, device, global_rank=rank)
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cuda" if cuda else "cpu", (world // cp, 1, cp), mesh_dim_names=("data", "ring", "ulysses"))
+    return Dist(rank // cp, world // cp, device, cp, rank, mesh["data"].get_group(), mesh)
 
 
 def average_gradients(params, d):
@@ -67,8 +84,16 @@ def average_gradients(params, d):
     every loop after backward: the popular video-alignment repos that skip this train each rank on its
     own shard and silently drift apart (the torchrun tests catch it). Tensor by tensor, so a full
     fine-tune never holds a second, flat copy of its gradients. Under FSDP2 (sharded parameters) the
-    gradients were already reduce-scattered as a mean: nothing to do."""
-    if d.world == 1 or is_sharded(params):
+    gradients were already reduce-scattered as a mean: nothing to do.
+    --cp: the members of a context group hold the gradients of their own tokens, which SUM to the video's
+    gradient: the all-reduce sums over every rank and divides by the data-parallel size only (under FSDP2,
+    whose mean ran over every rank, the shards are multiplied by cp)."""
+    if is_sharded(params):
+        for p in params if d.cp > 1 else ():
+            if p.grad is not None:
+                p.grad *= d.cp
+        return
+    if d.world * d.cp == 1:
         return
     for p in params:
         if p.grad is None:  # (a rank with no DPO pair this step still joins the average, with zeros)
@@ -84,27 +109,27 @@ def clip_grad_norm(params, max_norm):
 
 def broadcast_params(params, d):
     """Start every rank from rank 0's trainable weights (LoRA's random init included)."""
-    if d.world > 1:
+    if d.world * d.cp > 1:
         for p in params:
             dist.broadcast(p.data, src=0)
 
 
 def all_mean(values, d):
-    """Average a dict of floats across ranks (for logging)."""
+    """Average a dict of floats across the data-parallel ranks (for logging)."""
     if d.world == 1:
         return values
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=d.group)
     return {k: (t[i] / d.world).item() for i, k in enumerate(keys)}
 
 
 def all_gather_tensor(x, d):
-    """Concatenate a [n, ...] tensor from every rank (rank order) along dim 0."""
+    """Concatenate a [n, ...] tensor from every data-parallel rank (rank order) along dim 0."""
     if d.world == 1:
         return x
     out = [torch.empty_like(x) for _ in range(d.world)]
-    dist.all_gather(out, x.contiguous())
+    dist.all_gather(out, x.contiguous(), group=d.group)
     return torch.cat(out)
 
 

@@ -80,6 +80,8 @@ p.add_argument("--grad-checkpointing", action="store_true",
 p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
                help="autocast dtype; frozen weights are stored in it, trainable ones stay fp32")
 p.add_argument("--fsdp", action="store_true", help="shard the denoiser with PyTorch FSDP2 over the torchrun ranks")
+p.add_argument("--cp", type=int, default=1,
+               help="context parallelism: ranks sharing each video's tokens (diffusers' Ulysses attention; Wan)")
 p.add_argument("--offload-frozen", action="store_true",
                help="during the update keep the text encoder, VAE and reward model in host memory")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, samples and SDE noise")
@@ -232,7 +234,7 @@ def main(args):
     train_prompts = common.load_prompts(args.prompts)
     eval_prompts = common.load_prompts(args.eval_prompts, "--eval-prompts")[: args.num_eval_prompts]
     common.check_toy_prompts(args.reward, family, train_prompts, eval_prompts)
-    d = distributed.setup_distributed(args.device)
+    d = distributed.setup_distributed(args.device, args.cp)
     if args.fsdp and args.mixed_precision == "fp16":
         raise ValueError("--fsdp runs in bf16 or fp32: use --mixed-precision bf16")
     if args.batch_size % d.world:
@@ -241,7 +243,8 @@ def main(args):
 
     # ---- model, reward, trainable weights, reference, EMA -----------------------------------
     dtype = common.DTYPES[args.mixed_precision]
-    model = models.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
+    model = models.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32,
+                              context_mesh=d.mesh)
     reward_fn = rewards.load_reward(args.reward, d.device, dtype, fps=args.fps, judge_timeout=args.judge_timeout,
                                     judge_retries=args.judge_retries)
     torch.manual_seed(args.seed)  # LoRA's random init
@@ -397,7 +400,7 @@ def main(args):
               f"{len(eval_prompts)} held-out prompts; run folder {out})")
     if d.main and args.lora_rank:
         models.write_model_card(out, "flow_grpo", "Flow-GRPO", "arXiv 2505.05470", args.steps * n_global)
-    if d.world > 1:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return out
 

@@ -102,6 +102,8 @@ p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"]
 p.add_argument("--fsdp", action="store_true",
                help="shard the denoiser with PyTorch FSDP2 over the torchrun ranks (for full fine-tunes and models of "
                     "5B and up; bf16 or fp32)")
+p.add_argument("--cp", type=int, default=1,
+               help="context parallelism: ranks sharing each video's tokens (diffusers' Ulysses attention; Wan)")
 p.add_argument("--offload-frozen", action="store_true",
                help="during the DPO update keep the text encoder, VAE and reward model in host memory (frees ~26 GiB "
                     "per GPU with UMT5-XXL + VideoScore; one host-to-device copy per step)")
@@ -201,7 +203,7 @@ def main(args):
     eval_prompts = common.load_prompts(args.eval_prompts, "--eval-prompts")
     eval_prompts = eval_prompts[: args.num_eval_prompts]
     common.check_toy_prompts(args.reward, family, train_prompts, eval_prompts)
-    d = distributed.setup_distributed(args.device)
+    d = distributed.setup_distributed(args.device, args.cp)
     if args.fsdp and args.mixed_precision == "fp16":
         raise ValueError(
                          "--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to "
@@ -215,7 +217,8 @@ def main(args):
 
     # ---- model, reward, trainable weights, reference ---------------------------------------
     dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype
-    model = models.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
+    model = models.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32,
+                              context_mesh=d.mesh)
     args.beta = args.beta or (100.0 if model.prediction == "flow" else 5000.0)
     reward_fn = rewards.load_reward(args.reward, d.device, dtype, fps=args.fps, judge_timeout=args.judge_timeout,
                                     judge_retries=args.judge_retries)
@@ -436,7 +439,7 @@ def main(args):
     if d.main and args.lora_rank:  # a model card beside the final LoRA, from the run's files
         models.write_model_card(out, "gran_dpo", "Gran-DPO (HALO)", "arXiv 2502.06812",
                                 args.steps * args.batch_size * args.num_candidates)
-    if d.world > 1:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return out
 

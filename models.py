@@ -62,6 +62,7 @@ class VideoModel:
     defaults = {}  # video size, sampler steps, guidance and frame rate (the family's own)
     frames_rule, frames_text, spatial_multiple = (lambda f: (f - 1) % 4 == 0), "4k+1 (e.g. 17, 33, 81)", 16
     text_mask = False  # whether the denoiser takes the text attention mask
+    context_parallel = False  # --cp: diffusers ships a context-parallel plan (`_cp_plan`) for the denoiser
 
     def __init__(self, path, prediction, tokenizer, text_encoder, denoiser, vae, scheduler, max_sequence_length,
                  expand_timesteps=False, denoiser_2=None, boundary=None, tokenizer_2=None, text_encoder_2=None):
@@ -101,6 +102,11 @@ class VideoModel:
                              f"for {cls.family}")
 
     @classmethod
+    def cp_sizes(cls, path, num_frames, height, width):
+        """--cp: (attention heads, video tokens, text tokens split too or 0) at this size, from config files."""
+        raise NotImplementedError
+
+    @classmethod
     def max_length(cls, index, tokenizer):
         raise NotImplementedError
 
@@ -132,6 +138,18 @@ class VideoModel:
         return emb, (mask if self.text_mask else None)
 
     # --- the denoiser --------------------------------------------------------------------------------------------
+    def enable_context_parallel(self, mesh):
+        """--cp: diffusers' own context parallelism on every expert. The ranks of `mesh`'s "ulysses" dimension
+        share each video: the plan splits the tokens after patchifying, each attention trades sequence shards
+        for head shards (all-to-all) and back, and the output is gathered whole on every rank. Ulysses, not ring:
+        diffusers' ring attention needs a backend returning the softmax's log-sum-exp (flash / cuDNN, GPU only)
+        and the native backend refuses it ("Native attention does not support return_lse=True"); Ulysses has a
+        backward on every backend (tests/test_context_parallel.py compares output and gradients)."""
+        from diffusers import ContextParallelConfig
+        for den in self.experts:
+            with _accelerator_count_on_cpu():
+                den.enable_parallelism(config=ContextParallelConfig(ulysses_degree=mesh["ulysses"].size(), mesh=mesh))
+
     def latent_shape(self, num_frames, height, width):
         """Per-video latent shape in the family's layout."""
         raise NotImplementedError
@@ -217,6 +235,7 @@ class Wan(VideoModel):
     """Wan 2.1 / 2.2: UMT5 text (masked), WanTransformer3DModel, the causal AutoencoderKLWan (4x time, 8x or 16x
     space); 2.2 A14B has two experts split at `boundary_ratio`, 2.2 TI2V 5B a timestep per token."""
     family, pipeline = "wan", "WanPipeline"
+    context_parallel = True
     defaults = dict(num_frames=33, height=480, width=832, sample_steps=30, guidance=5.0, fps=16)
 
     @classmethod
@@ -238,6 +257,17 @@ class Wan(VideoModel):
             if ti2v:  # Wan 2.2 TI2V 5B: a 16x VAE and 2x2 patches
                 raise ValueError(f"--height {height} --width {width}: Wan 2.2 TI2V 5B needs multiples of 32 "
                                  f"(its 16x VAE, then 2x2 patches), e.g. 704x1280 for 720p")
+
+    @classmethod
+    def cp_sizes(cls, path, num_frames, height, width):
+        with open(os.path.join(path, "transformer", "config.json")) as f:
+            den = json.load(f)
+        with open(os.path.join(path, "vae", "config.json")) as f:
+            vae = json.load(f)
+        st, ss = vae.get("scale_factor_temporal") or 4, vae.get("scale_factor_spatial") or 8
+        pt, ph, pw = den.get("patch_size", (1, 2, 2))
+        tokens = ((num_frames - 1) // st + 1) // pt * (height // ss // ph) * (width // ss // pw)
+        return den.get("num_attention_heads", 40), tokens, 0  # (the text is not split: its cross-attention is local)
 
     @classmethod
     def max_length(cls, index, tokenizer):
@@ -418,6 +448,8 @@ class LTX(VideoModel):
     """LTX-Video: T5 text (the mask goes to the denoiser), latents packed into tokens inside the call (patch
     sizes 1), sigmas shifted by the token count as LTXPipeline does."""
     family, pipeline = "ltx", "LTXPipeline"
+    # (no --cp: diffusers 0.42.1 ships a plan for LTX, but its Ulysses path fails on the native backend once the
+    # text mask is passed, as LTXPipeline does: "The size of tensor a (2) must match the size of tensor b (4)")
     defaults = dict(num_frames=65, height=480, width=704, sample_steps=30, guidance=3.0, fps=25)
     frames_rule, frames_text, spatial_multiple = (lambda f: (f - 1) % 8 == 0), "8k+1 (e.g. 9, 17, 161)", 32
     text_mask = True
@@ -684,6 +716,42 @@ def check_video_size(family, num_frames, height, width, path=None):
     FAMILIES[family].check_video_size(num_frames, height, width, path)
 
 
+class _accelerator_count_on_cpu:
+    """diffusers' enable_parallelism picks its device as `rank % torch.accelerator.device_count()`, which is a
+    division by zero on a CPU-only machine (the mesh we pass is what it uses): count one device there."""
+
+    def __enter__(self):
+        self.count = torch.accelerator.device_count
+        if self.count() == 0:
+            torch.accelerator.device_count = lambda: 1
+
+    def __exit__(self, *exc):
+        torch.accelerator.device_count = self.count
+
+
+def check_context_parallel(family, cp, world, num_frames, height, width, path):
+    """--cp N: raise before anything loads for what diffusers' Ulysses attention cannot split."""
+    if cp == 1:
+        return
+    cls = FAMILIES[family]
+    if cp < 1:
+        raise ValueError(f"--cp {cp}: pass 1 (off) or the number of ranks that share each video")
+    if not cls.context_parallel:
+        raise ValueError(f"--cp {cp}: diffusers ships no context-parallel plan for {family}'s denoiser (Wan 2.1 / 2.2 "
+                         f"train under it): drop --cp (--fsdp shards the weights on any family)")
+    if world % cp:
+        raise ValueError(f"--cp {cp} must divide the number of ranks ({world}): launch torchrun --nproc_per_node with "
+                         f"a multiple of {cp}, or pass a --cp that divides {world}")
+    heads, tokens, text = cls.cp_sizes(path, num_frames, height, width)
+    if heads % cp:
+        raise ValueError(f"--cp {cp}: Ulysses attention splits the {heads} attention heads over the context group; "
+                         f"pass a --cp that divides {heads}")
+    if tokens % cp or text % cp:
+        raise ValueError(f"--cp {cp}: a {num_frames}x{height}x{width} video is {tokens} tokens"
+                         + (f" (+ {text} text tokens)" if text else "") + f", not divisible by {cp}: pick "
+                         f"--num-frames/--height/--width whose token count {cp} divides, or another --cp")
+
+
 def fill_video_args(args, path, family):
     """Fill unset --num-frames/--height/--width/--guidance from the model's defaults and check them,
     before anything heavy loads."""
@@ -693,15 +761,18 @@ def fill_video_args(args, path, family):
         if getattr(args, k) is None:
             setattr(args, k, defaults.get(k))
     check_video_size(family, args.num_frames, args.height, args.width, path)
+    check_context_parallel(family, getattr(args, "cp", 1), int(os.environ.get("WORLD_SIZE", 1)), args.num_frames,
+                           args.height, args.width, path)
     per_block = getattr(args, "grad_checkpointing", False) and not hasattr(args, "backprop_steps")  # (VADER's flag
     if family == "modelscope" and per_block:  # checkpoints whole sampler calls, which works for every family)
         raise ValueError("--grad-checkpointing: diffusers' UNet3DConditionModel (ModelScope) does not support "
                          "gradient checkpointing; drop the flag for this model")
 
 
-def load_model(name_or_path, device="cpu", dtype=torch.float32, denoiser_dtype=torch.float32):
+def load_model(name_or_path, device="cpu", dtype=torch.float32, denoiser_dtype=torch.float32, context_mesh=None):
     """Load tokenizer, text encoder, denoiser, VAE and scheduler through the ordinary from_pretrained.
-    Frozen parts are cast to `dtype`, the trainable denoiser to `denoiser_dtype`."""
+    Frozen parts are cast to `dtype`, the trainable denoiser to `denoiser_dtype`; `context_mesh` (--cp): the
+    denoiser's tokens split over its "ulysses" ranks (VideoModel.enable_context_parallel)."""
     import diffusers
     import transformers
 
@@ -742,9 +813,12 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, denoiser_dtype=t
     if index.get("text_encoder_2", [None])[0] is not None:  # HunyuanVideo 1.5: the ByT5 glyph encoder
         second = dict(tokenizer_2=component("tokenizer_2"),
                       text_encoder_2=component("text_encoder_2", dtype).eval().requires_grad_(False))
-    return cls(path, prediction, tokenizer, text_encoder, denoiser, vae, scheduler, cls.max_length(index, tokenizer),
-               expand_timesteps=bool(index.get("expand_timesteps", False)), denoiser_2=denoiser_2, boundary=boundary,
-               **second)
+    model = cls(path, prediction, tokenizer, text_encoder, denoiser, vae, scheduler, cls.max_length(index, tokenizer),
+                expand_timesteps=bool(index.get("expand_timesteps", False)), denoiser_2=denoiser_2, boundary=boundary,
+                **second)
+    if context_mesh is not None:
+        model.enable_context_parallel(context_mesh)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------

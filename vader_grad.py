@@ -85,6 +85,8 @@ p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"]
 p.add_argument("--fsdp", action="store_true",
                help="shard the denoiser with PyTorch FSDP2 over the torchrun ranks (for full fine-tunes and models of "
                     "5B and up; bf16 or fp32)")
+p.add_argument("--cp", type=int, default=1,
+               help="context parallelism: ranks sharing each video's tokens (diffusers' Ulysses attention; Wan)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, sampler noise, cut-offs")
 p.add_argument("--out", default=None,
                help="run folder (default runs/vader_grad-<time>; with --resume, the resumed run's)")
@@ -135,7 +137,7 @@ def main(args):
     eval_prompts = common.load_prompts(args.eval_prompts, "--eval-prompts")
     eval_prompts = eval_prompts[: args.num_eval_prompts]
     common.check_toy_prompts(args.reward, family, train_prompts, eval_prompts)
-    d = distributed.setup_distributed(args.device)
+    d = distributed.setup_distributed(args.device, args.cp)
     if args.fsdp and args.mixed_precision == "fp16":
         raise ValueError(
                          "--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to "
@@ -147,7 +149,8 @@ def main(args):
 
     # ---- model, reward, trainable weights -------------------------------------------------
     dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype
-    model = models.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
+    model = models.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32,
+                              context_mesh=d.mesh)
     reward_fn = rewards.load_reward(args.reward, d.device, dtype, fps=args.fps)
     if not reward_fn.differentiable:
         raise ValueError(f"reward {reward_fn.name} is not differentiable: VADER needs gradients to the pixels "
@@ -262,7 +265,7 @@ def main(args):
     if d.main and args.lora_rank:  # a model card beside the final LoRA, from the run's files
         models.write_model_card(out, "vader_grad", "VADER" + (" (ReFL baseline)" if args.refl else ""),
                                 "arXiv 2407.08737", args.steps * args.batch_size)
-    if d.world > 1:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return out
 

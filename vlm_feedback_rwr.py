@@ -88,6 +88,8 @@ p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"]
 p.add_argument("--fsdp", action="store_true",
                help="shard the denoiser with PyTorch FSDP2 over the torchrun ranks (for full fine-tunes and models of "
                     "5B and up; bf16 or fp32)")
+p.add_argument("--cp", type=int, default=1,
+               help="context parallelism: ranks sharing each video's tokens (diffusers' Ulysses attention; Wan)")
 p.add_argument("--seed", type=int, default=0, help="seed of prompts, videos, training noise")
 p.add_argument("--out", default=None,
                help="run folder (default runs/vlm_feedback_rwr-<time>; with --resume, the resumed run's)")
@@ -150,7 +152,7 @@ def main(args):
     train_prompts = common.load_prompts(args.prompts)
     eval_prompts = common.load_prompts(args.eval_prompts, "--eval-prompts")
     common.check_toy_prompts(args.judge, family, train_prompts, eval_prompts)
-    d = distributed.setup_distributed(args.device)
+    d = distributed.setup_distributed(args.device, args.cp)
     if args.fsdp and args.mixed_precision == "fp16":
         raise ValueError(
                          "--fsdp runs in bf16 or fp32: use --mixed-precision bf16 (fp16 loss scaling is not wired to "
@@ -167,7 +169,8 @@ def main(args):
 
     # ---- model, judge, trainable weights ---------------------------------------------------
     dtype = common.DTYPES[args.mixed_precision]  # frozen weights are stored in the autocast dtype
-    model = models.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32)
+    model = models.load_model(args.model, d.device, dtype, denoiser_dtype=dtype if args.lora_rank else torch.float32,
+                              context_mesh=d.mesh)
     args.dpo_beta = args.dpo_beta or (100.0 if model.prediction == "flow" else 5000.0)
     judge = rewards.load_reward(args.judge, d.device, dtype, fps=args.fps, judge_timeout=args.judge_timeout,
                                 judge_retries=args.judge_retries)
@@ -378,7 +381,7 @@ def main(args):
         algorithm = "iterative RWR on binary VLM feedback" if args.loss == "rwr" else "DPO on binary VLM feedback"
         models.write_model_card(out, "vlm_feedback_rwr", algorithm, "arXiv 2412.02617",
                                 args.rounds * args.prompts_per_round * args.videos_per_prompt)
-    if d.world > 1:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return out
 
