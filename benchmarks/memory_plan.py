@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 import types
@@ -414,8 +415,11 @@ def phase_fns(model, reward_fn, F, H, W, autocast, kind, k=1, decode="all", step
 
 
 def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=False, k=1, decode="all", steps=2,
-             checkpointing=True, dtype=torch.bfloat16, cache=None, reward=None, offload=False, decoder_grad="prefix"):
-    """Build (fake or real, per the ambient mode), run one phase, return the row."""
+             checkpointing=True, dtype=torch.bfloat16, cache=None, reward=None, offload=False, decoder_grad="prefix",
+             cp=1):
+    """Build (fake or real, per the ambient mode), run one phase, return the row. cp > 1: the scripts' --cp,
+    diffusers' Ulysses attention on a (ranks / cp, 1, cp) mesh of the fake process group; its all-to-alls and
+    the output's all-gather run as the fake group's collectives, which allocate their outputs as real ones do."""
     import distributed
     cache = {} if cache is None else cache
     if reward is None:
@@ -429,6 +433,10 @@ def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=Fal
         blocks = checkpointing and phase != "sample" and script != "vader_grad" and \
             model.denoiser._supports_gradient_checkpointing
         params = common.setup_trainable(model, lora_rank, grad_checkpointing=blocks)
+    if cp > 1:  # (as models.load_model(..., context_mesh=d.mesh) does; the mesh is host-side bookkeeping)
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = on_host(init_device_mesh)("cpu", (ranks // cp, 1, cp), mesh_dim_names=("data", "ring", "ulysses"))
+        on_host(model.enable_context_parallel)(mesh)
     if fsdp:  # (the device mesh is host-side bookkeeping too: built from real tensors)
         import torch.distributed.fsdp._fully_shard._fully_shard as fs
         mesh = fs._init_default_mesh
@@ -467,21 +475,24 @@ def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=Fal
                 "grads": trainable if phase == "update" else 0, "optimizer": 2 * trainable if phase == "update" else 0}
     return {"script": script, "model": model_name, "frames": F, "height": H, "width": W, "lora_rank": lora_rank,
             "ranks": ranks, "fsdp": fsdp, "phase": phase, "flags": flags_of(script, ranks, fsdp, lora_rank, k, decode,
-                                                                            checkpointing, offload, decoder_grad),
+                                                                            checkpointing, offload, decoder_grad, cp),
             "peak_gib": peak / GiB, "categories_gib": {c: v / GiB for c, v in cats.items()},
             "after_step_gib": {c: v / GiB for c, v in after.items()},
             "expected_gib": {c: v / GiB for c, v in expected.items()}, "seconds": time.time() - t0}
 
 
-def flags_of(script, ranks, fsdp, lora_rank, k=1, decode="all", checkpointing=True, offload=False, decoder_grad="prefix"):
+def flags_of(script, ranks, fsdp, lora_rank, k=1, decode="all", checkpointing=True, offload=False, decoder_grad="prefix",
+             cp=1):
     # DPO: one pair per rank per step; RWR: one video per rank
     f = f"--mixed-precision bf16 --lora-rank {lora_rank} --batch-size {ranks} --sample-batch-size 1 --grad-checkpointing"
     if script == "vader_grad":
         f = f"--mixed-precision bf16 --lora-rank {lora_rank} --sample-batch-size 1 --backprop-steps {k} " \
             f"--decode-frames {decode}" + ("" if checkpointing else " --no-grad-checkpointing") + \
             (" --decoder-grad own" if decoder_grad == "own" else "")
-    return f + (" --offload-frozen" if offload else "") + (" --fsdp" if fsdp else "") + \
-        (f" (torchrun x{ranks})" if ranks > 1 else "")
+    if script != "vader_grad" and cp > 1:  # a context group holds one pair / video: the batch counts data ranks
+        f = f.replace(f"--batch-size {ranks}", f"--batch-size {ranks // cp}")
+    return f + (" --offload-frozen" if offload else "") + (" --fsdp" if fsdp else "") + (f" --cp {cp}" if cp > 1 else "") \
+        + (f" (torchrun x{ranks})" if ranks > 1 else "")
 
 
 def tiny_reward():
@@ -558,6 +569,15 @@ def _plan_configs(args):
                         for offload in (False, True):
                             yield dict(model_name=model, script=script, phase="update", F=F, H=H, W=W, ranks=ranks,
                                        fsdp=fsdp, lora_rank=0, offload=offload)
+                if model.startswith("wan2.1") and F == 81:  # --cp: Ulysses over the heads (1.3B: 12, 14B: 40)
+                    cp = 4 if model == "wan2.1-1.3b" else 8
+                    for phase in phases:
+                        for offload in (False, True) if phase == "update" and script != "vader_grad" else (False,):
+                            yield dict(model_name=model, script=script, phase=phase, F=F, H=H, W=W, ranks=8, fsdp=True,
+                                       lora_rank=args.lora_rank, offload=offload, cp=cp)
+                    if script == "vader_grad":
+                        yield dict(model_name=model, script=script, phase="update", F=F, H=H, W=W, ranks=8, fsdp=True,
+                                   lora_rank=args.lora_rank, decode="one", decoder_grad="own", cp=cp)
                 if script == "vader_grad":  # the ladder's cheapest rung: one decoded frame (Wan: and its own latent
                     for ranks, fsdp in ((1, False), (8, True)):  # frame only carrying the decoder's gradient)
                         for dg in ("prefix", "own") if model.startswith("wan") else ("prefix",):
@@ -586,12 +606,22 @@ def derived_rows(rows):
     return out
 
 
-# what the table tries, in order, when a size does not fit with the defaults
-VARIANTS = ("", "--decode-frames one", "--decode-frames one --decoder-grad own", "--offload-frozen")
+# what the table tries, in order, when a size does not fit with the defaults (--cp: 8 GPUs only)
+VARIANTS = ("", "--decode-frames one", "--decode-frames one --decoder-grad own", "--offload-frozen", "--cp 4", "--cp 8",
+            "--offload-frozen --cp 4", "--offload-frozen --cp 8", "--decode-frames one --decoder-grad own --cp 4",
+            "--decode-frames one --decoder-grad own --cp 8")
 
 
 def variant(row):
-    return " ".join(f for f in ("--decode-frames one", "--decoder-grad own", "--offload-frozen") if f in row["flags"])
+    cp = re.search(r"--cp \d+", row["flags"])
+    return " ".join([f for f in ("--decode-frames one", "--decoder-grad own", "--offload-frozen") if f in row["flags"]]
+                    + ([cp.group(0)] if cp else []))
+
+
+def fallbacks(v):
+    """A phase planned without the variant's flag runs as with the nearest planned one: --offload-frozen acts in the
+    update only (the sample phase of an --offload-frozen --cp 8 run is its --cp 8 row), else the default."""
+    return [v, " ".join(v.replace("--offload-frozen", "").split()), ""]
 
 
 def fits_table(rows, gib):
@@ -612,8 +642,8 @@ def fits_table(rows, gib):
                        (script, model, ranks, H, W, F) and r["fsdp"] == (ranks > 1) and r["lora_rank"] > 0]
                 for v in VARIANTS:  # each phase with the variant's flag where it was planned, else as by default
                     phases = {r["phase"] for r in sel}
-                    rs = [next((r for r in sel if r["phase"] == ph and variant(r) == v), None) or
-                          next((r for r in sel if r["phase"] == ph and variant(r) == ""), None) for ph in phases]
+                    rs = [next((r for f in fallbacks(v) for r in sel if r["phase"] == ph and variant(r) == f), None)
+                          for ph in phases]
                     if rs and None not in rs and any(variant(r) == v for r in rs) and \
                             max(r["peak_gib"] for r in rs) <= gib * 1e9 / GiB:
                         best = (H, W, F, max(r["peak_gib"] for r in rs), v)
@@ -625,7 +655,8 @@ def fits_table(rows, gib):
 
 
 def extra_flags(row):
-    return " ".join(f for f in ("--decoder-grad own", "--offload-frozen") if f in row["flags"])
+    cp = re.search(r"--cp \d+", row["flags"])
+    return " ".join([f for f in ("--decoder-grad own", "--offload-frozen") if f in row["flags"]] + ([cp.group(0)] if cp else []))
 
 
 def detail_table(rows, models=("wan2.1-1.3b", "wan2.1-14b")):
@@ -700,11 +731,12 @@ def main(args):
             print(f"{v['check']}: {v['estimate_gib'] * 1024:.2f} MiB vs {v['reference_gib'] * 1024:.2f} MiB, "
                   f"ratio {v['ratio']:.3f}")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)  # 8 ranks simulated in one process
-    if args.smoke:  # the tiny Wan's DPO update on one rank and sharded over 8
+    if args.smoke:  # the tiny Wan's DPO update on one rank, sharded over 8, offloaded, and with --cp 2
         with FakeTensorMode(allow_non_fake_inputs=True):
-            for ranks, fsdp, offload in ((1, False, False), (8, True, False), (1, False, True)):
+            for ranks, fsdp, offload, cp in ((1, False, False, 1), (8, True, False, 1), (1, False, True, 1),
+                                             (8, True, False, 2)):
                 row = plan_row("tiny-wan", "online_vpo", "update", 9, 64, 64, lora_rank=4, ranks=ranks, fsdp=fsdp,
-                               reward="tiny", offload=offload)
+                               reward="tiny", offload=offload, cp=cp)
                 result["rows"].append(row)
                 print(json.dumps({k: row[k] for k in ("ranks", "fsdp", "peak_gib", "after_step_gib", "expected_gib")}))
         save(args.out, result)
@@ -713,7 +745,8 @@ def main(args):
     with FakeTensorMode(allow_non_fake_inputs=True):
         for cfg in plan_configs(args):
             flags = flags_of(cfg["script"], cfg["ranks"], cfg["fsdp"], cfg["lora_rank"], decode=cfg.get("decode", "all"),
-                             offload=cfg.get("offload", False), decoder_grad=cfg.get("decoder_grad", "prefix"))
+                             offload=cfg.get("offload", False), decoder_grad=cfg.get("decoder_grad", "prefix"),
+                             cp=cfg.get("cp", 1))
             probe = {"script": cfg["script"], "model": cfg["model_name"], "frames": cfg["F"], "height": cfg["H"],
                      "width": cfg["W"], "lora_rank": cfg["lora_rank"], "ranks": cfg["ranks"], "fsdp": cfg["fsdp"],
                      "phase": cfg["phase"], "flags": flags}
