@@ -9,7 +9,7 @@ import torch
 
 import common
 import flow_grpo
-from helpers import run_main
+from helpers import assert_ranks_agree_with_one_process, run_main
 
 FAST = ["--batch-size", "2", "--group-size", "2", "--sample-steps", "3", "--num-eval-prompts", "2",
         "--lora-rank", "4", "--sample-batch-size", "2", "--eval-every", "99"]
@@ -113,6 +113,20 @@ def test_flow_grpo_trains_and_logs(tmp_path):
     assert all(math.isfinite(r["loss"]) and r["groups_dropped"] in (0, 1, 2) for r in train)
     assert rows[-1]["eval"] and "eval/color_accuracy" in rows[-1]
     assert os.path.exists(os.path.join(common.latest_checkpoint(out), "lora", "README.md"))
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_torchrun_two_ranks_equal_one_process(tmp_path, precision):
+    """torchrun 2 ranks, one group (prompt) each, == one process holding both groups: weights, and each update's
+    gradient after the cross-rank average (KL term on, 2 inner epochs: the second's ratio is no longer 1). bf16:
+    the same numerics on both sides, and a signal above bf16's rounding (a loss that rounds to zero would give
+    a zero gradient on both and pass the comparison: the gradient's scale is asserted > 0 in the helper)."""
+    args = FAST + ["--steps", "1", "--inner-epochs", "2", "--sde-window", "0:2", "--kl-beta", "0.5",
+                   "--mixed-precision", precision]
+    assert_ranks_agree_with_one_process("flow_grpo", args, tmp_path, tol=1e-4 if precision == "no" else 2e-3,
+                                        grad_rtol=1e-4 if precision == "no" else 0.15)  # (1.1e-5 measured)
+    rows = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl") if '"eval"' not in line]
+    assert rows[0]["grad_norm"] > 0 and rows[0]["ratio_mean"] != 1.0
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
