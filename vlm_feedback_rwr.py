@@ -203,7 +203,7 @@ def main(args):
 
     # the judge cache: one line per judged video, so a crashed round resumes without asking again
     os.makedirs(out, exist_ok=True)
-    cache, cache_file = {}, os.path.join(out, f"judge_cache.rank{d.rank}.jsonl")
+    cache, cache_file = {}, os.path.join(out, f"judge_cache.rank{d.global_rank}.jsonl")  # (each process its own)
     if os.path.exists(cache_file):  # (a line torn by a crash mid-write is dropped: that video is asked again)
         cache = {row["key"]: row["yes"] for row in common.read_jsonl(cache_file, repair=True)}
     stats = {"judge_calls": 0, "judge_seconds": 0.0}

@@ -572,7 +572,7 @@ def _plan_configs(args):
                 if model.startswith("wan2.1") and F == 81:  # --cp: Ulysses over the heads (1.3B: 12, 14B: 40)
                     cp = 4 if model == "wan2.1-1.3b" else 8
                     for phase in phases:
-                        for offload in (False, True) if phase == "update" and script != "vader_grad" else (False,):
+                        for offload in (False, True) if phase == "update" and script == "online_vpo" else (False,):
                             yield dict(model_name=model, script=script, phase=phase, F=F, H=H, W=W, ranks=8, fsdp=True,
                                        lora_rank=args.lora_rank, offload=offload, cp=cp)
                     if script == "vader_grad":
