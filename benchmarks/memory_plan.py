@@ -51,7 +51,7 @@ p.add_argument("--models", default="wan2.1-1.3b,wan2.1-14b,wan2.2-5b,cogvideox-5
 p.add_argument("--sizes", default="480x832x33,480x832x81,720x1280x33,720x1280x81", help="HxWxF video sizes")
 p.add_argument("--vader-sizes", default="480x832x17,240x416x33",
                help="extra, smaller sizes planned for VADER (its decoder backward is what stops it first)")
-p.add_argument("--scripts", default="online_vpo,vlm_feedback_rwr,vader_grad",
+p.add_argument("--scripts", default="online_vpo,vlm_feedback_rwr,vader_grad,flow_grpo",
                help="scripts to plan (gran_dpo's rows are online_vpo's: the same reward model and DPO update)")
 p.add_argument("--ranks", default="1,8", help="rank counts to plan: 1 (one GPU) and/or 8 (FSDP over 8 GPUs)")
 p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory the table checks against")
@@ -109,7 +109,8 @@ MODELS = {  # family, denoiser class + config, VAE class + config, text encoder,
                                                                       feed_forward_proj="gated-gelu")), 16,
                  ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0))),
 }
-REWARD_OF = {"online_vpo": "videoscore", "gran_dpo": "videoscore", "vlm_feedback_rwr": "judge", "vader_grad": "aesthetic"}
+REWARD_OF = {"online_vpo": "videoscore", "gran_dpo": "videoscore", "flow_grpo": "videoscore",
+             "vlm_feedback_rwr": "judge", "vader_grad": "aesthetic"}
 
 
 class FakeTokenizer:
@@ -411,12 +412,37 @@ def phase_fns(model, reward_fn, F, H, W, autocast, kind, k=1, decode="all", step
             pred = model.denoise(x_t, t, emb, mask)
         return common.per_sample_mse(pred, target).mean()
 
-    return {"sample": sample, "vader": vader, "dpo": dpo, "rwr": rwr}[kind]
+    def grpo_sample(window):  # flow_grpo.py's rollout: the SDE sampler keeping its window's transitions, reward
+        import flow_grpo
+        with torch.no_grad():
+            kw = dict(num_frames=F, height=H, width=W, steps=steps, guidance=guidance)
+            part = flow_grpo.sde_sample(model, ["a prompt"], [0], kw, window, 0.7, autocast)
+            reward_fn(part.pop("videos"))
+        return part
+
+    def grpo(ref, n=1):  # flow_grpo.py step 3: one trained transition of n videos (CFG batched), reference first
+        import flow_grpo
+        shape = model.latent_shape(F, H, W)
+        x, x_next = torch.randn(n, *shape), torch.randn(n, *shape)
+        timesteps = model.set_timesteps(steps, shape)
+        sigmas = model.scheduler.sigmas.tolist()
+        emb, mask = model.encode_prompts(["a prompt"] * n)
+        nemb, nmask = model.encode_prompts([""] * n)
+        if frozen is not None:
+            frozen.away()
+        step_args = (0, timesteps, sigmas, 0.7, emb, mask, nemb, nmask, guidance)
+        with autocast:
+            ref_mean = ref.forward(flow_grpo.transition, model, x, x_next, *step_args)[1]
+            logp, mean, std = flow_grpo.transition(model, x, x_next, *step_args)
+        kl = ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std ** 2)
+        return (-torch.exp(logp - logp.detach()) + 0.04 * kl).mean()
+
+    return {"sample": sample, "vader": vader, "dpo": dpo, "rwr": rwr, "grpo": grpo, "grpo_sample": grpo_sample}[kind]
 
 
 def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=False, k=1, decode="all", steps=2,
              checkpointing=True, dtype=torch.bfloat16, cache=None, reward=None, offload=False, decoder_grad="prefix",
-             cp=1):
+             cp=1, group=4, window=30):
     """Build (fake or real, per the ambient mode), run one phase, return the row. cp > 1: the scripts' --cp,
     diffusers' Ulysses attention on a (ranks / cp, 1, cp) mesh of the fake process group; its all-to-alls and
     the output's all-gather run as the fake group's collectives, which allocate their outputs as real ones do."""
@@ -444,6 +470,8 @@ def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=Fal
             params = distributed.shard(model, "bf16" if dtype == torch.bfloat16 else "fp16")
     autocast = torch.autocast("cpu", dtype=dtype)
     kind = {"sample": "sample"}.get(phase) or {"vader_grad": "vader", "vlm_feedback_rwr": "rwr"}.get(script, "dpo")
+    if script == "flow_grpo":
+        kind = "grpo_sample" if phase == "sample" else "grpo"
     offloaded = None
     if offload:  # the scripts' distributed.Offload; its host copies are host memory, which the plan does not count
         offloaded = distributed.Offload(distributed.modules_of([model.text_encoder, model.vae, rnet]))
@@ -451,11 +479,17 @@ def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=Fal
     fn = phase_fns(model, rfn, F, H, W, autocast, kind, k, decode, steps, checkpointing, frozen=offloaded,
                    decoder_grad=decoder_grad)
     opt, ref_tensors = None, []
+    if script == "flow_grpo":  # the rollout of this rank's group (G videos, one prompt per rank) stays on the GPU:
+        shape = model.latent_shape(F, H, W)  # x_i and x_{i+1} (fp32) of each of the `window` SDE steps of every video
+        held = group * window - (steps if phase == "sample" else 0)  # (sampling: fn keeps its own `steps` ones)
+        ref_tensors = [torch.empty(held, *shape), torch.empty(held, *shape)]  # (+ log-probs: bytes)
+        if phase == "sample":
+            fn = (lambda f=fn: f(list(range(steps))))
     if phase == "update":
         opt = torch.optim.AdamW(params, lr=1e-4)
-        if kind == "dpo":
+        if kind in ("dpo", "grpo"):
             ref = common.Reference(params, modules=model.experts)
-            ref_tensors = ref.weights
+            ref_tensors = ref_tensors + ref.weights
             run = (lambda: fn(ref))
         else:
             run = fn
@@ -471,28 +505,31 @@ def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=Fal
     trainable = sum((q.to_local() if fsdp else q).numel() for q in params) * 4  # fp32; under FSDP this rank's shard
     resident = [model.denoiser] if offload else parts  # the weights on the GPU through the update
     frozen = nbytes([q for m in resident for q in m.parameters() if not q.requires_grad])
-    expected = {"weights": frozen + trainable + (len(ref_tensors) and trainable),
+    expected = {"weights": frozen + trainable + (phase == "update" and kind in ("dpo", "grpo") and trainable),
                 "grads": trainable if phase == "update" else 0, "optimizer": 2 * trainable if phase == "update" else 0}
     return {"script": script, "model": model_name, "frames": F, "height": H, "width": W, "lora_rank": lora_rank,
             "ranks": ranks, "fsdp": fsdp, "phase": phase, "flags": flags_of(script, ranks, fsdp, lora_rank, k, decode,
-                                                                            checkpointing, offload, decoder_grad, cp),
+                                                                            checkpointing, offload, decoder_grad, cp,
+                                                                            group, window),
             "peak_gib": peak / GiB, "categories_gib": {c: v / GiB for c, v in cats.items()},
             "after_step_gib": {c: v / GiB for c, v in after.items()},
             "expected_gib": {c: v / GiB for c, v in expected.items()}, "seconds": time.time() - t0}
 
 
-def flags_of(script, ranks, fsdp, lora_rank, k=1, decode="all", checkpointing=True, offload=False, decoder_grad="prefix",
-             cp=1):
+def flags_of(script, ranks, fsdp, lora_rank, k=1, decode="all", checkpointing=True, offload=False,
+             decoder_grad="prefix", cp=1, group=4, window=30):
     # DPO: one pair per rank per step; RWR: one video per rank
     f = f"--mixed-precision bf16 --lora-rank {lora_rank} --batch-size {ranks} --sample-batch-size 1 --grad-checkpointing"
     if script == "vader_grad":
         f = f"--mixed-precision bf16 --lora-rank {lora_rank} --sample-batch-size 1 --backprop-steps {k} " \
             f"--decode-frames {decode}" + ("" if checkpointing else " --no-grad-checkpointing") + \
             (" --decoder-grad own" if decoder_grad == "own" else "")
+    if script == "flow_grpo":  # (30 sampler steps, all of them SDE steps: the defaults on real models)
+        f += f" --group-size {group}" + (f" --sde-window 0:{window}" if window != 30 else "")
     if script != "vader_grad" and cp > 1:  # a context group holds one pair / video: the batch counts data ranks
         f = f.replace(f"--batch-size {ranks}", f"--batch-size {ranks // cp}")
-    return f + (" --offload-frozen" if offload else "") + (" --fsdp" if fsdp else "") + (f" --cp {cp}" if cp > 1 else "") \
-        + (f" (torchrun x{ranks})" if ranks > 1 else "")
+    return f + (" --offload-frozen" if offload else "") + (" --fsdp" if fsdp else "") + \
+        (f" --cp {cp}" if cp > 1 else "") + (f" (torchrun x{ranks})" if ranks > 1 else "")
 
 
 def tiny_reward():
@@ -510,7 +547,8 @@ def validate_tiny():
     out = []
     for script, phase, extra in [("online_vpo", "update", {}), ("vader_grad", "update", {}), ("online_vpo", "sample", {}),
                                  ("vlm_feedback_rwr", "update", {}), ("online_vpo", "update", {"offload": True}),
-                                 ("vader_grad", "update", {"decode": "one", "decoder_grad": "own"})]:
+                                 ("vader_grad", "update", {"decode": "one", "decoder_grad": "own"}),
+                                 ("flow_grpo", "sample", {"window": 3}), ("flow_grpo", "update", {"window": 3})]:
         torch.manual_seed(0)
         real = plan_row("tiny-wan", script, phase, 9, 64, 64, lora_rank=4, reward="tiny", **extra)
         with FakeTensorMode(allow_non_fake_inputs=True):
@@ -569,6 +607,11 @@ def _plan_configs(args):
                         for offload in (False, True):
                             yield dict(model_name=model, script=script, phase="update", F=F, H=H, W=W, ranks=ranks,
                                        fsdp=fsdp, lora_rank=0, offload=offload)
+                if script == "flow_grpo" and F == 81:  # Flow-GRPO's own group size: the rollout it keeps is 6x
+                    for phase in phases:
+                        for ranks, fsdp in ((1, False), (8, True)):
+                            yield dict(model_name=model, script=script, phase=phase, F=F, H=H, W=W, ranks=ranks,
+                                       fsdp=fsdp, lora_rank=args.lora_rank, group=24)
                 if model.startswith("wan2.1") and F == 81:  # --cp: Ulysses over the heads (1.3B: 12, 14B: 40)
                     cp = 4 if model == "wan2.1-1.3b" else 8
                     for phase in phases:
@@ -639,7 +682,8 @@ def fits_table(rows, gib):
                             and r["fsdp"] == (ranks > 1)})
             for _, H, W, F in sizes:
                 sel = [r for r in rows if (r["script"], r["model"], r["ranks"], r["height"], r["width"], r["frames"]) ==
-                       (script, model, ranks, H, W, F) and r["fsdp"] == (ranks > 1) and r["lora_rank"] > 0]
+                       (script, model, ranks, H, W, F) and r["fsdp"] == (ranks > 1) and r["lora_rank"] > 0
+                       and "--group-size 24" not in r["flags"]]  # (GRPO: its default group of 4)
                 for v in VARIANTS:  # each phase with the variant's flag where it was planned, else as by default
                     phases = {r["phase"] for r in sel}
                     rs = [next((r for f in fallbacks(v) for r in sel if r["phase"] == ph and variant(r) == f), None)
@@ -656,7 +700,8 @@ def fits_table(rows, gib):
 
 def extra_flags(row):
     cp = re.search(r"--cp \d+", row["flags"])
-    return " ".join([f for f in ("--decoder-grad own", "--offload-frozen") if f in row["flags"]] + ([cp.group(0)] if cp else []))
+    return " ".join([f for f in ("--decoder-grad own", "--offload-frozen", "--group-size 24") if f in row["flags"]]
+                    + ([cp.group(0)] if cp else []))
 
 
 def detail_table(rows, models=("wan2.1-1.3b", "wan2.1-14b")):
@@ -664,7 +709,7 @@ def detail_table(rows, models=("wan2.1-1.3b", "wan2.1-14b")):
     sizes = sorted({(r["height"], r["width"], r["frames"]) for r in rows}, key=lambda s: s[0] * s[1] * s[2])
     head = " | ".join(f"{h}x{w}x{f}" for h, w, f in sizes)
     lines = [f"| model | script | phase | {head} |", "|---|---|---|" + "---|" * len(sizes)]
-    order = ["online_vpo", "vlm_feedback_rwr", "vader_grad"]
+    order = ["online_vpo", "vlm_feedback_rwr", "vader_grad", "flow_grpo"]
     for model in models:
         kinds = sorted({(r["script"], r["phase"], r["lora_rank"], r["flags"].split(" --decode-frames ")[-1].split()[0]
                          if "--decode-frames" in r["flags"] else "", extra_flags(r)) for r in rows
@@ -746,7 +791,7 @@ def main(args):
         for cfg in plan_configs(args):
             flags = flags_of(cfg["script"], cfg["ranks"], cfg["fsdp"], cfg["lora_rank"], decode=cfg.get("decode", "all"),
                              offload=cfg.get("offload", False), decoder_grad=cfg.get("decoder_grad", "prefix"),
-                             cp=cfg.get("cp", 1))
+                             cp=cfg.get("cp", 1), group=cfg.get("group", 4), window=cfg.get("window", 30))
             probe = {"script": cfg["script"], "model": cfg["model_name"], "frames": cfg["F"], "height": cfg["H"],
                      "width": cfg["W"], "lora_rank": cfg["lora_rank"], "ranks": cfg["ranks"], "fsdp": cfg["fsdp"],
                      "phase": cfg["phase"], "flags": flags}

@@ -21,8 +21,9 @@ def smoke(tmp_path_factory):
 
 
 def test_fake_estimate_equals_real_tensors_on_the_tiny_wan(smoke):
-    # DPO update, VADER update, sampling, RWR update, DPO --offload-frozen, VADER --decoder-grad own
-    assert len(smoke["validations"]) == 6
+    # DPO update, VADER update, sampling, RWR update, DPO --offload-frozen, VADER --decoder-grad own, GRPO's rollout
+    # (the SDE sampler keeping its transitions, the group's stored latents) and update (reference, then policy)
+    assert len(smoke["validations"]) == 8
     for v in smoke["validations"]:
         assert v["reference_gib"] > 0
         assert abs(v["ratio"] - 1) < 5e-3, v  # (host-side scheduler scalars aside, the same bytes)
