@@ -62,7 +62,7 @@ class VideoModel:
     defaults = {}  # video size, sampler steps, guidance and frame rate (the family's own)
     frames_rule, frames_text, spatial_multiple = (lambda f: (f - 1) % 4 == 0), "4k+1 (e.g. 17, 33, 81)", 16
     text_mask = False  # whether the denoiser takes the text attention mask
-    context_parallel = False  # --cp: diffusers ships a context-parallel plan (`_cp_plan`) for the denoiser
+    context_parallel = False  # --cp: the denoiser trains under diffusers' context parallelism (its `_cp_plan`)
 
     def __init__(self, path, prediction, tokenizer, text_encoder, denoiser, vae, scheduler, max_sequence_length,
                  expand_timesteps=False, denoiser_2=None, boundary=None, tokenizer_2=None, text_encoder_2=None):
@@ -103,7 +103,7 @@ class VideoModel:
 
     @classmethod
     def cp_sizes(cls, path, num_frames, height, width):
-        """--cp: (attention heads, video tokens, text tokens split too or 0) at this size, from config files."""
+        """--cp: (attention heads, video tokens) of the denoiser at this size, from the folder's config files."""
         raise NotImplementedError
 
     @classmethod
@@ -267,7 +267,7 @@ class Wan(VideoModel):
         st, ss = vae.get("scale_factor_temporal") or 4, vae.get("scale_factor_spatial") or 8
         pt, ph, pw = den.get("patch_size", (1, 2, 2))
         tokens = ((num_frames - 1) // st + 1) // pt * (height // ss // ph) * (width // ss // pw)
-        return den.get("num_attention_heads", 40), tokens, 0  # (the text is not split: its cross-attention is local)
+        return den.get("num_attention_heads", 40), tokens  # (the text is not split: Wan's cross-attention is local)
 
     @classmethod
     def max_length(cls, index, tokenizer):
@@ -737,19 +737,19 @@ def check_context_parallel(family, cp, world, num_frames, height, width, path):
     if cp < 1:
         raise ValueError(f"--cp {cp}: pass 1 (off) or the number of ranks that share each video")
     if not cls.context_parallel:
-        raise ValueError(f"--cp {cp}: diffusers ships no context-parallel plan for {family}'s denoiser (Wan 2.1 / 2.2 "
-                         f"train under it): drop --cp (--fsdp shards the weights on any family)")
+        raise ValueError(f"--cp {cp}: {family}'s denoiser does not train under diffusers' context parallelism (Wan "
+                         f"2.1 / 2.2 do; docs/real_models.md says why): drop --cp (--fsdp shards the weights on any "
+                         f"family)")
     if world % cp:
         raise ValueError(f"--cp {cp} must divide the number of ranks ({world}): launch torchrun --nproc_per_node with "
                          f"a multiple of {cp}, or pass a --cp that divides {world}")
-    heads, tokens, text = cls.cp_sizes(path, num_frames, height, width)
+    heads, tokens = cls.cp_sizes(path, num_frames, height, width)
     if heads % cp:
         raise ValueError(f"--cp {cp}: Ulysses attention splits the {heads} attention heads over the context group; "
                          f"pass a --cp that divides {heads}")
-    if tokens % cp or text % cp:
-        raise ValueError(f"--cp {cp}: a {num_frames}x{height}x{width} video is {tokens} tokens"
-                         + (f" (+ {text} text tokens)" if text else "") + f", not divisible by {cp}: pick "
-                         f"--num-frames/--height/--width whose token count {cp} divides, or another --cp")
+    if tokens % cp:
+        raise ValueError(f"--cp {cp}: a {num_frames}x{height}x{width} video is {tokens} tokens, not divisible by {cp}: "
+                         f"pick --num-frames/--height/--width whose token count {cp} divides, or another --cp")
 
 
 def fill_video_args(args, path, family):
