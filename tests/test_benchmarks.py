@@ -179,3 +179,17 @@ def test_a_kept_claims_run_goes_stale_when_the_base_changes(tmp_path, monkeypatc
     monkeypatch.setattr(claims, "base_fingerprint", lambda: "bbbbbbbbbbbb")
     assert not claims.is_kept("dpo_n2", 0, args)
     assert len(real()) == 12 and real() == real.__wrapped__()  # the real one: the shipped weights' hash
+
+
+def test_paired_gains_by_hand(tmp_path):
+    """benchmarks/paired_gains.py: gains end minus step 0 per run, their mean and the t interval (2 runs: t = 12.706,
+    gains 0.01 and 0.03: mean 0.02, sd 0.01414, half-width 12.706 x 0.01414 / sqrt 2 = 0.1271)."""
+    for i, (a, b) in enumerate([(0.80, 0.81), (0.70, 0.73)]):
+        (tmp_path / f"r{i}").mkdir()
+        rows = [{"step": 0, "eval": True, "eval/reward": a}, {"step": 1, "loss": 0.5},
+                {"step": 60, "eval": True, "eval/reward": b}]
+        (tmp_path / f"r{i}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "paired_gains.py"), str(tmp_path / "r0"),
+                          str(tmp_path / "r1")], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert "| reward | +0.0200 [-0.1071, +0.1471] |" in res.stdout, res.stdout
