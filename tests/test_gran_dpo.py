@@ -10,7 +10,7 @@ import online_vpo
 from helpers import final_params, max_diff, run_main
 
 FAST = ["--batch-size", "2", "--num-candidates", "2", "--sample-steps", "2", "--num-eval-prompts", "2",
-        "--lora-rank", "4", "--min-margin", "0", "--eval-every", "99"]
+        "--lora-rank", "4", "--min-margin", "0", "--eval-every", "99", "--heldout-pairs", "0"]  # (test_dpo_levers.py)
 
 
 @pytest.mark.parametrize("shape,grid", [((8, 32, 32), (2, 4, 4)), ((3, 5, 7), (2, 2, 3)), ((4, 4, 4), (1, 1, 1))])

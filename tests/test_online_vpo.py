@@ -12,7 +12,7 @@ from helpers import (assert_model_card_matches, assert_ranks_agree_with_one_proc
                      run_main, torchrun)
 
 FAST = ["--batch-size", "2", "--num-candidates", "2", "--sample-steps", "2", "--num-eval-prompts", "2",
-        "--lora-rank", "4", "--min-margin", "0"]
+        "--lora-rank", "4", "--min-margin", "0", "--heldout-pairs", "0"]  # (held-out pairs: test_dpo_levers.py)
 
 
 def test_dpo_loss_equals_hand_computed_value():
@@ -144,7 +144,8 @@ def test_bad_input_fails_early(tmp_path):
 
 
 def test_torchrun_two_ranks_average_gradients(tmp_path, toy_model):
-    args = FAST + ["--steps", "2", "--eval-every", "99", "--ref-update-interval", "0"]
+    args = FAST + ["--steps", "2", "--eval-every", "99", "--ref-update-interval", "0", "--heldout-pairs", "2"]
+    # (held-out pairs split over the ranks: the evaluation's implicit accuracy is gathered from both)
     # weights at 3e-4 (AdamW's first step is lr * sign(g): a near-zero gradient entry whose last bits differ can
     # move by up to 2 lr per step; 6e-5 measured on the step-11000 toy base with torch 2.12, 1.3e-4 with 2.13);
     # gradients at 1e-5 relative: the check a missing average cannot pass

@@ -20,7 +20,8 @@ import vlm_feedback_rwr as rwr
 from helpers import assert_ranks_agree_with_one_process, final_params, max_diff, run_main, torchrun
 
 DPO = ["--batch-size", "2", "--num-candidates", "2", "--sample-steps", "2", "--num-eval-prompts", "2",
-       "--lora-rank", "4", "--min-margin", "0", "--eval-every", "99"]
+       "--lora-rank", "4", "--min-margin", "0", "--eval-every", "99", "--heldout-pairs", "0"]  # (their own tests:
+# test_dpo_levers.py, test_resume.py; 16 held-out pairs made each toy run ~7x slower)
 VADER = ["--batch-size", "2", "--sample-steps", "3", "--num-eval-prompts", "2", "--diversity-prompts", "2",
          "--diversity-seeds", "2", "--lora-rank", "4", "--eval-every", "99"]
 RWR = ["--rounds", "1", "--prompts-per-round", "4", "--videos-per-prompt", "2", "--batch-size", "4",
