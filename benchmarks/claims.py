@@ -1,6 +1,6 @@
 """Rerun the papers' checkable claims (docs/ALGORITHMS.md) in the toy world, 3 seeds each.
 
-    python benchmarks/claims.py                          # all 8 experiments (~3 h on 2 CPU cores, 3 seeds)
+    python benchmarks/claims.py                          # all 9 experiments (~3 h on 2 CPU cores, 3 seeds)
     python benchmarks/claims.py --only online_vs_offline num_candidates
     python benchmarks/claims.py --smoke --out /tmp/c     # 1-2 steps, 1 seed: the plumbing only (CI)
 
@@ -71,6 +71,12 @@ CONFIGS = {
     "gran_video_only": GRAN | {"--reward": "toy:quality", "--patch-weight": 0},
     "rwr": RWR,
     "rwr_dpo": RWR | {"--loss": "dpo"},
+    # "no algorithmically dominant method": one reward (toy:temporal), 480 sampled videos each, held-out prompts
+    "grpo_480": {"script": "flow_grpo.py", "--reward": "toy:temporal", "--steps": 30, "--batch-size": 4,
+                 "--group-size": 4, "--eval-every": 10, "--save-every": 1000},  # 30 x 4 prompts x G 4
+    "vader_480": VADER | {"--steps": 120, "--eval-every": 40},  # 120 x 4 videos
+    "rwr_480": RWR | {"--judge": "toy:temporal", "--prompts": "toy_train", "--eval-prompts": "toy_heldout",
+                      "--prompts-per-round": 60},  # 2 rounds x 60 prompts x 4: r = the reward itself, w = exp(r / beta)
 }
 DIMS = ["visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment", "physics", "color_accuracy"]
 
@@ -92,6 +98,9 @@ EXPERIMENTS = {  # name -> (claim, configurations, the figure compared)
                           ["gran", "gran_video_only"], "defective_patches"),
     "rwr_vs_dpo": ("binary AI feedback raises the judged pass rate; gains concentrate on falling objects and "
                    "interactions (RWR seed paper); RWR vs DPO side by side", ["rwr", "rwr_dpo"], "pass_rate"),
+    "no_dominant_method": ("no algorithm dominates: with the same reward and the same number of sampled videos, "
+                           "GRPO, online DPO, reward gradients and RWR differ less than the reward matters (RWR seed "
+                           "paper)", ["dpo", "grpo_480", "vader_480", "rwr_480"], "dims"),
 }
 TITLES = {"online_vs_offline": "Online vs offline DPO at equal samples",
           "ref_interval": "Reference-update interval (never, 3, 10, 20 steps)",
@@ -100,7 +109,8 @@ TITLES = {"online_vs_offline": "Online vs offline DPO at equal samples",
           "feedback_dimension": "Which feedback dimension to train on",
           "frame_vs_video_reward": "Frame-wise (image) reward vs video reward",
           "gran_vs_video_dpo": "Gran-DPO vs video-level DPO",
-          "rwr_vs_dpo": "RWR vs DPO on binary judge feedback"}
+          "rwr_vs_dpo": "RWR vs DPO on binary judge feedback",
+          "no_dominant_method": "GRPO, online DPO, VADER and RWR: same reward, same number of videos"}
 
 
 def argv_of(cfg, seed, out, smoke):
@@ -268,9 +278,10 @@ def summarise(name, runs, args):
                 f = {f"delta/{k}": last[f"eval/{k}"] - first[f"eval/{k}"] for k in DIMS + ["reward", "defective_patches"]
                      if f"eval/{k}" in last}
                 f |= {f"end/{k}": last[f"eval/{k}"] for k in DIMS + ["reward"] if f"eval/{k}" in last}
-                per_query = cfg["batch_size"] * cfg.get("num_candidates", 1)  # videos scored per step
-                f["curve"] = [(r["step"] * per_query, r["eval/defective_patches" if kind == "defective_patches" else "eval/reward"])
-                              for r in evals]
+                per_query = cfg["batch_size"] * cfg.get("num_candidates", cfg.get("group_size", 1))  # videos per step
+                if "eval/reward" in evals[0] or kind == "defective_patches":  # (RWR logs a pass rate)
+                    f["curve"] = [(r["step"] * per_query, r["eval/defective_patches" if kind == "defective_patches"
+                                                            else "eval/reward"]) for r in evals]
                 f["sec"] = float(open(os.path.join(out, "done")).read())
                 if name == "gradient_vs_dpo" and not args.smoke:  # (kept for this pair only)
                     f["diversity"] = json.load(open(os.path.join(out, "diversity.json")))["diversity"]
@@ -328,6 +339,19 @@ def judge_claim(name, figs):
     if name == "gran_vs_video_dpo":
         return {"Gran-DPO removes more defective patches": verdict(d("gran", "delta/defective_patches"),
                                                                    d("gran_video_only", "delta/defective_patches"), False)}
+    if name == "no_dominant_method":  # the trained dimension (toy:temporal = temporal consistency), every pair
+        names = {"dpo": "online DPO", "grpo_480": "GRPO", "vader_480": "VADER", "rwr_480": "RWR"}
+        out, beaten = {}, {c: 0 for c in names}
+        for i, a in enumerate(names):
+            for b in list(names)[i + 1:]:
+                v = verdict(d(a, "delta/temporal_consistency"), d(b, "delta/temporal_consistency"))
+                out[f"{names[a]} vs {names[b]}: trained reward gain, {names[a]} minus {names[b]}"] = v
+                beaten[a if v.startswith("held") else b] += v.startswith(("held", "not held"))
+        top = [c for c, n in beaten.items() if n == len(names) - 1]
+        out["no method beats all three others"] = "one seed: no interval to judge by" if len(
+            d("dpo", "delta/temporal_consistency")) < 2 else \
+            f"not held: {names[top[0]]} beats every other" if top else "held: no method's gain is above every other's"
+        return out
     if name == "rwr_vs_dpo":
         zero = [0.0] * len(figs["rwr"]["eval/pass_rate"])
         return {"RWR raises the held-out pass rate": verdict(figs["rwr"]["eval/pass_rate"], zero),

@@ -193,3 +193,21 @@ def test_paired_gains_by_hand(tmp_path):
                           str(tmp_path / "r1")], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     assert "| reward | +0.0200 [-0.1071, +0.1471] |" in res.stdout, res.stdout
+
+
+def test_no_dominant_method_verdict():
+    """benchmarks/claims.py's new experiment: every pair of the four methods on the trained dimension's paired gain;
+    the claim fails when one method's gain is above each other's (its paired intervals above zero), holds otherwise."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import claims
+    gains = {"dpo": [0.30, 0.50, 0.70], "grpo_480": [0.0, 0.1, 0.2], "vader_480": [0.05, 0.12, 0.22],
+             "rwr_480": [0.01, 0.09, 0.21]}
+    figs = lambda g: {c: {"delta/temporal_consistency": v} for c, v in g.items()}  # noqa: E731
+    got = claims.judge_claim("no_dominant_method", figs(gains))
+    assert len(got) == 7 and got["online DPO vs GRPO: trained reward gain, online DPO minus GRPO"].startswith("held")
+    assert got["no method beats all three others"] == "not held: online DPO beats every other"
+    gains["vader_480"] = [0.31, 0.52, 0.69]  # VADER now ties DPO: nobody beats all three
+    got = claims.judge_claim("no_dominant_method", figs(gains))
+    assert got["no method beats all three others"].startswith("held")
+    one = claims.judge_claim("no_dominant_method", figs({c: v[:1] for c, v in gains.items()}))
+    assert one["no method beats all three others"] == "one seed: no interval to judge by"
