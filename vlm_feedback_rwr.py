@@ -39,7 +39,8 @@ p.add_argument("--model", default="toy",
                help="'toy', an alias (wan2.1-1.3b, cogvideox-2b, ...), a diffusers folder or hub id")
 p.add_argument("--judge", default="judge",
                help="binary judge spec: 'judge' (the toy world's), 'vlm[:qwen2.5-vl|qwen3-vl][@folder]' (P(yes) of a "
-                    "local Qwen-VL) or 'api:<model>@<url>' (an OpenAI-compatible server)")
+                    "local Qwen-VL) or 'api:<model>@<url>' (an OpenAI-compatible server); any --reward spec of the "
+                    "other scripts also works (r = its score: RWR on a reward, as benchmarks/claims.py compares)")
 p.add_argument("--question", default=None,
                help="yes/no question template with {prompt}; default: a dynamics question built from the prompt")
 p.add_argument("--prompts", default="toy_dynamics_train",
