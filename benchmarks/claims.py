@@ -454,11 +454,17 @@ def readme(args, path=os.path.join(ROOT, "docs", "claims.md")):
     plots = os.path.relpath(os.path.abspath(args.out), os.path.dirname(os.path.abspath(path))).replace(os.sep, "/")
     parts = ["## The papers' claims in the toy world (`python benchmarks/claims.py`)\n", read("intro.md"),
              "| experiment | claim | verdict (paired difference, 95% CI over seeds) |", "|---|---|---|"]
+    ran = lambda n: os.path.exists(os.path.join(args.out, f"{n}.json"))  # noqa: E731
     for i, n in enumerate(EXPERIMENTS, 1):
+        if not ran(n):  # (an experiment added since the sweep: listed, not yet run)
+            parts.append(f"| {i}. {n} | {EXPERIMENTS[n][0]} | not run yet: `python benchmarks/claims.py --only {n}` |")
+            continue
         for k, v in json.load(open(os.path.join(args.out, f"{n}.json")))["verdict"].items():
             parts.append(f"| {i}. {n} | {k} | {v} |")
     parts.append("")
     for i, n in enumerate(EXPERIMENTS, 1):
+        if not ran(n):
+            continue
         notes = os.path.join(args.out, f"{n}.notes.md")
         parts += [f"### {i}. {TITLES[n]}\n", read(f"{n}.md")] + ([read(f"{n}.notes.md")] if os.path.exists(notes) else []) \
             + [f"![{n}]({plots}/{n}.png)\n"]

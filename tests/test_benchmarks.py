@@ -96,6 +96,12 @@ def test_claims_readme_section_is_assembled_from_the_saved_results(tmp_path):
     sec = text[text.index("### 8."):]
     assert sec.index("TABLE rwr_vs_dpo") < sec.index("WHAT RWR DID") < sec.index("![rwr_vs_dpo]")
     assert [text.index(f"TABLE {n}") for n in claims.EXPERIMENTS] == sorted(text.index(f"TABLE {n}") for n in claims.EXPERIMENTS)
+    # an experiment added after the sweep (no JSON yet) is listed as not run, not a crash
+    os.remove(out / "no_dominant_method.json")
+    claims.readme(argparse.Namespace(out=str(out)), path=str(readme))
+    text = readme.read_text()
+    assert "| 9. no_dominant_method |" in text and "not run yet: `python benchmarks/claims.py --only " \
+        "no_dominant_method`" in text and "TABLE no_dominant_method" not in text and "TABLE rwr_vs_dpo" in text
 
 
 def _fake_run(folder, dims=("visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment", "physics",
