@@ -89,9 +89,10 @@ def average_gradients(params, d):
     gradient: the all-reduce sums over every rank and divides by the data-parallel size only (under FSDP2,
     whose mean ran over every rank, the shards are multiplied by cp)."""
     if is_sharded(params):
-        for p in params if d.cp > 1 else ():
-            if p.grad is not None:
-                p.grad *= d.cp
+        if d.cp > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad *= d.cp
         return
     if d.world * d.cp == 1:
         return

@@ -478,18 +478,18 @@ def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=Fal
         offloaded.host, sizes = [None] * len(offloaded.storages), [s.nbytes() for s in offloaded.storages]
     fn = phase_fns(model, rfn, F, H, W, autocast, kind, k, decode, steps, checkpointing, frozen=offloaded,
                    decoder_grad=decoder_grad)
-    opt, ref_tensors = None, []
+    opt, held_tensors = None, []  # tensors held through the phase beside the models: rollouts, the DPO reference
     if script == "flow_grpo":  # the rollout of this rank's group (G videos, one prompt per rank) stays on the GPU:
         shape = model.latent_shape(F, H, W)  # x_i and x_{i+1} (fp32) of each of the `window` SDE steps of every video
         held = group * window - (steps if phase == "sample" else 0)  # (sampling: fn keeps its own `steps` ones)
-        ref_tensors = [torch.empty(held, *shape), torch.empty(held, *shape)]  # (+ log-probs: bytes)
+        held_tensors = [torch.empty(held, *shape), torch.empty(held, *shape)]  # (+ log-probs: bytes)
         if phase == "sample":
             fn = (lambda f=fn: f(list(range(steps))))
     if phase == "update":
         opt = torch.optim.AdamW(params, lr=1e-4)
         if kind in ("dpo", "grpo"):
             ref = common.Reference(params, modules=model.experts)
-            ref_tensors = ref_tensors + ref.weights
+            held_tensors = held_tensors + ref.weights
             run = (lambda: fn(ref))
         else:
             run = fn
@@ -498,7 +498,7 @@ def plan_row(model_name, script, phase, F, H, W, lora_rank=16, ranks=1, fsdp=Fal
     parts = [model.denoiser, model.text_encoder, model.vae, rnet]
     t0 = time.time()
     with mock_attr(type(model), "set_timesteps", timestep_list(type(model).set_timesteps)):
-        peak, cats, after = measure(run, parts, opt, ref_tensors, fsdp_root=model.denoiser if fsdp else None)
+        peak, cats, after = measure(run, parts, opt, held_tensors, fsdp_root=model.denoiser if fsdp else None)
     for s, n in zip(offloaded.storages if offload else [], sizes if offload else []):  # (the reward is reused by
         s.resize_(n)  # the next rows: its weights back, as Offload.back() does in the scripts)
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
@@ -655,10 +655,14 @@ VARIANTS = ("", "--decode-frames one", "--decode-frames one --decoder-grad own",
             "--decode-frames one --decoder-grad own --cp 8")
 
 
-def variant(row):
+def cp_flag(row):
     cp = re.search(r"--cp \d+", row["flags"])
+    return [cp.group(0)] if cp else []
+
+
+def variant(row):
     return " ".join([f for f in ("--decode-frames one", "--decoder-grad own", "--offload-frozen") if f in row["flags"]]
-                    + ([cp.group(0)] if cp else []))
+                    + cp_flag(row))
 
 
 def fallbacks(v):
@@ -699,9 +703,8 @@ def fits_table(rows, gib):
 
 
 def extra_flags(row):
-    cp = re.search(r"--cp \d+", row["flags"])
     return " ".join([f for f in ("--decoder-grad own", "--offload-frozen", "--group-size 24") if f in row["flags"]]
-                    + ([cp.group(0)] if cp else []))
+                    + cp_flag(row))
 
 
 def detail_table(rows, models=("wan2.1-1.3b", "wan2.1-14b")):

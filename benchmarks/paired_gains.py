@@ -6,11 +6,9 @@ with its 95% interval (t, n - 1 degrees of freedom).
 """
 import argparse
 import json
-import math
 import os
-import statistics
 
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+from claims import T975, mean_std  # (the claims sweep's own t table and mean / sample std)
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("runs", nargs="+", help="run folders, each with its metrics.jsonl")
@@ -23,10 +21,8 @@ def gains(run):
 
 
 def interval(values):
-    m = statistics.mean(values)
-    if len(values) < 2:
-        return m, float("nan")
-    return m, T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    m, sd = mean_std(values)
+    return m, (T975.get(len(values) - 1, 1.96) * sd / len(values) ** 0.5 if len(values) > 1 else float("nan"))
 
 
 def main(args):
