@@ -49,6 +49,9 @@ p.add_argument("--sde-noise", type=float, default=0.7, help="a: the SDE's noise 
 p.add_argument("--sde-window", default=None,
                help="'start:end': the sampler steps that run the SDE (and are trained); ODE elsewhere (default: all; "
                     "0:2 on the toy model)")
+p.add_argument("--same-noise", action=argparse.BooleanOptionalAction, default=True,
+               help="a group's videos start from ONE initial noise, so they differ only by the SDE window's noise, "
+                    "the actions that are trained (DanceGRPO's use_same_noise; --no-same-noise: one noise per video)")
 p.add_argument("--train-timestep-fraction", type=float, default=1.0,
                help="fraction of the SDE steps trained per update, drawn afresh (Flow-GRPO: 0.99)")
 p.add_argument("--clip-range", type=float, default=1e-4, help="PPO clip range of the ratio (Flow-GRPO: 1e-4)")
@@ -150,14 +153,16 @@ def guided_velocity(model, x, t, emb, mask, nemb, nmask, guidance, guidance_2=No
 
 
 @torch.no_grad()
-def sde_sample(model, prompts, seeds, video_kw, window, noise_level, autocast=None):
+def sde_sample(model, prompts, seeds, video_kw, window, noise_level, autocast=None, init_seeds=None):
     """Sample one video per (prompt, seed) with the SDE on the steps in `window` (the ODE elsewhere), keeping each
     window step's transition (x_i, x_{i+1}) and its log-probability under the sampling policy. Per-sample seeds
-    draw the initial noise and then each step's noise, so a video does not depend on its batch."""
+    draw the initial noise and then each step's noise, so a video does not depend on its batch; `init_seeds`, if
+    given, draw the initial noise instead (videos of one group share it)."""
     kw = video_kw
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    init = gens if init_seeds is None else [torch.Generator().manual_seed(int(s)) for s in init_seeds]
     shape = model.latent_shape(kw["num_frames"], kw["height"], kw["width"])
-    x = torch.cat([torch.randn((1, *shape), generator=g) for g in gens]).to(model.device)
+    x = torch.cat([torch.randn((1, *shape), generator=g) for g in init]).to(model.device)
     timesteps = model.set_timesteps(kw["steps"], shape)
     sigmas = model.scheduler.sigmas.tolist()
     emb, mask = model.encode_prompts(list(prompts))
@@ -274,10 +279,12 @@ def main(args):
         gidx = list(range(d.rank * n_rank, (d.rank + 1) * n_rank))  # this rank's prompts, each a whole group
         prompts = [batch[i] for i in gidx for _ in range(G)]
         seeds = [common.seed_for(args.seed, step, i, j) for i in gidx for j in range(G)]
+        init = [common.seed_for(args.seed, step, i) for i in gidx for _ in range(G)]  # one initial noise per group
         parts, scores = [], []
         for c in range(0, len(prompts), args.sample_batch_size):
-            part = sde_sample(model, prompts[c: c + args.sample_batch_size], seeds[c: c + args.sample_batch_size],
-                              video_kw, window, args.sde_noise, autocast)
+            sl = slice(c, c + args.sample_batch_size)
+            part = sde_sample(model, prompts[sl], seeds[sl], video_kw, window, args.sde_noise, autocast,
+                              init[sl] if args.same_noise else None)
             scores.append(reward_fn(part.pop("videos"), prompts[c: c + args.sample_batch_size])["reward"].float())
             parts.append(part)
         return {"prompts": prompts, "reward": torch.cat(scores).view(n_rank, G),

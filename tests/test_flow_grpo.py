@@ -33,6 +33,22 @@ def test_sde_with_noise_zero_is_the_ode_sampler(toy_model):
     assert torch.equal(flow_grpo.sde_step(x, v, 0.8, 0.6, 0.0, 0.9)[0], x + v * (0.6 - 0.8))
 
 
+def test_a_group_shares_its_initial_noise_and_differs_only_by_the_window(toy_model):
+    """--same-noise (DanceGRPO's use_same_noise): videos of one group start from one noise, so with the ODE
+    everywhere they are identical and with an SDE window they differ by the window's noise alone; without it
+    (init_seeds None) each video's seed draws its own initial noise, as before."""
+    prompts, seeds, init = PROMPTS[:1] * 2, [21, 22], [7, 7]
+    ode = flow_grpo.sde_sample(toy_model, prompts, seeds, video_kw(), window=[], noise_level=0.7, init_seeds=init)
+    assert torch.equal(ode["latents"][0], ode["latents"][1])
+    alone, _ = common.sample(toy_model, prompts, init, **video_kw())  # the group's noise is seed 7's
+    assert torch.allclose(ode["latents"], alone, atol=1e-6)
+    sde = flow_grpo.sde_sample(toy_model, prompts, seeds, video_kw(), window=[0], noise_level=0.7, init_seeds=init)
+    assert torch.equal(sde["x"][0, 0], sde["x"][1, 0])  # the same state entering the window
+    assert (sde["latents"][0] - sde["latents"][1]).abs().max() > 1e-2  # and different videos leaving it
+    own = flow_grpo.sde_sample(toy_model, prompts, seeds, video_kw(), window=[0], noise_level=0.7)
+    assert (own["x"][0, 0] - own["x"][1, 0]).abs().max() > 1e-2
+
+
 def test_logprob_is_the_gaussian_density_and_the_step_its_mean():
     g = torch.Generator().manual_seed(0)
     x, v, noise = (torch.randn(3, 2, 5, generator=g) for _ in range(3))
