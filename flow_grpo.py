@@ -57,7 +57,9 @@ p.add_argument("--train-timestep-fraction", type=float, default=1.0,
 p.add_argument("--clip-range", type=float, default=1e-4, help="PPO clip range of the ratio (Flow-GRPO: 1e-4)")
 p.add_argument("--adv-clip", type=float, default=5.0, help="advantages are clipped to +-this (Flow-GRPO: 5)")
 p.add_argument("--kl-beta", type=float, default=0.04, help="weight of the KL to the initial model (0: no reference)")
-p.add_argument("--inner-epochs", type=int, default=1, help="optimizer steps on each rollout batch")
+p.add_argument("--inner-epochs", type=int, default=1, help="passes over each rollout batch")
+p.add_argument("--minibatches", type=int, default=1,
+               help="optimizer steps per pass, each on an equal share of the groups (Flow-GRPO: 2)")
 p.add_argument("--lr", type=float, default=None,
                help="AdamW learning rate; default 1e-4 with LoRA or on the toy model, 1e-5 for a full fine-tune")
 p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -218,7 +220,7 @@ def main(args):
     # ---- validate everything cheap before anything heavy loads ------------------------------
     checkpoint = common.resume_config(args, p, "flow_grpo")  # --resume: the run's own configuration, checked first
     common.check_positive(args, "steps", "batch_size", "sample_batch_size", "num_eval_prompts", "eval_every",
-                          "save_every", "eval_seeds", "inner_epochs", "sample_steps")
+                          "save_every", "eval_seeds", "inner_epochs", "minibatches", "sample_steps")
     if args.group_size < 2:  # (a group of one has no relative advantage: a run that trains nothing)
         raise ValueError(f"--group-size {args.group_size}: advantages compare videos of one prompt: pass 2 or more")
     for flag, ok, rule in (("sde-noise", args.sde_noise > 0, "> 0"), ("clip-range", args.clip_range > 0, "> 0"),
@@ -242,8 +244,9 @@ def main(args):
     d = distributed.setup_distributed(args.device, args.cp)
     if args.fsdp and args.mixed_precision == "fp16":
         raise ValueError("--fsdp runs in bf16 or fp32: use --mixed-precision bf16")
-    if args.batch_size % d.world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of ranks ({d.world})")
+    if args.batch_size % (d.world * args.minibatches):
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of ranks ({d.world}) "
+                         f"times --minibatches ({args.minibatches})")
     out = common.prepare_run_dir(args.out, "flow_grpo", args.resume, main=d.main)
 
     # ---- model, reward, trainable weights, reference, EMA -----------------------------------
@@ -336,14 +339,17 @@ def main(args):
         nemb, nmask = model.encode_prompts([""] * len(roll["prompts"]))
         frozen.away()
         sums = {"loss": 0.0, "policy": 0.0, "kl": 0.0, "ratio": 0.0, "clipped": 0.0, "terms": 0}
-        for epoch in range(args.inner_epochs):
+        n_videos = len(roll["prompts"])
+        for epoch, m in ((e, m) for e in range(args.inner_epochs) for m in range(args.minibatches)):
             rng = random.Random(common.seed_for(args.seed, "timesteps", step, epoch))  # same on every rank
             k = max(1, round(args.train_timestep_fraction * len(window)))
             trained = sorted(rng.sample(range(len(window)), k))
+            # minibatch m: the groups g with g % M == m (the same groups however many ranks hold the batch)
+            share = [v for v in range(n_videos) if (v // G) % args.minibatches == m]
             for w in trained:
                 i = window[w]
-                for c in range(0, len(roll["prompts"]), args.sample_batch_size):
-                    sl = slice(c, c + args.sample_batch_size)
+                for c in range(0, len(share), args.sample_batch_size):
+                    sl = torch.tensor(share[c: c + args.sample_batch_size])
                     x, x_next = roll["x"][sl, w], roll["x_next"][sl, w]
                     m_args = (emb[sl], None if mask is None else mask[sl],
                               nemb[sl], None if nmask is None else nmask[sl])
@@ -357,10 +363,10 @@ def main(args):
                     losses, ratio = grpo_loss(logp, roll["logp"][sl, w], adv[sl], args.clip_range)
                     kl = ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std ** 2) if args.kl_beta else \
                         torch.zeros_like(losses)  # eq.: KL(pi || pi_ref) = |mu - mu_ref|^2 / (2 std^2)
-                    # L = mean over all videos and trained steps (after the average over ranks)
-                    total = (losses + args.kl_beta * kl).sum() / n_global * d.world / len(trained)
+                    # L = mean over the minibatch's videos and trained steps (after the average over ranks)
+                    total = (losses + args.kl_beta * kl).sum() / (n_global / args.minibatches) * d.world / len(trained)
                     scaler.scale(total).backward()
-                    sums["loss"] += total.item() / args.inner_epochs
+                    sums["loss"] += total.item() / (args.inner_epochs * args.minibatches)
                     sums["policy"] += losses.sum().item()
                     sums["kl"] += kl.sum().item()
                     sums["ratio"] += ratio.sum().item()

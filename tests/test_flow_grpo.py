@@ -131,6 +131,17 @@ def test_flow_grpo_trains_and_logs(tmp_path):
     assert os.path.exists(os.path.join(common.latest_checkpoint(out), "lora", "README.md"))
 
 
+def test_minibatches_take_one_optimizer_step_per_share_of_the_groups(tmp_path):
+    """--minibatches 2 with two groups: two Adam steps per rollout batch, the second on the group the first did
+    not see, whose ratio is then no longer 1 (the policy moved); --minibatches 1 (the default): one step, ratio 1."""
+    out = run_main(flow_grpo, FAST + ["--steps", "1", "--minibatches", "2", "--sde-window", "0:2",
+                                      "--out", str(tmp_path / "r")])
+    state = torch.load(os.path.join(common.latest_checkpoint(out), "state.pt"), weights_only=False)
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {2}
+    row = next(json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"eval"' not in line)
+    assert row["ratio_mean"] != 1.0
+
+
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_torchrun_two_ranks_equal_one_process(tmp_path, precision):
     """torchrun 2 ranks, one group (prompt) each, == one process holding both groups: weights, and each update's
@@ -139,10 +150,12 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, precision):
     a zero gradient on both and pass the comparison: the gradient's scale is asserted > 0 in the helper)."""
     args = FAST + ["--steps", "1", "--inner-epochs", "2", "--sde-window", "0:2", "--kl-beta", "0.5",
                    "--mixed-precision", precision]
+    if precision == "no":  # two groups per rank in two minibatches: minibatch m is groups m and m + 2 on both sides
+        args += ["--batch-size", "4", "--minibatches", "2"]
     assert_ranks_agree_with_one_process("flow_grpo", args, tmp_path, tol=1e-4 if precision == "no" else 2e-3,
                                         grad_rtol=1e-4 if precision == "no" else 0.15)  # (1.1e-5 measured)
     rows = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl") if '"eval"' not in line]
-    assert rows[0]["grad_norm"] > 0 and rows[0]["ratio_mean"] != 1.0
+    assert rows[0]["grad_norm"] > 0 and rows[0]["kl"] > 0  # (the later updates see a policy that moved)
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
