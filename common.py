@@ -394,8 +394,6 @@ RESUME_OWN = {"resume", "out", "device", "fsdp", "cp", "track"}
 # --steps/--rounds extend it, the intervals say how often it evaluates and saves, the rest trade memory or time
 RESUME_SAFE = {"steps", "rounds", "eval_every", "save_every", "sample_batch_size", "offload_frozen",
                "grad_checkpointing", "judge_timeout", "judge_retries"}
-# --resume of a run made before a flag whose default is not what the run did: the value the run continues with
-PREDATES = {"same_noise": False}  # (flow_grpo's groups drew one initial noise per video before --same-noise)
 SCRIPT_FLAGS = {"vlm_feedback_rwr": "judge", "gran_dpo": "patch_grid", "vader_grad": "backprop_mode",
                 "online_vpo": "num_candidates", "flow_grpo": "group_size"}  # a flag only that script has (checked in this order)
 
@@ -426,8 +424,6 @@ def resume_config(args, parser, script):
     length = "rounds" if "rounds" in defaults else "steps"
     config = os.path.join(run_folder_of(args.resume), "config.json")
     saved = json.load(open(config)) if os.path.exists(config) else {}
-    if saved:  # (a flag newer than the run and not in PREDATES: the run ran with its default)
-        saved = {k: v for k, v in PREDATES.items() if k in defaults} | saved
     if saved and script_of(saved) != script:  # (gran_dpo on an online_vpo run compared different rewards)
         other = script_of(saved) or "another script"
         raise ValueError(f"--resume {args.resume}: that run was started by {other}.py, not {script}.py: resume it "

@@ -49,9 +49,9 @@ p.add_argument("--sde-noise", type=float, default=0.7, help="a: the SDE's noise 
 p.add_argument("--sde-window", default=None,
                help="'start:end': the sampler steps that run the SDE (and are trained); ODE elsewhere (default: all; "
                     "0:2 on the toy model)")
-p.add_argument("--same-noise", action=argparse.BooleanOptionalAction, default=True,
-               help="a group's videos start from ONE initial noise, so they differ only by the SDE window's noise, "
-                    "the actions that are trained (DanceGRPO's use_same_noise; --no-same-noise: one noise per video)")
+p.add_argument("--same-noise", action="store_true",
+               help="a group's videos start from ONE initial noise and differ only by the SDE window's noise "
+                    "(DanceGRPO's use_same_noise; no gain on the toy model: docs/results.md)")
 p.add_argument("--train-timestep-fraction", type=float, default=1.0,
                help="fraction of the SDE steps trained per update, drawn afresh (Flow-GRPO: 0.99)")
 p.add_argument("--clip-range", type=float, default=1e-4, help="PPO clip range of the ratio (Flow-GRPO: 1e-4)")

@@ -242,26 +242,6 @@ def test_a_flag_newer_than_the_run_is_refused_unless_at_its_default(tmp_path, fi
         cli(online_vpo, ["--resume", run, "--dpo-draws", "1"])
 
 
-def test_a_run_made_before_a_changed_default_continues_as_it_ran(tmp_path):
-    """flow_grpo's --same-noise (default on) came after runs that drew one initial noise per video: resuming
-    one of those continues without it, and asking for it is refused; a newer run keeps its own value."""
-    import flow_grpo
-    run = tmp_path / "old"
-    run.mkdir()
-    cfg = vars(flow_grpo.p.parse_args([])) | {"script": "flow_grpo"}
-    del cfg["same_noise"]
-    json.dump(cfg, open(run / "config.json", "w"))
-    args = common.parse_args(flow_grpo.p, ["--resume", str(run)])
-    assert common.resume_config(args, flow_grpo.p, "flow_grpo") is None and args.same_noise is False
-    with pytest.raises(ValueError, match="--same-noise True .*the run's: False"):
-        common.resume_config(common.parse_args(flow_grpo.p, ["--resume", str(run), "--same-noise"]), flow_grpo.p,
-                             "flow_grpo")
-    json.dump(cfg | {"same_noise": True}, open(run / "config.json", "w"))
-    args = common.parse_args(flow_grpo.p, ["--resume", str(run)])
-    common.resume_config(args, flow_grpo.p, "flow_grpo")
-    assert args.same_noise is True
-
-
 def test_an_earlier_checkpoint_resumes_only_as_a_fork(tmp_path, finished_run, monkeypatch):
     """Resuming step 1 in place while step 2 exists would leave step 2 behind for the next --resume."""
     run = copy_run(finished_run, tmp_path)
