@@ -217,3 +217,14 @@ def test_no_dominant_method_verdict():
     assert got["no method beats all three others"].startswith("held")
     one = claims.judge_claim("no_dominant_method", figs({c: v[:1] for c, v in gains.items()}))
     assert one["no method beats all three others"] == "one seed: no interval to judge by"
+
+
+def test_grpo_gradient_signal_smoke(tmp_path):
+    """The plumbing: two rows (one noise per video / per group), a cosine per pair of rollouts, in [-1, 1]."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import grpo_gradient_signal
+    rows = grpo_gradient_signal.main(grpo_gradient_signal.p.parse_args(["--smoke", "--threads", "1",
+                                                                          "--out", str(tmp_path / "s.json")]))
+    assert [r["initial_noise"] for r in rows] == ["one per video", "one per group"]
+    assert all(len(r["cosines"]) == 1 and -1 <= r["cosines"][0] <= 1 and r["group_reward_std"] >= 0 for r in rows)
+    assert json.load(open(tmp_path / "s.json"))["results"] == rows
