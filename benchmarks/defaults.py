@@ -1,15 +1,15 @@
-"""The four scripts' default runs on the toy model, each judged by the rule a default must meet: its trained
+"""The five scripts' default runs on the toy model, each judged by the rule a default must meet: its trained
 reward rises on the held-out prompts and no other held-out dimension (colour accuracy included) falls by more
 than 0.05; RWR must raise the judge's held-out pass rate.
 
-    python benchmarks/defaults.py                       # the four default runs, one after the other
+    python benchmarks/defaults.py                       # the five default runs, one after the other
     python benchmarks/defaults.py --only vlm_feedback_rwr --threads 2
     python benchmarks/defaults.py --report              # the tables from the finished runs only
 
 Each run is the plain `python <script>.py` (plus --out, and any --extra flags, which the table then names);
 runs are resumable: a finished run is read, an interrupted one resumed. Prints, per script, every held-out
 figure at the start and the end with its change, writes benchmarks/results/defaults.json and a before/after
-GIF per script (assets/<online_vpo|gran_dpo|vader|rwr>_before_after.gif: left the first evaluation's videos, right the last's, the
+GIF per script (assets/<online_vpo|gran_dpo|vader|rwr|flow_grpo>_before_after.gif: left the first evaluation's videos, right the last's, the
 same prompts and seeds).
 """
 import argparse
@@ -22,8 +22,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["online_vpo", "gran_dpo", "vader_grad", "vlm_feedback_rwr"]
-GIFS = {"online_vpo": "online_vpo", "gran_dpo": "gran_dpo", "vader_grad": "vader", "vlm_feedback_rwr": "rwr"}
+SCRIPTS = ["online_vpo", "gran_dpo", "vader_grad", "vlm_feedback_rwr", "flow_grpo"]
+GIFS = {"online_vpo": "online_vpo", "gran_dpo": "gran_dpo", "vader_grad": "vader", "vlm_feedback_rwr": "rwr",
+        "flow_grpo": "flow_grpo"}
 TOLERANCE = 0.05  # the most any other held-out dimension may fall
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
