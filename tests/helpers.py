@@ -17,7 +17,9 @@ def torchrun(script, argv, nproc=2, extra=()):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
            os.path.join(ROOT, "tests", "dist_run.py"), script, *extra, *argv]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    # (the first errors name the rank that failed first; the tail is usually the other rank's lost connection)
+    first = "\n".join([line for line in res.stderr.splitlines() if "Error" in line][:12])
+    assert res.returncode == 0, f"first errors:\n{first}\n...\n" + res.stdout[-3000:] + res.stderr[-5000:]
     return res
 
 
