@@ -403,7 +403,8 @@ def markdown(name, save):
              "change from step 0 to the end on held-out prompts, mean ± std over seeds.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c, st in stats.items():
-        cells = [f"`{c}`"] + ([f"{st['delta/reward'][0]:+.3f} ± {st['delta/reward'][1]:.3f}"] if "delta/reward" in st else [])
+        cells = [f"`{c}`"] + ([(f"{st['delta/reward'][0]:+.3f} ± {st['delta/reward'][1]:.3f}" if "delta/reward" in st
+                                else "-")] if "trained reward" in head else [])  # (RWR: its judge's, not a reward)
         cells += [(f"{st[k][0]:.4f} ± {st[k][1]:.4f}" if k == "diversity" else f"{st[k][0]:+.3f} ± {st[k][1]:.3f}")
                   if k in st else "" for k in keys]
         cells += [f"{st['sec'][0]:.0f}" if "sec" in st else ""]

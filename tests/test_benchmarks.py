@@ -228,3 +228,15 @@ def test_grpo_gradient_signal_smoke(tmp_path):
     assert [r["initial_noise"] for r in rows] == ["one per video", "one per group"]
     assert all(len(r["cosines"]) == 1 and -1 <= r["cosines"][0] <= 1 and r["group_reward_std"] >= 0 for r in rows)
     assert json.load(open(tmp_path / "s.json"))["results"] == rows
+
+
+def test_a_claims_table_keeps_its_columns_when_a_configuration_has_no_trained_reward():
+    """RWR scores with a judge: its row has no 'delta/reward', and its cells must not shift one column left."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import claims
+    stats = {"dpo": {"delta/reward": [0.01, 0.002], "delta/visual_quality": [0.0, 0.001], "sec": [400.0, 1.0]},
+             "rwr_480": {"delta/visual_quality": [-0.003, 0.001], "sec": [700.0, 1.0]}}
+    text = claims.markdown("no_dominant_method", {"mean_std": stats, "seeds": [0, 1], "command": "c", "verdict": {}})
+    head, _, dpo, rwr = [line for line in text.splitlines() if line.startswith("|")]
+    assert head.count("|") == dpo.count("|") == rwr.count("|")
+    assert rwr.split("|")[2].strip() == "-" and rwr.split("|")[3].strip() == "-0.003 ± 0.001"
