@@ -288,7 +288,7 @@ def main(args):
             sl = slice(c, c + args.sample_batch_size)
             part = sde_sample(model, prompts[sl], seeds[sl], video_kw, window, args.sde_noise, autocast,
                               init[sl] if args.same_noise else None)
-            scores.append(reward_fn(part.pop("videos"), prompts[c: c + args.sample_batch_size])["reward"].float())
+            scores.append(reward_fn(part.pop("videos"), prompts[sl])["reward"].float())
             parts.append(part)
         return {"prompts": prompts, "reward": torch.cat(scores).view(n_rank, G),
                 "timesteps": parts[0]["timesteps"], "sigmas": parts[0]["sigmas"]} | \

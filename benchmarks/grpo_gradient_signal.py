@@ -25,6 +25,7 @@ import common  # noqa: E402
 import flow_grpo  # noqa: E402
 import models  # noqa: E402
 import rewards  # noqa: E402
+from dpo_gradient_signal import cosine  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--prompts", type=int, default=8, help="training prompts per batch (as flow_grpo.py's default)")
@@ -84,7 +85,7 @@ def main(args):
     for same in (False, True):
         grads = [batch_gradient(model, reward, params, prompts, args.group_size, 1000 + k, same, kw, window)
                  for k in range(args.rollouts)]
-        cos = [(a @ b / (a.norm() * b.norm() + 1e-30)).item() for (a, _), (b, _) in itertools.combinations(grads, 2)]
+        cos = [cosine(a, b) for (a, _), (b, _) in itertools.combinations(grads, 2)]
         row = {"initial_noise": "one per group" if same else "one per video", "cosines": cos,
                "mean_cosine": sum(cos) / len(cos), "group_reward_std": sum(s for _, s in grads) / len(grads)}
         results.append(row)

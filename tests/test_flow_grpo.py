@@ -133,7 +133,8 @@ def test_flow_grpo_trains_and_logs(tmp_path):
 
 def test_minibatches_take_one_optimizer_step_per_share_of_the_groups(tmp_path):
     """--minibatches 2 with two groups: two Adam steps per rollout batch, the second on the group the first did
-    not see, whose ratio is then no longer 1 (the policy moved); --minibatches 1 (the default): one step, ratio 1."""
+    not see, whose ratio is then no longer 1 (the policy moved). (The default, one step with ratio 1:
+    test_flow_grpo_trains_and_logs.)"""
     out = run_main(flow_grpo, FAST + ["--steps", "1", "--minibatches", "2", "--sde-window", "0:2",
                                       "--out", str(tmp_path / "r")])
     state = torch.load(os.path.join(common.latest_checkpoint(out), "state.pt"), weights_only=False)
