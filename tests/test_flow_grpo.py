@@ -131,12 +131,17 @@ def test_flow_grpo_trains_and_logs(tmp_path):
     assert os.path.exists(os.path.join(common.latest_checkpoint(out), "lora", "README.md"))
 
 
-def test_minibatches_take_one_optimizer_step_per_share_of_the_groups(tmp_path):
-    """--minibatches 2 with two groups: two Adam steps per rollout batch, the second on the group the first did
-    not see, whose ratio is then no longer 1 (the policy moved). (The default, one step with ratio 1:
-    test_flow_grpo_trains_and_logs.)"""
-    out = run_main(flow_grpo, FAST + ["--steps", "1", "--minibatches", "2", "--sde-window", "0:2",
+def test_minibatches_take_one_optimizer_step_per_share_of_the_groups(tmp_path, monkeypatch):
+    """--minibatches 2 with two groups: two Adam steps per rollout batch, each on ONE group's videos (the first
+    minibatch's and the second's disjoint), the second's ratio no longer 1 (the policy moved). (The default, one
+    step with ratio 1: test_flow_grpo_trains_and_logs.)"""
+    seen, real = [], flow_grpo.transition
+    monkeypatch.setattr(flow_grpo, "transition", lambda model, x, x_next, *a: seen.append(x_next.clone()) or
+                        real(model, x, x_next, *a))
+    out = run_main(flow_grpo, FAST + ["--steps", "1", "--minibatches", "2", "--sde-window", "0:2", "--kl-beta", "0",
                                       "--out", str(tmp_path / "r")])
+    assert [len(x) for x in seen] == [2] * 4  # (minibatch, window step): one group of G = 2 each
+    assert not any(torch.equal(a, b) for a in seen[0] for b in seen[2])  # step 0 of minibatch 0 vs minibatch 1
     state = torch.load(os.path.join(common.latest_checkpoint(out), "state.pt"), weights_only=False)
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {2}
     row = next(json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"eval"' not in line)
