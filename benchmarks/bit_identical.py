@@ -33,7 +33,7 @@ TIMING = ("sec", "samples_per_s", "time", "elapsed", "peak_mem")  # fields that 
 TINY = ["--num-frames", "5", "--height", "16", "--width", "16", "--sample-steps", "2", "--num-eval-prompts", "2",
         "--prompts", "{prompts}", "--eval-prompts", "{prompts}", "--reward", "toy:temporal"]
 RUNS = {  # name -> argv after `python`
-    "online_vpo": ["online_vpo.py", "--steps", "3"],
+    "online_vpo": ["online_vpo.py", "--steps", "3", "--recipe", "paper"],  # (the default until the toy recipe)
     "gran_dpo": ["gran_dpo.py", "--steps", "3"],
     "vader_grad": ["vader_grad.py", "--steps", "3"],
     "vlm_feedback_rwr": ["vlm_feedback_rwr.py", "--rounds", "1"],

@@ -46,8 +46,9 @@ p.add_argument("--readme", action="store_true", help="rewrite docs/claims.md's c
 # (rewards and learning rates pinned, so re-tuning a script's toy default does not move the claims. DPO's lr:
 # on the step-11000 base, 1e-3 (the previous sweeps') lost the held-out reward on the pilot seed, 3e-4 gained: docs/claims.md)
 DPO = {"script": "online_vpo.py", "--reward": "toy:temporal", "--lr": 3e-4, "--steps": 30, "--batch-size": 4,
-       "--num-candidates": 4, "--ref-update-interval": 10, "--eval-every": 10, "--save-every": 1000}
-GRAN = DPO | {"script": "gran_dpo.py"}
+       "--num-candidates": 4, "--ref-update-interval": 10, "--eval-every": 10, "--save-every": 1000,
+       "--recipe": "paper"}  # (the toy default until the toy recipe became it: runs kept from before ran it unnamed)
+GRAN = {k: v for k, v in DPO.items() if k != "--recipe"} | {"script": "gran_dpo.py"}  # (gran_dpo: the paper's)
 VADER = {"script": "vader_grad.py", "--reward": "toy:temporal", "--lr": 1e-3, "--steps": 60, "--batch-size": 4,
          "--eval-every": 10, "--save-every": 1000}
 RWR = {"script": "vlm_feedback_rwr.py", "--lr": 1e-4, "--rounds": 2, "--prompts-per-round": 24,
@@ -143,7 +144,10 @@ def base_fingerprint():
 def flags(name, seed, args):
     """What a run was run with (script, flags, seed, base weights; no paths): a kept run counts only while its
     configuration and the base it ran on stand."""
-    return [os.path.basename(a) for a in argv_of(CONFIGS[name], seed, "", args.smoke)[1:-2]] + [f"base={base_fingerprint()}"]
+    argv = [os.path.basename(a) for a in argv_of(CONFIGS[name], seed, "", args.smoke)[1:-2]]
+    if "--recipe" in argv and argv[argv.index("--recipe") + 1] == "paper":  # (see DPO: kept runs do not name it)
+        del argv[argv.index("--recipe"): argv.index("--recipe") + 2]
+    return argv + [f"base={base_fingerprint()}"]
 
 
 def finished_in(folder, name, seed, args):

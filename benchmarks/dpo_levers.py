@@ -37,8 +37,10 @@ p.add_argument("--smoke", action="store_true", help="2 steps, 1 seed, tiny evalu
 p.add_argument("--deadline-s", type=float, default=None, help="start no new run after this many seconds (then aggregate)")
 
 EVAL = {"--eval-seeds": 4, "--num-eval-prompts": 52, "--heldout-pairs": 16, "--eval-every": 1000, "--save-every": 1000}
-PAPER = {"script": "online_vpo.py"} | EVAL  # the toy default as the paper specifies it (independent samples, 1 draw)
+PAPER = {"script": "online_vpo.py", "--recipe": "paper"} | EVAL  # OnlineVPO as the paper specifies it (independent
+# samples, 1 draw): the toy default until the toy recipe became it, so runs kept from before ran it without the flag
 RECIPE = {"--branch-at": 2, "--dpo-draws": 4, "--dpo-epochs": 2, "--timestep-sampling": "logit-normal"}
+ANCHOR = RECIPE | {"--data-anchor": 1, "--beta": 2000, "--lr": 3e-4}  # the best recipe found (docs/dpo_levers.md)
 CONFIGS = {
     "paper": PAPER,
     "lr3e-4": PAPER | {"--lr": 3e-4},
@@ -66,6 +68,13 @@ CONFIGS = {
     "recipe_dpop2_beta2000_lr3e-4": PAPER | RECIPE | {"--dpop": 2, "--beta": 2000, "--lr": 3e-4},
     "recipe_anchor1_beta2000_lr3e-4": PAPER | RECIPE | {"--data-anchor": 1, "--beta": 2000, "--lr": 3e-4},
     "recipe_anchor1_beta2000_lr1e-3": PAPER | RECIPE | {"--data-anchor": 1, "--beta": 2000, "--lr": 1e-3},
+    # session 18: the levers of issue #30 not yet run, each on top of the best recipe (the data anchor)
+    "anchor_n8": PAPER | ANCHOR | {"--num-candidates": 8},
+    "anchor_all_draws1": PAPER | ANCHOR | {"--pairing": "all", "--dpo-draws": 1},
+    "anchor_noref": PAPER | ANCHOR | {"--ref-update-interval": 0},
+    "anchor_beta5000": PAPER | ANCHOR | {"--beta": 5000},
+    "anchor_cfg2": PAPER | ANCHOR | {"--guidance": 2.0},
+    "anchor_steps20": PAPER | ANCHOR | {"--sample-steps": 20},
     "recipe_anchor1_dpop2_beta2000_lr1e-3": PAPER | RECIPE | {"--data-anchor": 1, "--dpop": 2, "--beta": 2000,
                                                               "--lr": 1e-3},
 }
@@ -100,6 +109,9 @@ def same_flags(a, b):
         argv = list(argv or [])
         if "--out" in argv:
             i = argv.index("--out")
+            del argv[i: i + 2]
+        if "--recipe" in argv and argv[argv.index("--recipe") + 1] == "paper":  # (see PAPER: runs kept from
+            i = argv.index("--recipe")  # before the flag ran the paper's recipe without it)
             del argv[i: i + 2]
         return argv
     return a is not None and strip(a) == strip(b)

@@ -75,7 +75,8 @@ def video_args(model_name, algorithm):
     reward = {"online_vpo": "toy:temporal", "gran_dpo": "toy:quality", "vader_grad": "toy:quality",
               "vlm_feedback_rwr": "judge"}[algorithm]
     flag = "--judge" if algorithm == "vlm_feedback_rwr" else "--reward"
-    return size + [flag, reward]
+    recipe = ["--recipe", "paper"] if algorithm == "online_vpo" else []  # (the figures are the paper's settings')
+    return size + [flag, reward] + recipe
 
 
 def run_one(algorithm, folder, json_out, args):

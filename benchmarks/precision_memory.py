@@ -19,7 +19,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.dirname(os.path.abspath(__file__))]
-SCRIPTS = {"online_vpo": ["--batch-size", "2", "--num-candidates", "2", "--min-margin", "0"],
+SCRIPTS = {"online_vpo": ["--batch-size", "2", "--num-candidates", "2", "--min-margin", "0", "--recipe", "paper"],
            "vader_grad": ["--batch-size", "2"]}
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

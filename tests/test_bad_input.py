@@ -15,7 +15,7 @@ import vlm_feedback_rwr as rwr
 from helpers import run_main
 
 DPO_FAST = ["--batch-size", "2", "--num-candidates", "2", "--sample-steps", "2", "--num-eval-prompts", "2",
-            "--lora-rank", "4", "--min-margin", "0", "--heldout-pairs", "2"]
+            "--lora-rank", "4", "--min-margin", "0", "--heldout-pairs", "2", "--recipe", "paper"]
 SCRIPTS = {"online_vpo": online_vpo, "gran_dpo": gran_dpo, "vader_grad": vader_grad, "vlm_feedback_rwr": rwr}
 STEPPED = ["online_vpo", "gran_dpo", "vader_grad"]  # (RWR counts rounds and evaluates after every one)
 

@@ -17,7 +17,7 @@ import vader_grad
 import vlm_feedback_rwr
 from helpers import ROOT, assert_ranks_agree_with_one_process, run_main
 from test_flow_grpo import FAST as GRPO
-from test_regime import DPO, RWR, VADER
+from test_regime import DPO, OVPO, RWR, VADER
 
 SIZE = ["--num-frames", "9", "--height", "32", "--width", "32"]  # latents 3 x 4 x 4, 2x2 patches: 12 tokens
 
@@ -45,7 +45,7 @@ def test_denoiser_under_cp2_equals_one_process(tmp_path, tiny_folders):
 
 
 @pytest.mark.parametrize("script,argv", [
-    ("online_vpo", DPO + ["--steps", "1"]),
+    ("online_vpo", OVPO + ["--steps", "1"]),
     ("gran_dpo", DPO + ["--steps", "1", "--reward", "toy:quality", "--patch-grid", "1,2,2"]),
     ("vader_grad", VADER + ["--steps", "1"]),
     ("vlm_feedback_rwr", RWR),
@@ -67,7 +67,7 @@ def test_cp2_with_fsdp_equals_one_process(tmp_path, tiny_folders, regime):
     share of the gradient must be summed (average_gradients multiplies by cp): 100% off without it. bf16: the
     regime users launch (bf16, FSDP2 in both runs so that the numerics match, per-block gradient checkpointing,
     whose recomputed attention repeats the all-to-alls in the backward)."""
-    args = DPO + ["--steps", "1", "--reward", "toy:text", "--model", tiny_folders["wan"]] + SIZE
+    args = OVPO + ["--steps", "1", "--reward", "toy:text", "--model", tiny_folders["wan"]] + SIZE
     if regime == "bf16":
         args += ["--mixed-precision", "bf16", "--fsdp", "--grad-checkpointing"]
     assert_ranks_agree_with_one_process("online_vpo", args, tmp_path, tol=1e-4 if regime == "fp32" else 5e-3,

@@ -3,16 +3,18 @@ timesteps, several evaluation seeds, and the implicit accuracy on fresh held-out
 import json
 import os
 
+import pytest
 import torch
 
 import common
 import distributed
 import models
 import online_vpo
-from helpers import run_main
+from helpers import assert_ranks_agree_with_one_process, final_params, max_diff, run_main
 
 FAST = ["--batch-size", "2", "--num-candidates", "2", "--sample-steps", "2", "--num-eval-prompts", "2",
-        "--lora-rank", "4", "--min-margin", "0", "--heldout-pairs", "0", "--save-every", "99", "--eval-every", "99"]
+        "--lora-rank", "4", "--min-margin", "0", "--heldout-pairs", "0", "--save-every", "99", "--eval-every", "99",
+        "--recipe", "paper"]  # (each lever is tested alone; the toy recipe's defaults at the end of this file)
 PROMPT = "a red square moving right"
 
 
@@ -278,3 +280,67 @@ def test_every_lever_together_trains_in_bf16(tmp_path, toy_model):
     evals = [r for r in rows if r.get("eval")]
     assert evals[0]["eval/heldout_implicit_acc"] == 0.5  # step 0: the policy is the initial model, every pair a tie
     assert 0 <= evals[-1]["eval/heldout_implicit_acc"] <= 1
+
+
+# ---- the toy recipe: online_vpo's default on the toy model (docs/dpo_levers.md, issue #30) ----------------------
+TOY = dict(recipe="toy", branch_at=2, dpo_draws=4, dpo_epochs=2, timestep_sampling="logit-normal", beta=2000.0,
+           lr=3e-4, data_anchor=1.0)
+PAPER = dict(recipe="paper", branch_at=None, dpo_draws=1, dpo_epochs=1, timestep_sampling="uniform", beta=None,
+             lr=1e-4, data_anchor=0.0)
+
+
+def resolved(argv, family="toy"):
+    args = online_vpo.resolve_defaults(online_vpo.p.parse_args(argv), family)
+    return {k: getattr(args, k) for k in TOY}
+
+
+def test_the_toy_default_is_the_recipe_and_recipe_paper_is_the_papers_settings(tmp_path):
+    assert resolved([]) == TOY
+    assert resolved(["--recipe", "paper"]) == PAPER
+    # a lever typed on the command line wins over its recipe's value; 'none' turns the branch off
+    assert resolved(["--dpo-draws", "3", "--branch-at", "none", "--lr", "1e-3"]) == TOY | dict(
+        dpo_draws=3, branch_at=None, lr=1e-3)
+    assert resolved(["--recipe", "paper", "--branch-at", "1", "--beta", "500"]) == PAPER | dict(branch_at=1, beta=500.0)
+    assert resolved([], family="wan") == PAPER  # real models: the paper's (beta: 100 once the model says flow)
+    with pytest.raises(ValueError, match="--recipe paper"):
+        resolved(["--recipe", "toy"], family="wan")
+    # a resumed run keeps its own levers (config.json); where a run older than a flag lacks one, the paper's value
+    # is what it ran with, and a run older than --recipe ran the paper's settings
+    (tmp_path / "config.json").write_text("{}")
+    assert resolved(["--resume", str(tmp_path)]) == PAPER
+
+
+def test_a_run_that_turned_the_toy_recipes_branch_off_resumes_without_it(tmp_path, toy_model):
+    """config.json stores the branch as None (independent samples): a resume must not take the recipe's step 2
+    back (at --sample-steps 2 that would even be refused)."""
+    out = str(tmp_path / "r")
+    argv = FAST[:-2] + ["--branch-at", "none", "--dpo-draws", "2", "--steps", "1", "--save-every", "1", "--out", out]
+    run_main(online_vpo, argv)
+    run_main(online_vpo, ["--resume", out, "--steps", "2"])
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["recipe"] == "toy" and config["branch_at"] is None and config["dpo_draws"] == 2
+    assert config["dpo_epochs"] == 2 and config["data_anchor"] == 1.0 and config["steps"] == 2
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows if not r.get("eval")] == [1, 2]
+
+
+def test_the_toy_recipe_resumed_equals_an_uninterrupted_run(tmp_path, toy_model):
+    """The default as users run it (aligned pairs, 4 draws, 2 epochs, logit-normal, the data anchor): a run
+    stopped at step 1 and resumed ends where the uninterrupted run ends, bit for bit."""
+    argv = FAST[:-2] + ["--sample-steps", "4", "--ref-update-interval", "0"]
+    run_main(online_vpo, argv + ["--steps", "2", "--save-every", "1", "--out", str(tmp_path / "full")])
+    run_main(online_vpo, argv + ["--steps", "1", "--save-every", "1", "--out", str(tmp_path / "part")])
+    run_main(online_vpo, ["--resume", str(tmp_path / "part"), "--steps", "2"])
+    full, part = (json.load(open(tmp_path / d / "config.json")) for d in ("full", "part"))
+    assert full["recipe"] == part["recipe"] == "toy" and part["branch_at"] == 2 and part["dpo_draws"] == 4
+    assert max_diff(final_params(str(tmp_path / "full")), final_params(str(tmp_path / "part"))) == 0.0
+    rows = [[json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")] for d in ("full", "part")]
+    loss = [[r["loss"] for r in rs if "loss" in r and not r.get("eval")] for rs in rows]
+    assert loss[0] == loss[1] and len(loss[0]) == 2
+
+
+def test_torchrun_toy_recipe_two_ranks_equal_one_process(tmp_path, toy_model):
+    """The toy default on 2 ranks (aligned candidates, 4 draws, 2 epochs, the data anchor's renders split with
+    the pairs) = one process: weights and every update's averaged gradient."""
+    args = FAST[:-2] + ["--sample-steps", "4", "--steps", "2", "--ref-update-interval", "0"]
+    assert_ranks_agree_with_one_process("online_vpo", args, tmp_path, tol=3e-4)

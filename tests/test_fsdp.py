@@ -13,20 +13,20 @@ from safetensors.torch import load_file
 import common
 from helpers import assert_ranks_agree_with_one_process, load_rank, max_diff, torchrun
 from test_flow_grpo import FAST as GRPO
-from test_regime import DPO, RWR, UNEVEN, VADER, two_prompts  # noqa: F401 (a fixture)
+from test_regime import DPO, OVPO, RWR, UNEVEN, VADER, two_prompts  # noqa: F401 (a fixture)
 
 
 @pytest.mark.parametrize("script,argv,extra", [
-    ("online_vpo", DPO + UNEVEN + ["--steps", "2"], ["--tie", "red"]),  # a rank with no pair still runs its forward
+    ("online_vpo", OVPO + UNEVEN + ["--steps", "2"], ["--tie", "red"]),  # a rank with no pair still runs its forward
     ("gran_dpo", DPO + UNEVEN + ["--steps", "2", "--reward", "toy:quality"], ["--tie", "red"]),
     ("vader_grad", VADER + ["--steps", "2"], []),
     ("vlm_feedback_rwr", RWR, []),
     ("flow_grpo", GRPO + ["--steps", "2", "--sde-window", "0:2", "--kl-beta", "0.5"], []),  # one group per rank
-    ("online_vpo", DPO + ["--steps", "2", "--lora-rank", "0", "--lr", "1e-4"], []),  # a full fine-tune, sharded
+    ("online_vpo", OVPO + ["--steps", "2", "--lora-rank", "0", "--lr", "1e-4"], []),  # a full fine-tune, sharded
     # bf16: FSDP2 casts every weight to bf16 where autocast keeps some ops fp32, so the one process runs
     # --fsdp too (a world of 1): the same numerics, and the comparison is about the ranks
     ("vader_grad", VADER + ["--steps", "2", "--mixed-precision", "bf16", "--fsdp"], []),
-    ("online_vpo", DPO + ["--steps", "2", "--mixed-precision", "bf16", "--fsdp", "--ref-update-interval", "0",
+    ("online_vpo", OVPO + ["--steps", "2", "--mixed-precision", "bf16", "--fsdp", "--ref-update-interval", "0",
                           "--offload-frozen"], []),  # (the text encoder freed during each sharded update)
 ])
 def test_fsdp_two_ranks_equal_one_process(tmp_path, toy_model, two_prompts, script, argv, extra):
@@ -55,7 +55,7 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, toy_model, two_prompts, scri
 
 
 @pytest.mark.parametrize("script,argv,length", [
-    ("online_vpo", DPO + ["--lr", "1e-2", "--ref-update-interval", "3"], "steps"),
+    ("online_vpo", OVPO + ["--lr", "1e-2", "--ref-update-interval", "3"], "steps"),
     ("gran_dpo", DPO + ["--lr", "1e-2"], "steps"),
     ("vader_grad", VADER, "steps"),
     ("vlm_feedback_rwr", RWR, "rounds"),

@@ -45,7 +45,7 @@ def test_patch_loss_equals_hand_computed_value():
 def test_patch_weight_zero_is_exactly_video_dpo(tmp_path, toy_model):
     args = FAST + ["--steps", "2", "--reward", "toy:quality", "--lr", "3e-4"]
     run_main(gran_dpo, args + ["--patch-weight", "0", "--out", str(tmp_path / "g")])
-    run_main(online_vpo, args + ["--out", str(tmp_path / "o")])
+    run_main(online_vpo, args + ["--recipe", "paper", "--out", str(tmp_path / "o")])  # (gran_dpo has no recipe)
     assert max_diff(final_params(str(tmp_path / "g")), final_params(str(tmp_path / "o"))) == 0.0
     run_main(gran_dpo, args + ["--patch-weight", "1", "--out", str(tmp_path / "g1")])
     assert max_diff(final_params(str(tmp_path / "g1")), final_params(str(tmp_path / "o"))) > 0  # the term acts

@@ -25,7 +25,7 @@ SCRIPTS = [online_vpo, gran_dpo, vader_grad, rwr]
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory, toy_model):
     out = str(tmp_path_factory.mktemp("card") / "run")
-    run_main(online_vpo, FAST + ["--steps", "1", "--out", out])
+    run_main(online_vpo, FAST + ["--steps", "1", "--recipe", "paper", "--out", out])
     return out
 
 

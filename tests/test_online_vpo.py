@@ -12,7 +12,8 @@ from helpers import (assert_model_card_matches, assert_ranks_agree_with_one_proc
                      run_main, torchrun)
 
 FAST = ["--batch-size", "2", "--num-candidates", "2", "--sample-steps", "2", "--num-eval-prompts", "2",
-        "--lora-rank", "4", "--min-margin", "0", "--heldout-pairs", "0"]  # (held-out pairs: test_dpo_levers.py)
+        "--lora-rank", "4", "--min-margin", "0", "--heldout-pairs", "0",  # (held-out pairs: test_dpo_levers.py)
+        "--recipe", "paper"]  # (the toy recipe branches at sampler step 2 of 10; its own tests: test_dpo_levers.py)
 
 
 def test_dpo_loss_equals_hand_computed_value():

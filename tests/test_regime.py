@@ -22,6 +22,14 @@ from helpers import assert_ranks_agree_with_one_process, final_params, max_diff,
 DPO = ["--batch-size", "2", "--num-candidates", "2", "--sample-steps", "2", "--num-eval-prompts", "2",
        "--lora-rank", "4", "--min-margin", "0", "--eval-every", "99", "--heldout-pairs", "0"]  # (their own tests:
 # test_dpo_levers.py, test_resume.py; 16 held-out pairs made each toy run ~7x slower)
+OVPO = DPO + ["--recipe", "paper"]  # online_vpo's toy default branches at sampler step 2 of 10: these runs sample 2
+
+
+def dpo(script):
+    """The DPO list for online_vpo (with its paper recipe: tests/test_dpo_levers.py runs the toy one) or gran_dpo."""
+    return OVPO if script in (online_vpo, "online_vpo") else DPO
+
+
 VADER = ["--batch-size", "2", "--sample-steps", "3", "--num-eval-prompts", "2", "--diversity-prompts", "2",
          "--diversity-seeds", "2", "--lora-rank", "4", "--eval-every", "99"]
 RWR = ["--rounds", "1", "--prompts-per-round", "4", "--videos-per-prompt", "2", "--batch-size", "4",
@@ -59,7 +67,7 @@ def test_reference_forward_inside_autocast_leaves_the_policy_its_own_weights():
 
 @pytest.mark.parametrize("script", [online_vpo, gran_dpo])
 def test_bf16_dpo_trains_on_a_nonzero_signal(tmp_path, toy_model, script):
-    out = run_main(script, DPO + ["--mixed-precision", "bf16", "--lr", "1e-2", "--ref-update-interval", "0",
+    out = run_main(script, dpo(script) + ["--mixed-precision", "bf16", "--lr", "1e-2", "--ref-update-interval", "0",
                                   "--steps", "3", "--out", str(tmp_path / "r")])
     rows = train_rows(out)
     assert rows[0]["inside_mean"] == 0.0  # step 1: policy == reference, exactly
@@ -91,7 +99,7 @@ def test_bf16_run_stores_frozen_weights_in_bf16_and_trainable_in_fp32(tmp_path, 
     monkeypatch.setattr(rewards, "load_reward", lambda *a, **k: seen.setdefault("reward", load_reward(*a, **k)))
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat playing piano\na dog surfing a wave\n")
-    run_main(online_vpo, DPO + ["--model", tiny_folders["wan"], "--reward", f"videoscore@{videoscore_folder[0]}",
+    run_main(online_vpo, OVPO + ["--model", tiny_folders["wan"], "--reward", f"videoscore@{videoscore_folder[0]}",
                                 "--prompts", str(prompts), "--eval-prompts", str(prompts), "--num-frames", "9",
                                 "--height", "16", "--width", "16", "--steps", "2", "--mixed-precision", "bf16",
                                 "--out", str(tmp_path / "r")])
@@ -142,7 +150,7 @@ def test_offload_frozen_frees_text_encoder_vae_and_reward_during_the_update_and_
     for flag in (False, True):
         seen.clear()
         seen["flag"] = flag
-        outs[flag] = run_main(script, DPO + ["--model", tiny_folders["wan"], "--reward", f"videoscore@{videoscore_folder[0]}",
+        outs[flag] = run_main(script, dpo(script) + ["--model", tiny_folders["wan"], "--reward", f"videoscore@{videoscore_folder[0]}",
                                              "--prompts", str(prompts), "--eval-prompts", str(prompts), "--num-frames", "9",
                                              "--height", "16", "--width", "16", "--steps", "2", "--mixed-precision", "bf16",
                                              "--out", str(tmp_path / str(flag))] + ["--offload-frozen"] * flag
@@ -175,7 +183,7 @@ def test_gpu_runs_get_a_process_group_that_serves_cpu_tensors(monkeypatch):
 
 # ---- 3. micro-batching: --sample-batch-size never changes the result ------------------------------
 @pytest.mark.parametrize("script,argv", [
-    (online_vpo, DPO + ["--batch-size", "4"]), (gran_dpo, DPO + ["--batch-size", "4"]),
+    (online_vpo, OVPO + ["--batch-size", "4"]), (gran_dpo, DPO + ["--batch-size", "4"]),
     (vader_grad, VADER + ["--batch-size", "4"]), (rwr, RWR)])
 def test_sample_batch_size_does_not_change_the_run(tmp_path, toy_model, script, argv):
     outs = [run_main(script, argv + ["--steps" if script is not rwr else "--epochs", "2", "--sample-batch-size", str(b),
@@ -216,7 +224,7 @@ def test_prompt_cache_is_bounded_and_holds_no_batch(toy_model, monkeypatch):
 
 # ---- 4. resume, in every form --------------------------------------------------------------------
 def test_offline_resume_uses_the_initial_models_pairs(tmp_path, toy_model):
-    args = DPO + ["--offline", "--lr", "1e-2"]
+    args = OVPO + ["--offline", "--lr", "1e-2"]
     run_main(online_vpo, args + ["--steps", "4", "--out", str(tmp_path / "full"), "--save-every", "2"])
     run_main(online_vpo, args + ["--steps", "2", "--out", str(tmp_path / "part")])
     run_main(online_vpo, args + ["--steps", "4", "--resume", str(tmp_path / "part")])
@@ -228,7 +236,7 @@ def optimizer_state(out):
     return [v for s in state["optimizer"]["state"].values() for k, v in sorted(s.items()) if torch.is_tensor(v)]
 
 
-@pytest.mark.parametrize("script,argv", [(online_vpo, DPO), (vader_grad, VADER)])
+@pytest.mark.parametrize("script,argv", [(online_vpo, OVPO), (vader_grad, VADER)])
 def test_resume_with_a_random_frame_reward_equals_an_uninterrupted_run(tmp_path, clip_folder, script, argv):
     # pickscore:random draws its frame from the global RNG: a resume that forgot the RNG state diverges
     args = argv + ["--reward", f"pickscore:random@{clip_folder}", "--lr", "1e-2"]
@@ -284,7 +292,7 @@ def implicit_preference(out, good, bad, prompt, lora_rank=4, seed=0, n=32):
     return (d[:, 0] - d[:, 1]).mean().item()
 
 
-@pytest.mark.parametrize("script", ["online_vpo", "gran_dpo", "rwr_dpo"])
+@pytest.mark.parametrize("script", ["online_vpo", "online_vpo_toy_recipe", "gran_dpo", "rwr_dpo"])
 def test_dpo_moves_the_policy_toward_the_preferred_video(tmp_path, toy_model, monkeypatch, script):
     good, bad = fixed_pair()
     prompt = "a red square falling"
@@ -303,8 +311,9 @@ def test_dpo_moves_the_policy_toward_the_preferred_video(tmp_path, toy_model, mo
                                    "--batch-size", "2", "--out", str(tmp_path / "r")])  # one (yes, no) pair a round
         assert sum(r["batches"] for r in train_rows(out) if "epoch" in r) == 3
     else:
-        mod = online_vpo if script == "online_vpo" else gran_dpo
-        out = run_main(mod, DPO + ["--reward", "toy:quality", "--steps", "4", "--lr", "3e-3", "--ref-update-interval", "0",
+        mod = gran_dpo if script == "gran_dpo" else online_vpo
+        argv = DPO + ["--sample-steps", "4"] if script == "online_vpo_toy_recipe" else dpo(mod)  # (its branch: step 2)
+        out = run_main(mod, argv + ["--reward", "toy:quality", "--steps", "4", "--lr", "3e-3", "--ref-update-interval", "0",
                                    "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "r")])
         assert all(r["pairs_used"] == 2 and r["margin"] > 0.05 for r in train_rows(out))
     assert implicit_preference(out, good, bad, prompt) < -1e-4  # the clean video became relatively MORE likely
@@ -321,7 +330,7 @@ def two_prompts(tmp_path):
 
 
 def test_torchrun_online_vpo_bf16_uneven_pairs(tmp_path, toy_model, two_prompts):
-    args = DPO + two_prompts + UNEVEN + ["--steps", "2", "--mixed-precision", "bf16", "--ref-update-interval", "0",
+    args = OVPO + two_prompts + UNEVEN + ["--steps", "2", "--mixed-precision", "bf16", "--ref-update-interval", "0",
                                          "--lr", "1e-2"]
     # bf16: the gradients agree to ~5e-4 relative; AdamW at lr 1e-2 turns that rounding on near-zero entries into
     # weight differences of a few 1e-3, so the weights are compared loosely and the gradients are the real check
@@ -343,7 +352,7 @@ def test_torchrun_gran_dpo_gap_weighting_uneven_pairs(tmp_path, toy_model, two_p
 
 def test_torchrun_fp16_rank_without_pairs_on_its_first_step(tmp_path, toy_model, two_prompts):
     # rank 0 has no valid pair on step 1: it never calls scaler.scale() but must unscale_ with rank 1
-    args = DPO + two_prompts + UNEVEN + ["--steps", "2", "--mixed-precision", "fp16", "--out", str(tmp_path / "f")]
+    args = OVPO + two_prompts + UNEVEN + ["--steps", "2", "--mixed-precision", "fp16", "--out", str(tmp_path / "f")]
     torchrun("online_vpo", args, extra=["--tie", "red"])
     assert [r["pairs_used"] for r in train_rows(str(tmp_path / "f"))] == [1, 3]
 

@@ -20,7 +20,7 @@ import vlm_feedback_rwr as rwr
 from helpers import ROOT, run_main
 
 FAST = ["--batch-size", "2", "--num-candidates", "2", "--sample-steps", "2", "--num-eval-prompts", "2",
-        "--lora-rank", "4", "--min-margin", "0", "--heldout-pairs", "2"]
+        "--lora-rank", "4", "--min-margin", "0", "--heldout-pairs", "2", "--recipe", "paper"]
 RWR_FAST = ["--rounds", "1", "--prompts-per-round", "4", "--videos-per-prompt", "2", "--batch-size", "4",
             "--sample-steps", "2", "--eval-seeds", "1", "--num-train-eval-prompts", "2", "--lora-rank", "4",
             "--judge", "judge:p_yes"]
