@@ -407,14 +407,15 @@ def script_of(cfg):
     return m.group(1) if m else next((s for s, k in SCRIPT_FLAGS.items() if k in cfg), None)
 
 
-def resume_config(args, parser, script):
+def resume_config(args, parser, script, predates=None):
     """--resume continues the run that was started. Every flag the command did not give takes the run's saved
     value (config.json); a given flag may differ from it only where that leaves the run the same (RESUME_SAFE;
     RESUME_OWN are this command's own: --out forks the run); any other given flag that differs is refused by
     name, as is another script's run, a damaged checkpoint, or a sharded one without --fsdp (and the reverse).
     Call it first in main(): it reads only small files. `args.given` lists the flags the command typed
     (common.parse_args); where it is missing (main() called from Python with a whole namespace) a flag counts
-    as given where it differs from the parser's default. Returns the checkpoint to load, or None: a new run, or
+    as given where it differs from the parser's default. `predates`: {flag: the value a run older than the flag
+    ran with}, where that is not the parser's default (online_vpo's levers: the paper recipe's). Returns the checkpoint to load, or None: a new run, or
     one that failed before its first checkpoint, which then starts afresh from its saved configuration."""
     given = vars(args).pop("given", None)
     if not args.resume:
@@ -435,7 +436,8 @@ def resume_config(args, parser, script):
         if k in RESUME_OWN:
             continue
         if k not in saved:  # a flag newer than the run: the run ran with its default, so only that continues it
-            if k in given and k not in RESUME_SAFE and getattr(args, k) != defaults[k]:
+            ran = (predates or {}).get(k, defaults[k])
+            if k in given and k not in RESUME_SAFE and getattr(args, k) not in (defaults[k], ran):
                 changed.append(f"--{k.replace('_', '-')} {getattr(args, k)} (the run predates the flag: it ran "
                                f"without it)")
             continue

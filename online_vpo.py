@@ -72,9 +72,9 @@ p.add_argument("--min-margin", type=float, default=0.02,
 p.add_argument("--pairing", default="best-worst", choices=["best-worst", "all"],
                help="best vs worst of the N candidates (one pair per prompt), or every pair of them above the margin")
 p.add_argument("--recipe", default=None, choices=list(RECIPES),
-               help="default values of the six levers below and --lr: 'paper' (OnlineVPO) or 'toy' (the best found "
-                    "on the toy model, docs/dpo_levers.md; toy only); default toy on the toy model, paper otherwise; "
-                    "a lever given explicitly overrides its recipe's value")
+               help="values of the six levers below and --lr: 'paper' (OnlineVPO) or 'toy' (the best found on the "
+                    "toy model, docs/dpo_levers.md; toy only); default toy on the toy model, paper otherwise; a lever "
+                    "given explicitly overrides its recipe's value")
 p.add_argument("--branch-at", type=branch_step, default=None,
                help="aligned candidates: one initial noise per prompt, own noise after this sampler step (SDEdit "
                     "branch; flow models); 'none': independent samples (paper); recipe toy: 2")
@@ -191,7 +191,8 @@ def resolve_defaults(args, family):
 
 def main(args):
     # ---- validate everything cheap before anything heavy loads ------------------------------
-    checkpoint = common.resume_config(args, p, "online_vpo")  # --resume: the run's own configuration, checked first
+    checkpoint = common.resume_config(args, p, "online_vpo",  # --resume: the run's own configuration, checked first
+                                      predates={k: v for k, v in RECIPES["paper"].items() if v is not None})
     if args.num_candidates < 2:  # (every pair would be skipped: a run that trains nothing)
         raise ValueError(
                          f"--num-candidates {args.num_candidates}: a pair needs two candidates of a prompt: pass 2 or "
