@@ -193,6 +193,8 @@ def main(args):
     # ---- validate everything cheap before anything heavy loads ------------------------------
     checkpoint = common.resume_config(args, p, "online_vpo",  # --resume: the run's own configuration, checked first
                                       predates={k: v for k, v in RECIPES["paper"].items() if v is not None})
+    common.check_positive(args, "steps", "batch_size", "sample_batch_size", "num_eval_prompts", "eval_every",
+                          "save_every", "eval_seeds", "dpo_draws", "dpo_epochs", "sample_steps")
     if args.num_candidates < 2:  # (every pair would be skipped: a run that trains nothing)
         raise ValueError(
                          f"--num-candidates {args.num_candidates}: a pair needs two candidates of a prompt: pass 2 or "
@@ -200,8 +202,6 @@ def main(args):
     common.check_track(args.track)
     model_path, family = models.resolve_model(args.model)
     resolve_defaults(args, family)
-    common.check_positive(args, "steps", "batch_size", "sample_batch_size", "num_eval_prompts", "eval_every",
-                          "save_every", "eval_seeds", "dpo_draws", "dpo_epochs", "sample_steps")
     models.fill_video_args(args, model_path, family)
     try:
         common.check_branch(args.branch_at, args.sample_steps, model_path)
