@@ -49,8 +49,8 @@ RECIPES = {"paper": dict(branch_at=None, dpo_draws=1, dpo_epochs=1, timestep_sam
 
 
 def branch_step(s):
-    """--branch-at: a sampler step, or 'none' (independent samples), kept as -1 until the recipe has filled in."""
-    return -1 if s.lower() == "none" else int(s)
+    """--branch-at: a sampler step, or 'none' (independent samples), kept as 'none' until the recipe has filled in."""
+    return "none" if s.lower() == "none" else int(s)
 
 
 p = argparse.ArgumentParser(description="OnlineVPO: online Diffusion-DPO with a video reward",
@@ -179,7 +179,7 @@ def resolve_defaults(args, family):
     for k, v in RECIPES["paper" if resumed else args.recipe].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.branch_at = None if args.branch_at == -1 else args.branch_at  # ('none')
+    args.branch_at = None if args.branch_at == "none" else args.branch_at
     args.reward = args.reward or ("toy:text" if toy else "videoscore:temporal_consistency")
     args.lr = args.lr or (1e-4 if toy or args.lora_rank else 1e-5)
     if args.ref_update_interval is None:
