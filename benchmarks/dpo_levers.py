@@ -184,7 +184,8 @@ def markdown(table):
         trained = r["reward"].split(":")[-1]
         falls = [(r[f"eval/{d}"][0], d) for d in dims if f"eval/{d}" in r and not trained.startswith(d.split("_")[0])]
         fall, dim = min(falls) if falls else (0.0, "-")
-        lines.append(f"| `{name}` | {len(r['seeds'])} | {m:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
+        ci = f" [{lo:+.4f}, {hi:+.4f}]" if len(r["seeds"]) > 1 else " (one seed: no interval)"
+        lines.append(f"| `{name}` | {len(r['seeds'])} | {m:+.4f}{ci} | "
                      + (f"{vs[0]:+.4f} [{vs[1]:+.4f}, {vs[2]:+.4f}]" if vs else "-")
                      + f" | {fall:+.4f} ({dim}) | {r['heldout_acc']:.2f} | {r['loss']:.3f} | {r['minutes']:.1f} |")
     return "\n".join(lines) + "\n"
