@@ -19,7 +19,7 @@ or 'toy', the best recipe found on the toy model and ITS default (`--branch-at 2
 paired seeds where the paper's settings give +0.000; neither reaches the +0.02 issue #30 asked for).
 `python online_vpo.py --recipe paper` is OnlineVPO as the paper runs it on the toy model.
 
-    python online_vpo.py                                       # toy model, CPU, ~10 minutes
+    python online_vpo.py                                       # toy model, 2 CPU cores, ~10 minutes
     torchrun --nproc_per_node 8 online_vpo.py --model wan2.1-1.3b --reward videoscore --prompts p.txt
 """
 import argparse
