@@ -415,8 +415,9 @@ def resume_config(args, parser, script, predates=None):
     Call it first in main(): it reads only small files. `args.given` lists the flags the command typed
     (common.parse_args); where it is missing (main() called from Python with a whole namespace) a flag counts
     as given where it differs from the parser's default. `predates`: {flag: the value a run older than the flag
-    ran with}, where that is not the parser's default (online_vpo's levers: the paper recipe's). Returns the checkpoint to load, or None: a new run, or
-    one that failed before its first checkpoint, which then starts afresh from its saved configuration."""
+    ran with}, where that is not the parser's default (online_vpo's levers: the paper recipe's). Returns the
+    checkpoint to load, or None: a new run, or one that failed before its first checkpoint, which then starts
+    afresh from its saved configuration."""
     given = vars(args).pop("given", None)
     if not args.resume:
         return None
@@ -437,7 +438,7 @@ def resume_config(args, parser, script, predates=None):
             continue
         if k not in saved:  # a flag newer than the run: the run ran with its default, so only that continues it
             ran = (predates or {}).get(k, defaults[k])
-            if k in given and k not in RESUME_SAFE and getattr(args, k) not in (defaults[k], ran):
+            if k in given and k not in RESUME_SAFE and getattr(args, k) != ran:
                 changed.append(f"--{k.replace('_', '-')} {getattr(args, k)} (the run predates the flag: it ran "
                                f"without it)")
             continue

@@ -146,7 +146,8 @@ def flags(name, seed, args):
     configuration and the base it ran on stand."""
     argv = [os.path.basename(a) for a in argv_of(CONFIGS[name], seed, "", args.smoke)[1:-2]]
     if "--recipe" in argv and argv[argv.index("--recipe") + 1] == "paper":  # (see DPO: kept runs do not name it)
-        del argv[argv.index("--recipe"): argv.index("--recipe") + 2]
+        i = argv.index("--recipe")
+        del argv[i: i + 2]
     return argv + [f"base={base_fingerprint()}"]
 
 
